@@ -1,0 +1,216 @@
+"""DDPM and DDIM sampling, and deterministic DDIM inversion.
+
+Every update here has the same shape. With ``x0_hat`` the data predicted from the noise estimate,
+
+    x0_hat = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t)        (DDIM paper, Eq. 9)
+
+one step is ``x_next = a * x0_hat + b * eps + c * x_t + sigma * z`` with ``z ~ N(0, I)``, and each
+method is a table of ``(a, b, c, sigma)`` per step, computed once in float64:
+
+* DDIM (Eq. 12): ``a = sqrt(alpha_bar_prev)``, ``b = sqrt(1 - alpha_bar_prev - sigma^2)``, ``c = 0``,
+  with ``sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t /
+  alpha_bar_prev)`` (Eq. 16). ``eta = 0`` is deterministic, ``eta = 1`` is DDPM's posterior.
+* DDPM ancestral sampling (Ho et al. 2020, Eq. 7) over the kept steps, with ``beta = 1 -
+  alpha_bar_t / alpha_bar_prev``: the posterior mean ``a = sqrt(alpha_bar_prev) beta / (1 -
+  alpha_bar_t)``, ``c = sqrt(1 - beta) (1 - alpha_bar_prev) / (1 - alpha_bar_t)``, ``b = 0``, and
+  ``sigma^2`` either the posterior variance ``beta (1 - alpha_bar_prev) / (1 - alpha_bar_t)`` or
+  ``beta`` itself (the DDIM paper's sigma-hat). No noise is added on the step into x_0.
+* Inversion runs the deterministic DDIM update the other way, from ``alpha_bar`` = 1 (the data) up
+  the same timesteps, taking ``eps`` at the current point and the *target* timestep (the explicit
+  choice of diffusers' ``DDIMInverseScheduler`` and Null-text Inversion); it is exact as the steps
+  shrink.
+
+``eps_model(x, t)`` is any callable returning a tensor shaped like ``x``; ``t`` is a LongTensor of
+*training* timesteps, shape ``(N,)``. Randomness comes only from the ``generator`` passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+METHODS = ("ddim", "ddpm")
+VARIANCES = ("posterior", "beta")
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One update ``x_next = a * x0_hat + b * eps + c * x + sigma * z`` (coefficients in float64)."""
+
+    model_t: int  # training timestep the model is evaluated at
+    alpha_bar: float  # alpha_bar of the current point x, to recover x0_hat
+    a: float
+    b: float
+    c: float
+    sigma: float
+
+
+@torch.no_grad()
+def sample(
+    eps_model: EpsModel,
+    x_T: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    method: str = "ddim",
+    eta: float = 0.0,
+    variance: str = "posterior",
+    clip_x0: bool = False,
+    generator: Generator = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Denoise ``x_T`` (the noisy point at ``timesteps[0]``) down to ``x_0``.
+
+    ``alpha_bars``: the model's training schedule, shape ``(T,)``. ``timesteps``: the training
+    timesteps to visit, strictly decreasing (see :func:`ddim_cli.schedule.timesteps`).
+    ``method="ddim"`` takes any ``eta >= 0`` for which Eq. 12 is defined; ``method="ddpm"`` takes
+    ``variance="posterior"`` (beta-tilde) or ``"beta"``. ``clip_x0`` clamps ``x0_hat`` to [-1, 1]
+    before it is used (the model's own eps is kept in the DDIM direction term, as in diffusers).
+    ``generator``: one ``torch.Generator`` for the batch, or one per image so that an image does
+    not depend on the batch it is drawn in; noise is drawn on the generator's device. ``callback(i,
+    t, x, x0_hat)`` is called after step ``i`` (at timestep ``t``) with the new state.
+    """
+    ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
+    if method == "ddim":
+        coefficients = _ddim_coefficients(ab_t, ab_prev, eta)
+    elif method == "ddpm":
+        if eta != 0:
+            raise ValueError(f"eta applies to method='ddim' only; method='ddpm' got eta={eta}")
+        coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    steps = [
+        _Step(int(t), alpha_bar, *coef)
+        for t, alpha_bar, coef in zip(timesteps.tolist(), ab_t.tolist(), coefficients, strict=True)
+    ]
+    return _run(eps_model, x_T, steps, clip_x0, generator, callback)
+
+
+@torch.no_grad()
+def invert(
+    eps_model: EpsModel,
+    x_0: torch.Tensor,
+    alpha_bars: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    clip_x0: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion: map data ``x_0`` to the latent at ``timesteps[0]``.
+
+    ``timesteps`` is the same strictly decreasing sequence given to :func:`sample`, which with
+    ``eta=0`` maps the result back to (approximately) ``x_0``.
+    """
+    ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
+    # Walk the sampling steps backwards: from alpha_bar_prev (1 for the data) up to alpha_bar_t.
+    steps = [
+        _Step(int(t), from_ab, math.sqrt(to_ab), math.sqrt(1.0 - to_ab), 0.0, 0.0)
+        for t, to_ab, from_ab in zip(timesteps.tolist()[::-1], ab_t.tolist()[::-1], ab_prev.tolist()[::-1], strict=True)
+    ]
+    return _run(eps_model, x_0, steps, clip_x0, None, callback)
+
+
+def _run(
+    eps_model: EpsModel,
+    x: torch.Tensor,
+    steps: list[_Step],
+    clip_x0: bool,
+    generator: Generator,
+    callback: Callback | None,
+) -> torch.Tensor:
+    if not torch.is_floating_point(x) or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
+    batch = x.shape[0]
+    model_t = torch.tensor([s.model_t for s in steps], dtype=torch.long, device=x.device)
+    for i, step in enumerate(steps):
+        eps = eps_model(x, model_t[i].expand(batch))
+        if eps.shape != x.shape:
+            raise ValueError(f"eps_model returned shape {tuple(eps.shape)} for input shape {tuple(x.shape)}")
+        x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        x_next = step.a * x0_hat + step.b * eps
+        if step.c:
+            x_next = x_next + step.c * x
+        if step.sigma:
+            x_next = x_next + step.sigma * _noise_like(x, generator)
+        x = x_next
+        if callback is not None:
+            callback(i, step.model_t, x, x0_hat)
+    return x
+
+
+def _step_alpha_bars(alpha_bars: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar at each visited timestep and at the one after it (1.0 after the last), float64."""
+    if not isinstance(alpha_bars, torch.Tensor) or alpha_bars.dim() != 1 or len(alpha_bars) == 0:
+        raise ValueError("alpha_bars must be a non-empty 1-D tensor")
+    table = alpha_bars.detach().to("cpu", torch.float64)
+    if not bool(((table > 0) & (table < 1)).all()) or bool((table[1:] >= table[:-1]).any()):
+        raise ValueError("alpha_bars must be strictly decreasing and lie in (0, 1)")
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or len(timesteps) == 0:
+        raise ValueError("timesteps must be a non-empty 1-D tensor")
+    if torch.is_floating_point(timesteps) or timesteps.dtype == torch.bool:
+        raise ValueError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
+    steps = timesteps.detach().to("cpu", torch.long)
+    T = len(table)
+    if int(steps.min()) < 0 or int(steps.max()) >= T:
+        raise ValueError(f"timesteps must lie in [0, {T - 1}] for a schedule of T={T}, got {steps.tolist()}")
+    if len(steps) > 1 and not bool((steps[1:] < steps[:-1]).all()):
+        raise ValueError(f"timesteps must be strictly decreasing, got {steps.tolist()}")
+    ab_t = table[steps]
+    ab_prev = torch.cat([table[steps[1:]], torch.ones(1, dtype=torch.float64)])
+    return ab_t, ab_prev
+
+
+def _ddim_coefficients(
+    ab_t: torch.Tensor, ab_prev: torch.Tensor, eta: float
+) -> list[tuple[float, float, float, float]]:
+    eta = float(eta)
+    if not eta >= 0:  # also rejects NaN
+        raise ValueError(f"eta must be a number >= 0, got {eta}")
+    sigma_at_eta_1 = torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Eq. 16
+    sigma = eta * sigma_at_eta_1
+    direction_var = 1 - ab_prev - sigma**2
+    if bool((direction_var < -1e-12).any()):
+        # Eq. 12 needs sigma^2 <= 1 - alpha_bar_prev; eta > 1 can break that on large jumps.
+        positive = sigma_at_eta_1 > 0
+        eta_max = torch.sqrt((1 - ab_prev[positive]) / sigma_at_eta_1[positive] ** 2).min()
+        raise ValueError(
+            f"eta={eta} is too large for these timesteps: the DDIM update needs eta <= {float(eta_max):.4f}"
+        )
+    direction = torch.sqrt(direction_var.clamp_min(0))
+    return list(zip(torch.sqrt(ab_prev).tolist(), direction.tolist(), [0.0] * len(ab_t), sigma.tolist(), strict=True))
+
+
+def _ddpm_coefficients(
+    ab_t: torch.Tensor, ab_prev: torch.Tensor, variance: str
+) -> list[tuple[float, float, float, float]]:
+    beta = 1 - ab_t / ab_prev  # the respaced chain's beta between consecutive kept steps
+    coef_x0 = torch.sqrt(ab_prev) * beta / (1 - ab_t)
+    coef_xt = torch.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
+    if variance == "posterior":
+        var = beta * (1 - ab_prev) / (1 - ab_t)
+    elif variance == "beta":
+        var = beta.clone()
+    else:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    var[-1] = 0.0  # the step into x_0 adds no noise
+    return list(zip(coef_x0.tolist(), [0.0] * len(ab_t), coef_xt.tolist(), torch.sqrt(var).tolist(), strict=True))
+
+
+def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        device = x.device if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack(
+        [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device) for g in generator]
+    )

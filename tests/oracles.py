@@ -1,0 +1,34 @@
+"""Exact noise predictions for data whose every coordinate is N(mu, s^2), independently.
+
+With ``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``, ``x_t`` and ``eps`` are jointly Gaussian:
+``Cov(eps, x_t) = sqrt(1 - ab)`` and ``Var(x_t) = ab s^2 + 1 - ab``, so the optimal (MMSE) noise
+prediction is ``E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab)``. ``s = 0``
+is a point mass at ``mu``.
+
+The DDIM ODE (eta = 0) for this data has a closed-form solution: with ``xbar = x / sqrt(ab)`` and
+``sigma^2 = (1 - ab) / ab`` it reads ``d xbar / d sigma = sigma (xbar - mu) / (s^2 + sigma^2)``,
+so ``xbar - mu`` scales as ``sqrt(s^2 + sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gaussian_eps_model(mu: float, s: float, alpha_bars: torch.Tensor):
+    table = alpha_bars.to(torch.float64)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        assert t.dtype == torch.long and t.shape == (x.shape[0],)
+        ab = table.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return torch.sqrt(1 - ab) * (x - torch.sqrt(ab) * mu) / (ab * s**2 + 1 - ab)
+
+    return eps_model
+
+
+def ode_solution(x_t: torch.Tensor, alpha_bar_t: float, mu: float, s: float) -> torch.Tensor:
+    """The exact end point at alpha_bar = 1 of the DDIM ODE started from x_t at alpha_bar_t."""
+    sigma2 = (1 - alpha_bar_t) / alpha_bar_t
+    return mu + (x_t / math.sqrt(alpha_bar_t) - mu) * s / math.sqrt(s**2 + sigma2)
