@@ -125,7 +125,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        _validate(config)
+        check_config(config)
         self.config = config
         ch, ch_mult, n_blocks = config.ch, tuple(config.ch_mult), config.num_res_blocks
         self.temb_ch = 4 * ch
@@ -216,7 +216,8 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _validate(config: UNetConfig) -> None:
+def check_config(config: UNetConfig) -> None:
+    """Raise ValueError naming the field if the U-Net cannot be built from ``config``."""
     for name in ("ch", "num_res_blocks", "in_channels", "resolution"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

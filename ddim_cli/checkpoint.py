@@ -1,0 +1,119 @@
+"""Checkpoints that carry their config and load without unpickling code.
+
+A checkpoint is ``step-NNNNNNN.safetensors`` holding the raw weights under ``model.*`` and the EMA
+weights under ``ema.*``, with the resolved config (YAML) and the step in its metadata; so ``ddim
+sample`` needs nothing else. Beside it, ``step-NNNNNNN.state.pt`` holds what resuming needs
+(optimizer state, step, data position, RNG scheme) and loads with ``torch.load(weights_only=True)``.
+Both are written to a temporary name and renamed, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ddim_cli.config import Config, ConfigError, config_from_dict
+
+FORMAT = "ddim-cli-checkpoint-1"
+_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem, described in one line."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: Config
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:07d}.safetensors"
+
+
+def state_path(weights_path: Path) -> Path:
+    return weights_path.with_name(weights_path.name.replace(".safetensors", ".state.pt"))
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    config: Config,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+) -> Path:
+    """Write the training state, then the weights (the file that makes the checkpoint visible)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = checkpoint_path(directory, step)
+    _atomic(state_path(weights), lambda tmp: torch.save(training_state, tmp))
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.items()}
+    tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
+    metadata = {"format": FORMAT, "step": str(step), "config": config.to_yaml()}
+    _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return weights
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint weight files in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    for old in list_checkpoints(directory)[:-keep]:
+        state_path(old).unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read weights and config; every problem is a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not a ddim-cli checkpoint (not a readable safetensors file: {error})"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a ddim-cli checkpoint (metadata format {metadata.get('format')!r})")
+    if "config" not in metadata:
+        raise CheckpointError(f"{path} has no config in its metadata")
+    try:
+        config = config_from_dict(yaml.safe_load(metadata["config"]))
+    except (ConfigError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path} carries an invalid config: {error}") from None
+    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+    return Checkpoint(path, config, int(metadata.get("step", 0)), model, ema)
+
+
+def load_training_state(weights_path: Path) -> dict[str, Any]:
+    path = state_path(weights_path)
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} (the training state of {weights_path.name}) is missing")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,308 @@
+"""Run configuration: YAML with sections ``data``, ``model``, ``diffusion``, ``train``, ``sample``.
+
+The file is read with ``yaml.safe_load`` into the dataclasses below; ``--set section.key=value``
+overrides are parsed as YAML values and checked against the field's type. Every problem is a
+:class:`ConfigError` with a one-line message that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ddim_cli.schedule import SCHEDULE_KINDS, SPACINGS
+from ddim_cli.unet import UNetConfig, check_config
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "cifar10", "mnist", "folder"] = "digits"  # what to train on
+    root: str = "data"  # where torchvision datasets live (or the image folder for `folder`)
+    download: bool = False  # let torchvision download cifar10/mnist into `root`
+    image_size: int = 16  # images are resized to image_size x image_size
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    random_flip: bool = False  # random horizontal flips during training
+    strict: bool = False  # folder: fail on an unreadable file instead of skipping it
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    ch: int = 32  # base channel count (multiple of 32)
+    ch_mult: tuple[int, ...] = (1, 2, 2)  # channel multiplier per resolution level
+    num_res_blocks: int = 2  # ResNet blocks per level
+    attn_resolutions: tuple[int, ...] = (8,)  # feature-map sizes with self-attention
+    dropout: float = 0.1  # dropout in ResNet blocks
+    resamp_with_conv: bool = True  # learned convs in down/upsampling
+    num_classes: int | None = None  # class-conditional (classifier-free guidance) with this many classes
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine", "quadratic", "sigmoid"] = "linear"  # noise schedule kind
+    num_timesteps: int = 1000  # T, the number of training timesteps
+    beta_start: float = 1e-4  # first beta (linear, quadratic, sigmoid)
+    beta_end: float = 0.02  # last beta (linear, quadratic, sigmoid)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # optimizer steps to train for
+    batch_size: int = 64  # global batch (split evenly across ranks)
+    lr: float = 2e-4  # peak learning rate
+    warmup: int = 0  # linear learning-rate warmup steps
+    optimizer: Literal["adam", "adamw"] = "adam"  # Adam as in DDPM, or AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    ema_decay: float = 0.9999  # EMA of the weights, used for sampling
+    label_dropout: float = 0.0  # drop class labels to the null label with this probability
+    seed: int = 0  # seeds data order, noise, timesteps, augmentation and dropout
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CUDA)
+    compile: bool = False  # torch.compile the model
+    log_every: int = 50  # steps between metrics.jsonl lines
+    checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
+    sample_every: int = 1000  # steps between EMA sample grids (0 disables)
+    keep_checkpoints: int = 3  # how many recent checkpoints to keep
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 50  # DDIM steps for grids made during training (and `ddim sample` defaults)
+    eta: float = 0.0  # DDIM eta
+    skip: str = "uniform"  # timestep spacing: uniform, quad, linspace, trailing or sections
+    n: int = 64  # images in a grid
+    seed: int = 0  # image i uses seed + i
+    clip_x0: bool = True  # clamp predicted x_0 to [-1, 1]
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str = "run"  # the run's name (defaults to the config file's stem)
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(
+            **dataclasses.asdict(self.model), in_channels=self.data.channels, resolution=self.data.image_size
+        )
+
+    def schedule_params(self) -> dict[str, float]:
+        if self.diffusion.schedule == "cosine":
+            return {}
+        return {"beta_start": self.diffusion.beta_start, "beta_end": self.diffusion.beta_end}
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file and apply ``section.key=value`` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (e.g. the copy inside a checkpoint)."""
+    config = _build(Config, raw, "")
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    target: Any = config
+    for depth, part in enumerate(parents):
+        _check_key(type(target), part, ".".join(parents[:depth]))
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target):
+        raise ConfigError(f"{key}: {'.'.join(parents)} is not a section")
+    _check_key(type(target), leaf, ".".join(parents))
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    hints = typing.get_type_hints(type(target))
+    if dataclasses.is_dataclass(_unwrap(hints[leaf])):
+        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{_field_names(hints[leaf])[0]}")
+    setattr(target, leaf, _coerce(value, hints[leaf], key))
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than one field's type."""
+
+    def need(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{key}: {message}")
+
+    d, t, s, m = config.data, config.train, config.sample, config.model
+    need(d.image_size >= 1, "data.image_size", f"must be >= 1, got {d.image_size}")
+    need(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(config.diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
+    need(
+        0 < config.diffusion.beta_start <= config.diffusion.beta_end < 1,
+        "diffusion.beta_start",
+        "needs 0 < beta_start <= beta_end < 1",
+    )
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 disables)")
+    need(t.warmup >= 0, "train.warmup", "must be >= 0")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    need(0 <= t.label_dropout < 1, "train.label_dropout", f"must be in [0, 1), got {t.label_dropout}")
+    need(
+        t.label_dropout == 0 or m.num_classes is not None,
+        "train.label_dropout",
+        "needs a class-conditional model (set model.num_classes)",
+    )
+    need(
+        1 <= s.steps <= config.diffusion.num_timesteps,
+        "sample.steps",
+        f"must be from 1 to diffusion.num_timesteps={config.diffusion.num_timesteps}, got {s.steps}",
+    )
+    need(s.eta >= 0, "sample.eta", f"must be >= 0, got {s.eta}")
+    need(s.n >= 1, "sample.n", f"must be >= 1, got {s.n}")
+    need(
+        s.skip in SPACINGS or "," in s.skip or s.skip.startswith("ddim") or s.skip.isdigit(),
+        "sample.skip",
+        f"must be one of {', '.join(SPACINGS)}, a section list like '10,15,20' or 'ddimN', got {s.skip!r}",
+    )
+    need(config.diffusion.schedule in SCHEDULE_KINDS, "diffusion.schedule", "unknown schedule")
+    levels = len(m.ch_mult) - 1
+    need(
+        d.image_size % 2**levels == 0,
+        "data.image_size",
+        f"{d.image_size} must be divisible by 2**{levels} for model.ch_mult of {len(m.ch_mult)} levels",
+    )
+    try:
+        check_config(config.unet_config())
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+# --- building dataclasses from plain data --------------------------------------------------------
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        _check_key(cls, str(key), prefix)
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        kind = _unwrap(hints[key])
+        values[key] = (
+            _build(kind, value, dotted) if dataclasses.is_dataclass(kind) else _coerce(value, hints[key], dotted)
+        )
+    return cls(**values)
+
+
+def _check_key(cls: type, key: str, prefix: str) -> None:
+    names = _field_names(cls)
+    if key not in names:
+        dotted = f"{prefix}.{key}" if prefix else key
+        valid = [f"{prefix}.{n}" if prefix else n for n in names]
+        close = difflib.get_close_matches(dotted, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
+        raise ConfigError(f"unknown key {dotted!r}{hint}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unwrap(kind: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if _is_union(kind) and len(args) == 1:
+        return args[0]
+    return kind
+
+
+def _is_union(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    if _is_union(kind):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        return _coerce(value, _unwrap(kind), key)
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_kind = typing.get_args(kind)[0]
+        return tuple(_coerce(item, item_kind, f"{key}[{i}]") for i, item in enumerate(value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if isinstance(value, bool) or value is None or isinstance(value, list | dict):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {kind!r} for {key}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,164 @@
+"""Training datasets: images as float tensors in [-1, 1] of shape (C, H, W), with integer labels.
+
+``digits`` (offline: scikit-learn's 1797 handwritten 8x8 digits, upscaled), ``cifar10`` and
+``mnist`` (torchvision; downloaded only when ``data.download`` is true) and ``folder`` (any
+directory of images, searched recursively; labels from first-level sub-folders when every image
+sits in one).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from ddim_cli.config import DataConfig
+
+NO_LABEL = -1
+
+
+class DataError(RuntimeError):
+    """A dataset problem, described in one line."""
+
+
+class ImageDataset(Dataset):
+    """``dataset[i] -> (image, label)``; ``label`` is ``NO_LABEL`` when the data has no classes."""
+
+    num_classes: int | None = None
+
+
+def build_dataset(config: DataConfig) -> ImageDataset:
+    builders = {"digits": DigitsDataset, "cifar10": _torchvision_dataset, "mnist": _torchvision_dataset}
+    dataset = FolderDataset(config) if config.dataset == "folder" else builders[config.dataset](config)
+    if len(dataset) == 0:
+        raise DataError(f"the {config.dataset} dataset at {config.root} has no images")
+    return dataset
+
+
+def image_transform(image_size: int, channels: int) -> transforms.Compose:
+    """PIL image -> tensor in [-1, 1]: convert mode, resize the short side, center-crop."""
+    return transforms.Compose(
+        [
+            _ConvertMode("L" if channels == 1 else "RGB"),
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * channels, [0.5] * channels),
+        ]
+    )
+
+
+class _ConvertMode:
+    """A picklable ``image.convert(mode)`` (DataLoader workers may need to pickle transforms)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert(self.mode)
+
+
+class DigitsDataset(ImageDataset):
+    """scikit-learn's ``load_digits``: 1797 real 8x8 handwritten digits, values 0..16, labels 0..9.
+
+    They ship inside the package, so this needs no network. Images are upscaled bilinearly to
+    ``image_size`` and held in memory.
+    """
+
+    num_classes = 10
+
+    def __init__(self, config: DataConfig):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = F.interpolate(images, size=(config.image_size,) * 2, mode="bilinear", align_corners=False)
+        self.images = (images.clamp(0, 1) * 2 - 1).repeat(1, config.channels, 1, 1)
+        self.labels = torch.tensor(digits.target, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class _TorchvisionDataset(ImageDataset):
+    num_classes = 10
+
+    def __init__(self, base: Dataset, transform: transforms.Compose):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), int(label)
+
+
+def _torchvision_dataset(config: DataConfig) -> ImageDataset:
+    from torchvision import datasets
+
+    cls, title = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "mnist": (datasets.MNIST, "MNIST")}[config.dataset]
+    try:
+        base = cls(config.root, train=True, download=config.download)
+    except RuntimeError as error:
+        if config.download:
+            raise DataError(f"could not download {title} into {config.root}: {error}") from None
+        raise DataError(
+            f"{title} was not found in {config.root!r}; set data.download: true (or --set data.download=true) "
+            f"to download it there, or point data.root at a folder that holds it"
+        ) from None
+    return _TorchvisionDataset(base, image_transform(config.image_size, config.channels))
+
+
+class FolderDataset(ImageDataset):
+    """Every readable image below ``config.root``, resized and center-cropped.
+
+    Unreadable or non-image files are skipped with one warning that names them, or are an error
+    when ``data.strict`` is true. If every image lies in a first-level sub-folder, the sorted
+    sub-folder names are the classes.
+    """
+
+    def __init__(self, config: DataConfig):
+        root = Path(config.root)
+        if not root.is_dir():
+            raise DataError(f"data.root {str(root)!r} is not a directory")
+        paths, unreadable = [], []
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                paths.append(path)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                if config.strict:
+                    raise DataError(f"cannot read image {path} (data.strict is true)") from None
+                unreadable.append(path)
+        if unreadable:
+            names = ", ".join(str(p) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+            warnings.warn(f"skipped {len(unreadable)} unreadable file(s): {names}", stacklevel=2)
+        self.paths = paths
+        self.transform = image_transform(config.image_size, config.channels)
+        folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
+        if paths and all(folders):
+            classes = sorted(set(folders))
+            self.num_classes = len(classes)
+            self.labels = [classes.index(f) for f in folders]
+        else:
+            self.labels = [NO_LABEL] * len(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            with Image.open(self.paths[index]) as image:
+                return self.transform(image), self.labels[index]
+        except OSError as error:
+            raise DataError(f"cannot read image {self.paths[index]}: {error}") from None

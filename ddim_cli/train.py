@@ -1,0 +1,417 @@
+"""The DDPM training loop (Ho et al. 2020, Algorithm 1): eps-MSE at uniformly drawn timesteps.
+
+Adam/AdamW with linear warmup, gradient clipping, an EMA of the weights, optional label dropout
+for classifier-free guidance, bf16 autocast and torch.compile on CUDA, and DistributedDataParallel
+under ``torchrun`` (only rank 0 writes).
+
+Reproducibility: the initial weights, and every random draw of step ``k`` on rank ``r`` (data
+order, augmentation, label dropout, timesteps, noise, dropout masks) come from seeds derived from
+``(train.seed, k, r)``, so
+the whole state of a run is its weights, its optimizer state and its step: a resumed run is
+bit-identical on CPU to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from ddim_cli.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from ddim_cli.config import Config
+from ddim_cli.data import NO_LABEL, DataError, build_dataset
+from ddim_cli.sampling import sample
+from ddim_cli.schedule import SPACINGS, alpha_bars, timesteps
+from ddim_cli.unet import UNet
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log")
+RUN_DIRS = ("checkpoints", "samples")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; described in one line."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint written. Resume with: ddim train --resume {run_dir}")
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked (this touches nothing)."""
+    if resume:
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise TrainingError(f"cannot resume: {run_dir} has no checkpoints")
+    elif _holds_run(run_dir) and not overwrite:
+        raise TrainingError(f"run directory {run_dir} already holds a run; pass --resume to continue it or --overwrite")
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES + RUN_DIRS)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove our own files from a run directory (for --overwrite); anything else stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        for file in (run_dir / name).glob("*"):
+            if file.is_file():
+                file.unlink()
+
+
+def train(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a new run in ``run_dir`` (``overwrite`` replaces an existing one) or resume it.
+
+    Everything that can fail on the user's input (run directory, dataset) is checked before
+    anything in ``run_dir`` is written or removed.
+    """
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    rank, world, device_ = _setup_distributed(device)
+    cfg = config.train
+    if cfg.batch_size % world:
+        raise TrainingError(f"train.batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    try:
+        dataset = build_dataset(config.data)
+    except DataError as error:
+        raise TrainingError(str(error)) from None
+    if len(dataset) < cfg.batch_size:
+        raise TrainingError(f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
+    num_classes = config.model.num_classes
+    if num_classes is not None and (dataset.num_classes is None or dataset.num_classes > num_classes):
+        raise TrainingError(
+            f"model.num_classes={num_classes} but the {config.data.dataset} dataset has "
+            f"{'no labels' if dataset.num_classes is None else f'{dataset.num_classes} classes'}"
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
+        model = UNet(config.unet_config()).to(device_)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = _optimizer(model, config)
+    start = 0
+    start = _restore(run_dir, model, ema, optimizer) if resume else 0
+    if rank == 0:
+        if overwrite and not resume:
+            _clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
+    _barrier(world)
+
+    net = DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+    ab = alpha_bars(config.diffusion.schedule, config.diffusion.num_timesteps, **config.schedule_params())
+    sqrt_ab, sqrt_one_minus_ab = ab.sqrt().float().to(device_), (1 - ab).sqrt().float().to(device_)
+    autocast = torch.autocast(device_.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    log = _RunLog(run_dir, enabled=rank == 0)
+    log.message(
+        f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world}; "
+        f"{len(dataset)} images; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
+    if resume:
+        log.truncate_metrics(after=start)
+    local_batch = cfg.batch_size // world
+    batches = _batches(dataset, config, start, rank, world, device_)
+    stop = _StopFlag()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
+    window_loss, window_start, window_steps = torch.zeros((), device=device_), time.perf_counter(), 0
+    step, checkpoint = start, None
+
+    with stop.installed(), torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []):
+        model.train()
+        while step < cfg.steps:
+            x0, labels = next(batches)
+            generator = torch.Generator(device_).manual_seed(_seed(cfg.seed, step, rank, "noise"))
+            torch.manual_seed(_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
+            x0, labels = _augment(x0, labels, config, generator)
+            t = torch.randint(0, len(ab), (local_batch,), device=device_, generator=generator)
+            noise = torch.randn(x0.shape, device=device_, generator=generator)
+            view = (-1,) + (1,) * (x0.dim() - 1)
+            x_t = sqrt_ab[t].view(view) * x0 + sqrt_one_minus_ab[t].view(view) * noise  # q(x_t | x_0), Eq. 4
+
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                prediction = net(x_t, t, labels) if num_classes is not None else net(x_t, t)
+            loss = F.mse_loss(prediction.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            optimizer.step()
+            _update_ema(ema, model, cfg.ema_decay)
+            step += 1
+            window_loss += loss.detach()
+            window_steps += 1
+            bar.update(1)
+
+            at_log = step % cfg.log_every == 0 or step == cfg.steps
+            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            stopping = stop.requested(world, check=at_log)
+            if at_log or at_checkpoint or stopping:
+                mean_loss = _all_mean(window_loss, world) / window_steps
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"the loss became non-finite between steps {step - window_steps + 1} and {step}; "
+                        f"no checkpoint was written for it (try a lower train.lr or train.grad_clip)"
+                    )
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                log.metrics(step=step, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=images_per_s)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+
+            if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                _sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
+            if at_checkpoint or stopping:
+                checkpoint = _save(run_dir, step, config, model, ema, optimizer, rank, log)
+            if stopping:
+                bar.close()
+                _barrier(world)
+                raise TrainingInterrupted(step, run_dir)
+    bar.close()
+    _barrier(world)
+    log.message(f"finished at step {step}")
+    return TrainResult(run_dir, step, checkpoint or list_checkpoints(run_dir / "checkpoints")[-1])
+
+
+# --- pieces of the loop ----------------------------------------------------------------------------
+def _seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer
+
+
+def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    cfg = config.train
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.weight_decay:
+        raise TrainingError("train.weight_decay needs train.optimizer: adamw")
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def _augment(x0: torch.Tensor, labels: torch.Tensor, config: Config, generator: torch.Generator):
+    if config.data.random_flip:
+        flip = torch.rand(x0.shape[0], device=x0.device, generator=generator) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+    num_classes = config.model.num_classes
+    if num_classes is not None and config.train.label_dropout > 0:
+        drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < config.train.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    return x0, labels
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    # ema <- decay * ema + (1 - decay) * theta, as one fused op over all parameters.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def _batches(dataset, config: Config, start: int, rank: int, world: int, device: torch.device) -> Iterator:
+    """This rank's share of each global batch from ``start`` on; the order depends only on the seed."""
+    cfg = config.train
+    steps_per_epoch = len(dataset) // cfg.batch_size  # the last partial batch of an epoch is dropped
+    local = cfg.batch_size // world
+
+    def index_batches() -> Iterator[list[int]]:
+        step = start
+        while True:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = torch.randperm(
+                len(dataset), generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 0, "order"))
+            )
+            first = position * cfg.batch_size + rank * local
+            yield order[first : first + local].tolist()
+            step += 1
+
+    loader = DataLoader(
+        dataset,
+        batch_sampler=index_batches(),
+        num_workers=config.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0,
+        worker_init_fn=_ignore_sigint,
+    )
+    for images, labels in loader:
+        if bool((labels == NO_LABEL).any()) and config.model.num_classes is not None:
+            raise TrainingError("a class-conditional model needs labelled data")
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; workers must outlive it while the main process
+    # finishes its step and writes a checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@torch.no_grad()
+def _sample_grid(ema: torch.nn.Module, config: Config, ab: torch.Tensor, path: Path, device: torch.device) -> None:
+    """A grid from the EMA weights with fixed seeds (image i from seed + i), to watch progress."""
+    s, n = config.sample, config.sample.n
+    generators = [torch.Generator().manual_seed(s.seed + i) for i in range(n)]
+    shape = (config.data.channels, config.data.image_size, config.data.image_size)
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    num_classes = config.model.num_classes
+
+    def eps_model(x, t):  # class-conditional models show classes 0, 1, 2, ... row by row
+        return ema(x, t, torch.arange(len(x), device=device) % num_classes) if num_classes else ema(x, t)
+
+    steps = timesteps(config.diffusion.num_timesteps, s.steps if s.skip in SPACINGS else None, s.skip)
+    images = sample(eps_model, x_T, ab, steps, eta=s.eta, clip_x0=s.clip_x0, generator=generators)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(n))))
+
+
+def _save(run_dir, step, config, model, ema, optimizer, rank, log) -> Path | None:
+    if rank != 0:
+        return None
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "seed": config.train.seed,
+        # Data order, noise and dropout are derived from (seed, step, rank): the step is the RNG state.
+        "rng": "derived from (train.seed, step, rank)",
+    }
+    path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
+    prune_checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
+    log.message(f"wrote {path}")
+    return path
+
+
+def _restore(run_dir: Path, model, ema, optimizer) -> int:
+    latest = list_checkpoints(run_dir / "checkpoints")[-1]
+    checkpoint = load_checkpoint(latest)
+    try:
+        model.load_state_dict(checkpoint.model)
+        ema.load_state_dict(checkpoint.ema)
+    except RuntimeError as error:
+        raise CheckpointError(f"{latest} does not fit the config: {str(error).splitlines()[0]}") from None
+    state = load_training_state(latest)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+class _RunLog:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+            with open(self.run_dir / "train.log", "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def metrics(self, **values) -> None:
+        if self.enabled:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(values) + "\n")
+
+    def truncate_metrics(self, after: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, write a checkpoint and stop."""
+
+    def __init__(self):
+        self.flag = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.flag = True
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def requested(self, world: int, check: bool) -> bool:
+        if world == 1:
+            return self.flag
+        if not check:  # ranks agree on stopping only at logging steps, to avoid a sync per step
+            return False
+        flag = torch.tensor([float(self.flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but CUDA is not available")
+    if world == 1:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _all_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()

@@ -1,0 +1,94 @@
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddim_cli.config import DataConfig
+from ddim_cli.data import NO_LABEL, DataError, build_dataset
+
+
+def test_digits_are_the_real_offline_set_in_range():
+    dataset = build_dataset(DataConfig(dataset="digits", image_size=16, channels=1))
+    assert len(dataset) == 1797 and dataset.num_classes == 10
+    image, label = dataset[0]
+    assert image.shape == (1, 16, 16) and image.dtype == torch.float32
+    assert -1 <= image.min() and image.max() <= 1 and label == 0
+    assert sorted({int(dataset[i][1]) for i in range(20)}) == list(range(10))
+    assert build_dataset(DataConfig(dataset="digits", image_size=8, channels=3))[5][0].shape == (3, 8, 8)
+
+
+def make_folder(root, sizes=((40, 30, "RGB"), (20, 20, "L"), (33, 50, "RGBA"))):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (w, h, mode) in enumerate(sizes):
+        Image.new(mode, (w, h), color=(i * 60 if mode == "L" else (i * 60, 10, 200, 255)[: len(mode)])).save(
+            root / f"img{i}.png"
+        )
+
+
+def test_folder_images_are_resized_center_cropped_and_converted(tmp_path):
+    make_folder(tmp_path / "imgs")
+    dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=8, channels=3))
+    assert len(dataset) == 3 and dataset.num_classes is None
+    for i in range(3):
+        image, label = dataset[i]
+        assert image.shape == (3, 8, 8) and label == NO_LABEL
+        assert -1 <= image.min() and image.max() <= 1
+    gray = build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=4, channels=1))
+    assert gray[0][0].shape == (1, 4, 4)
+
+
+def test_folder_skips_unreadable_files_with_one_warning_naming_them(tmp_path):
+    make_folder(tmp_path / "imgs" / "nested")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=8, channels=3))
+    assert len(dataset) == 3
+    assert len(caught) == 1
+    assert "broken.png" in str(caught[0].message) and "notes.txt" in str(caught[0].message)
+    with pytest.raises(DataError, match="broken.png"):
+        build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=8, strict=True))
+
+
+def test_folder_sub_folders_are_classes(tmp_path):
+    make_folder(tmp_path / "imgs" / "cats")
+    make_folder(tmp_path / "imgs" / "dogs", sizes=((16, 16, "RGB"),))
+    dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=8, channels=3))
+    assert dataset.num_classes == 2
+    assert sorted(dataset[i][1] for i in range(len(dataset))) == [0, 0, 0, 1]
+
+
+def test_empty_or_missing_folders_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "empty")))
+    with pytest.raises(DataError, match="is not a directory"):
+        build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "missing")))
+
+
+def test_missing_cifar10_without_download_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="data.download: true"):
+        build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, channels=3))
+    assert not any(tmp_path.iterdir())  # nothing was downloaded or written
+
+
+def test_cifar10_reads_torchvision_batches(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 7]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    # torchvision checks the real files' md5 sums; ours are fakes of the same format.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    dataset = build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, channels=3))
+    assert len(dataset) == 10 and dataset.num_classes == 10
+    image, label = dataset[1]
+    assert image.shape == (3, 32, 32) and label == 7 and -1 <= image.min() and image.max() <= 1

@@ -1,0 +1,255 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
+from ddim_cli.config import config_from_dict
+from ddim_cli.train import TrainingError, train
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "digits", "image_size": 8, "channels": 1},
+    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.1},
+    "diffusion": {"num_timesteps": 50},
+    "train": {
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup": 2,
+        "log_every": 1,
+        "checkpoint_every": 3,
+        "sample_every": 3,
+        "keep_checkpoints": 5,
+        "ema_decay": 0.9,
+    },
+    "sample": {"steps": 5, "n": 4},
+}
+
+
+def tiny_config(**sections):
+    raw = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        raw[section].update(values)
+    return config_from_dict(raw)
+
+
+def run(config, run_dir, resume=False, overwrite=False):
+    return train(config, run_dir, resume=resume, overwrite=overwrite, device="cpu", progress=False)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_config_metrics_checkpoints_and_grids(tmp_path):
+    result = run(tiny_config(), tmp_path / "run")
+    assert result.step == 6
+    assert (tmp_path / "run" / "config.yaml").read_text() == tiny_config().to_yaml()
+    lines = metrics(tmp_path / "run")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert set(lines[0]) == {"step", "loss", "lr", "grad_norm", "images_per_s"}
+    assert lines[0]["lr"] == pytest.approx(5e-4) and lines[1]["lr"] == pytest.approx(1e-3)  # warmup
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step-0000003.safetensors",
+        "step-0000006.safetensors",
+    ]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint.step == 6 and checkpoint.config == tiny_config()
+    assert set(checkpoint.model) == set(checkpoint.ema) and len(checkpoint.model) > 10
+    state = torch.load(str(result.checkpoint).replace(".safetensors", ".state.pt"), weights_only=True)
+    assert state["step"] == 6 and "optimizer" in state
+
+
+def test_keep_checkpoints_prunes_old_ones(tmp_path):
+    run(tiny_config(train={"checkpoint_every": 1, "keep_checkpoints": 2, "sample_every": 0}), tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == [
+        "step-0000005.safetensors",
+        "step-0000005.state.pt",
+        "step-0000006.safetensors",
+        "step-0000006.state.pt",
+    ]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    config = tiny_config(
+        train={"steps": 8, "checkpoint_every": 4, "sample_every": 0, "label_dropout": 0.2},
+        model={"num_classes": 10},
+        data={"random_flip": True},
+    )
+    straight = run(config, tmp_path / "straight")
+
+    half = config_from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "steps": 4}})
+    run(half, tmp_path / "resumed")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text(
+        (tmp_path / "resumed" / "metrics.jsonl").read_text() + '{"step": 5, "loss": 9}\n'  # logged after the crash
+    )
+    resumed = run(config, tmp_path / "resumed", resume=True)
+
+    a, b = load_file(straight.checkpoint), load_file(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
+
+
+def test_an_existing_run_is_never_clobbered(tmp_path):
+    config = tiny_config(train={"steps": 3, "sample_every": 0})
+    run(config, tmp_path / "run")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(TrainingError, match="--resume .* or --overwrite"):
+        run(config, tmp_path / "run")
+    with pytest.raises(TrainingError, match="not found"):  # a bad dataset is caught before --overwrite deletes
+        run(tiny_config(data={"dataset": "cifar10", "root": str(tmp_path / "none")}), tmp_path / "run", overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(TrainingError, match="no checkpoints"):
+        run(config, tmp_path / "other", resume=True)
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    run(tiny_config(train={"steps": 1, "sample_every": 0}), tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000001.safetensors"]
+
+
+def test_a_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
+    import ddim_cli.train as train_module
+
+    real = train_module.build_dataset
+
+    def poisoned(config):
+        dataset = real(config)
+        dataset.images[:] = float("nan")
+        return dataset
+
+    monkeypatch.setattr(train_module, "build_dataset", poisoned)
+    with pytest.raises(TrainingError, match="non-finite between steps 1 and 1"):
+        run(tiny_config(), tmp_path / "run")
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_dataset_problems_are_errors_before_training(tmp_path):
+    with pytest.raises(TrainingError, match="fewer than train.batch_size"):
+        run(tiny_config(train={"batch_size": 4096}), tmp_path / "a")
+    with pytest.raises(TrainingError, match="no labels"):
+        (tmp_path / "imgs").mkdir()
+        from PIL import Image
+
+        for i in range(8):
+            Image.new("L", (8, 8), i * 30).save(tmp_path / "imgs" / f"{i}.png")
+        run(
+            tiny_config(data={"dataset": "folder", "root": str(tmp_path / "imgs")}, model={"num_classes": 3}),
+            tmp_path / "b",
+        )
+
+
+def test_bf16_autocast_path_trains(tmp_path):
+    result = run(tiny_config(train={"steps": 2, "precision": "bf16", "sample_every": 0}), tmp_path / "run")
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(tmp_path / "run"))
+
+
+# --- signals and the CLI, in a real process --------------------------------------------------------
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path):
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(
+        tiny_config(train={"steps": 100_000, "sample_every": 0, "checkpoint_every": 100_000}).to_yaml()
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ddim_cli",
+            "train",
+            str(config_path),
+            "--run-dir",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"Resume with: ddim train --resume {run_dir}" in err
+    [checkpoint] = list_checkpoints(run_dir / "checkpoints")
+    step = load_checkpoint(checkpoint).step
+    assert step >= 1 and metrics(run_dir)[-1]["step"] == step
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddim_cli",
+            "train",
+            "--resume",
+            str(run_dir),
+            "--set",
+            f"train.steps={step + 2}",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"trained to step {step + 2}" in resumed.stdout
+    assert [m["step"] for m in metrics(run_dir)][-3:] == [step, step + 1, step + 2]
+
+
+# --- two gloo processes ---------------------------------------------------------------------------
+def _ddp_worker(rank, world, port, run_dir, out_dir):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ddim_cli import train as train_module
+
+    config = tiny_config(train={"steps": 4, "checkpoint_every": 4, "sample_every": 0, "log_every": 2})
+    dist.init_process_group("gloo")
+    captured = {}
+    real_ddp = train_module.DistributedDataParallel
+
+    def capture(model):
+        captured["model"] = model
+        return real_ddp(model)
+
+    train_module.DistributedDataParallel = capture
+    train(config, Path(run_dir), device="cpu", progress=False)
+    torch.save(captured["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_stay_identical_and_only_rank_0_writes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    checkpoint = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert all(torch.equal(checkpoint.model[k], rank0[k]) for k in rank0)
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [2, 4]  # one writer, one line per log step
