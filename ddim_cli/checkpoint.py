@@ -59,8 +59,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = checkpoint_path(directory, step)
     _atomic(state_path(weights), lambda tmp: torch.save(training_state, tmp))
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.items()}
-    tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
+    # Copies: safetensors refuses tensors that share memory (e.g. the same weights as model and EMA).
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.items()}
+    tensors |= {f"ema.{k}": v.detach().cpu().clone() for k, v in ema.items()}
     metadata = {"format": FORMAT, "step": str(step), "config": config.to_yaml()}
     _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -33,11 +34,6 @@ def _root(
     ),
 ) -> None:
     """Train denoising diffusion models and sample them with DDPM and DDIM."""
-
-
-def _not_yet(command: str) -> None:
-    typer.echo(f"error: 'ddim {command}' is not implemented in this version yet", err=True)
-    raise typer.Exit(code=1)
 
 
 class Device(str, Enum):
@@ -104,22 +100,321 @@ def train(
     typer.echo(f"trained to step {result.step}; latest checkpoint: {result.checkpoint}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sample() -> None:
-    """Sample images from a checkpoint with DDIM or DDPM (not implemented yet)."""
-    _not_yet("sample")
+class Sampler(str, Enum):
+    ddim = "ddim"
+    ddpm = "ddpm"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def invert() -> None:
-    """Invert real images to latents with deterministic DDIM (not implemented yet)."""
-    _not_yet("invert")
+class Variance(str, Enum):
+    posterior = "posterior"
+    beta = "beta"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def compare() -> None:
-    """Compare DDPM and DDIM samplers from the same noise (not implemented yet)."""
-    _not_yet("compare")
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+CheckpointArg = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="[CHECKPOINT]",
+        help="Checkpoint file or run directory (its latest checkpoint). Default: the newest run in runs/.",
+        show_default=False,
+    ),
+]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the config's sample.steps).")]
+EtaOpt = Annotated[
+    float | None, typer.Option("--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like (default: config).")
+]
+SkipOpt = Annotated[
+    str | None,
+    typer.Option("--skip", help="Timestep spacing: uniform, quad, linspace, trailing, or sections like '10,15,20'."),
+]
+ClassOpt = Annotated[int | None, typer.Option("--class", help="Class label, for class-conditional checkpoints.")]
+GuidanceOpt = Annotated[
+    float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance w: eps = (1+w) eps(y) - w eps(null).")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: config's sample.seed).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks CUDA when available.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Model precision: fp32, or bf16 autocast.")]
+EmaOpt = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
+ClipOpt = Annotated[
+    bool | None, typer.Option("--clip-x0/--no-clip-x0", help="Clamp predicted x_0 to [-1, 1] (default: config).")
+]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def _device(choice: Device) -> str:
+    import torch
+
+    if choice is Device.cuda and not torch.cuda.is_available():
+        _fail("--device cuda was asked for, but CUDA is not available")
+    return "cuda" if choice is Device.cuda or (choice is Device.auto and torch.cuda.is_available()) else "cpu"
+
+
+@contextmanager
+def _user_errors():
+    """Our one-line errors become ``error: ...`` and exit 1; bad option values exit 2."""
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.images import ImageFileError
+
+    try:
+        yield
+    except (CheckpointError, ImageFileError) as error:
+        _fail(str(error))
+    except ValueError as error:  # the library's checks of steps, eta, spacing, ...
+        _fail(str(error), code=2)
+
+
+def _load(checkpoint: Path | None, ema: bool, device: Device):
+    from ddim_cli.generate import load_model, resolve_checkpoint
+
+    path, note = resolve_checkpoint(checkpoint)
+    if note:
+        typer.echo(note, err=True)
+    return load_model(path, use_ema=ema, device=_device(device))
+
+
+def _spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x0):
+    from ddim_cli.generate import SamplerSpec
+
+    cfg = loaded.config.sample
+    if sampler is Sampler.ddpm and eta:
+        raise ValueError("--eta applies to --sampler ddim only")
+    if sampler is Sampler.ddpm and steps is None:
+        steps = loaded.config.diffusion.num_timesteps  # DDPM's own setting: every training step
+    spec = SamplerSpec(
+        method=sampler.value,
+        steps=cfg.steps if steps is None else steps,
+        eta=0.0 if sampler is Sampler.ddpm else (cfg.eta if eta is None else eta),
+        skip=cfg.skip if skip is None else skip,
+        variance=variance.value,
+        clip_x0=cfg.clip_x0 if clip_x0 is None else clip_x0,
+    )
+    spec.check(loaded.alpha_bars)
+    return spec
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="img-step", desc=desc, dynamic_ncols=True)
+
+
+@app.command()
+def sample(
+    checkpoint: CheckpointArg = None,
+    steps: StepsOpt = None,
+    eta: EtaOpt = None,
+    skip: SkipOpt = None,
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="ddim, or ddpm ancestral sampling.")] = Sampler.ddim,
+    variance: Annotated[Variance, typer.Option("--variance", help="DDPM variance: posterior or beta.")] = (
+        Variance.posterior
+    ),
+    clip_x0: ClipOpt = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Number of images (default: config's sample.n).")] = None,
+    batch_size: BatchOpt = 64,
+    seed: SeedOpt = None,
+    latents: Annotated[
+        Path | None,
+        typer.Option("--latents", help="Start from these x_T (.npy, float32, (N, C, H, W)), e.g. from invert."),
+    ] = None,
+    save_latents: Annotated[Path | None, typer.Option("--save-latents", help="Write the x_T used (.npy).")] = None,
+    class_label: ClassOpt = None,
+    guidance: GuidanceOpt = 0.0,
+    out: Annotated[Path | None, typer.Option("--out", help="Grid PNG (default: in the run's samples/).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Also write each image as its own PNG here.")
+    ] = None,
+    npz: Annotated[
+        Path | None, typer.Option("--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    ema: EmaOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Sample images from a checkpoint with DDIM or DDPM."""
+    from ddim_cli import generate as g
+    from ddim_cli.images import load_latents, save_grid, save_npz, save_pngs, to_uint8
+    from ddim_cli.images import save_latents as write_latents
+
+    with _user_errors():
+        loaded = _load(checkpoint, ema, device)
+        spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
+        make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
+        first_seed = loaded.config.sample.seed if seed is None else seed
+        if latents is not None:
+            x_T = load_latents(latents, loaded.image_shape)
+            if n is not None and n != len(x_T):
+                raise ValueError(f"--n {n} does not match the {len(x_T)} latents in {latents}")
+            generators = [__import__("torch").Generator().manual_seed(first_seed + i) for i in range(len(x_T))]
+        else:
+            count = loaded.config.sample.n if n is None else n
+            x_T, generators = g.seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
+        steps_run = len(spec.timesteps(loaded.config.diffusion.num_timesteps))
+        with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
+            images, seconds = g.generate(
+                loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=bar.update
+            )
+        name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
+        grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
+        save_grid(images, grid)
+        written = [str(grid)]
+        if out_dir is not None:
+            save_pngs(images, out_dir)
+            written.append(f"{out_dir}/ ({len(images)} PNGs)")
+        if npz is not None:
+            save_npz(to_uint8(images), npz)
+            written.append(str(npz))
+        if save_latents is not None:
+            write_latents(x_T, save_latents)
+            written.append(str(save_latents))
+    typer.echo(f"{len(images)} images with {spec.label} from {loaded.checkpoint} in {seconds:.4f} s/image")
+    typer.echo("wrote " + ", ".join(written))
+
+
+@app.command()
+def invert(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="[CHECKPOINT] IMAGE...",
+            help="A checkpoint file or run directory (optional; default: the most recent run), then images.",
+            show_default=False,
+        ),
+    ],
+    steps: StepsOpt = None,
+    skip: SkipOpt = None,
+    class_label: ClassOpt = None,
+    guidance: GuidanceOpt = 0.0,
+    interpolate: Annotated[
+        int,
+        typer.Option("--interpolate", min=0, help="With two images: decode N frames slerped between their latents."),
+    ] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's invert/).")] = None,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    ema: EmaOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Invert real images to latents with deterministic DDIM, reconstruct them, and report the error.
+
+    Writes latents.npy (usable with `ddim sample --latents`), grid.png (originals, reconstructions,
+    latents), metrics.csv (per-dimension MSE on [-1, 1] and PSNR) and, with --interpolate,
+    interpolation.png.
+    """
+    import torch
+
+    from ddim_cli import generate as g
+    from ddim_cli.images import load_images, save_grid, save_latents
+
+    checkpoint, images_in = (
+        (paths[0], paths[1:]) if paths[0].is_dir() or paths[0].suffix == ".safetensors" else (None, paths)
+    )
+    if not images_in:
+        _fail("give at least one image to invert", code=2)
+    if interpolate and len(images_in) != 2:
+        _fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
+    with _user_errors():
+        loaded = _load(checkpoint, ema, device)
+        originals, notes = load_images(images_in, loaded.config.data.image_size, loaded.config.data.channels)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        # Inversion never clips; the reconstruction is exactly `ddim sample --latents latents.npy`.
+        spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, None)
+        make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
+        steps_run = len(spec.timesteps(loaded.config.diffusion.num_timesteps))
+        with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
+            latents = g.invert_images(loaded, make_eps, originals, spec, batch_size=batch_size, progress=bar.update)
+            unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
+            recon, _ = g.generate(loaded, make_eps, spec, latents, unused, batch_size=batch_size, progress=bar.update)
+        metrics = g.reconstruction_metrics(originals, recon)
+
+        directory = out or loaded.run_dir / "invert"
+        save_latents(latents, directory / "latents.npy")
+        latent_view = (latents * 0.25).clamp(-1, 1)  # N(0, 1) shown with +-4 sigma across the range
+        save_grid(torch.cat([originals, recon.clamp(-1, 1), latent_view]), directory / "grid.png", nrow=len(originals))
+        lines = ["image,mse,psnr_db"] + [f"{p},{m:.6g},{q:.3f}" for p, (m, q) in zip(images_in, metrics, strict=True)]
+        (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
+        if interpolate:
+            alphas = torch.linspace(0, 1, interpolate)
+            frames_T = g.slerp(latents[0], latents[1], alphas)
+            unused = [torch.Generator() for _ in frames_T]
+            frames, _ = g.generate(loaded, make_eps, spec, frames_T, unused, batch_size=batch_size)
+            save_grid(frames, directory / "interpolation.png", nrow=interpolate)
+    for path, (mse, psnr) in zip(images_in, metrics, strict=True):
+        typer.echo(f"{path}: MSE {mse:.6f} per dimension, PSNR {psnr:.2f} dB")
+    mean = sum(m for m, _ in metrics) / len(metrics)
+    typer.echo(f"inverted {len(originals)} image(s) with {spec.label} from {loaded.checkpoint}; mean MSE {mean:.6f}")
+    typer.echo(f"wrote {directory}/ (latents.npy, grid.png, metrics.csv{', interpolation.png' if interpolate else ''})")
+
+
+def _number_list(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated numbers, got {text!r}", code=2)
+    if not values:
+        _fail(f"{option} needs at least one value", code=2)
+    return values
+
+
+@app.command()
+def compare(
+    checkpoint: CheckpointArg = None,
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated DDIM step counts.")] = "10,20,50,100",
+    eta: Annotated[str, typer.Option("--eta", help="Comma-separated DDIM etas.")] = "0,0.5,1",
+    skip: SkipOpt = None,
+    ddpm_reference: Annotated[
+        bool, typer.Option("--ddpm-reference/--no-ddpm-reference", help="Add DDPM over all T steps as a reference row.")
+    ] = True,
+    clip_x0: ClipOpt = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
+    seed: SeedOpt = None,
+    batch_size: BatchOpt = 64,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's compare/).")] = None,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    ema: EmaOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and a plot."""
+    from ddim_cli import compare as c
+    from ddim_cli import generate as g
+
+    step_counts = _number_list(steps, int, "--steps")
+    etas = _number_list(eta, float, "--eta")
+    with _user_errors():
+        loaded = _load(checkpoint, ema, device)
+        cfg = loaded.config
+        specs = c.comparison_specs(
+            step_counts,
+            etas,
+            skip=cfg.sample.skip if skip is None else skip,
+            clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
+            ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
+        )
+        for spec in specs:
+            spec.check(loaded.alpha_bars)
+        make_eps = g.noise_model(loaded, precision=precision.value)
+        total = n * sum(len(spec.timesteps(cfg.diffusion.num_timesteps)) for spec in specs)
+        with _bar(total, progress, f"compare {len(specs)} samplers") as bar:
+            rows = c.run_comparison(
+                loaded,
+                make_eps,
+                specs,
+                n=n,
+                seed=cfg.sample.seed if seed is None else seed,
+                batch_size=batch_size,
+                progress=bar.update,
+            )
+        paths = c.write_comparison(rows, out or loaded.run_dir / "compare")
+    typer.echo(paths["table.md"].read_text(), nl=False)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

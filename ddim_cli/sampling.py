@@ -77,6 +77,19 @@ def sample(
     not depend on the batch it is drawn in; noise is drawn on the generator's device. ``callback(i,
     t, x, x0_hat)`` is called after step ``i`` (at timestep ``t``) with the new state.
     """
+    steps = plan(alpha_bars, timesteps, method=method, eta=eta, variance=variance)
+    return _run(eps_model, x_T, steps, clip_x0, generator, callback)
+
+
+def plan(
+    alpha_bars: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    method: str = "ddim",
+    eta: float = 0.0,
+    variance: str = "posterior",
+) -> list[_Step]:
+    """The per-step coefficients :func:`sample` uses; raises ValueError for invalid options."""
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
     if method == "ddim":
         coefficients = _ddim_coefficients(ab_t, ab_prev, eta)
@@ -86,11 +99,10 @@ def sample(
         coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    steps = [
+    return [
         _Step(int(t), alpha_bar, *coef)
         for t, alpha_bar, coef in zip(timesteps.tolist(), ab_t.tolist(), coefficients, strict=True)
     ]
-    return _run(eps_model, x_T, steps, clip_x0, generator, callback)
 
 
 @torch.no_grad()

@@ -1,0 +1,246 @@
+"""What ``ddim sample``, ``invert`` and ``compare`` do, as functions over a loaded checkpoint.
+
+Randomness follows EDM's per-seed convention: image ``i`` gets its own generator seeded with
+``seed + i``; its x_T is the first draw and any sampler noise the following ones. An image is
+therefore the same whatever the batch size, the number of images or the device it is drawn on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddim_cli.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ddim_cli.config import Config
+from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.sampling import EpsModel, invert, plan, sample
+from ddim_cli.schedule import SPACINGS, alpha_bars, timesteps
+from ddim_cli.unet import UNet
+
+Progress = Callable[[int], None]  # called with the number of (image x step) units just done
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One way of sampling: the method and its timesteps."""
+
+    method: str = "ddim"  # ddim or ddpm
+    steps: int | None = 50  # None with a section-string skip (it fixes the count)
+    eta: float = 0.0  # DDIM only
+    skip: str = "uniform"  # timestep spacing
+    variance: str = "posterior"  # DDPM only
+    clip_x0: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.method == "ddpm":
+            return f"ddpm S={self.steps}" + ("" if self.variance == "posterior" else f" var={self.variance}")
+        return f"ddim S={self.steps} eta={self.eta:g}"
+
+    def timesteps(self, num_timesteps: int) -> torch.Tensor:
+        steps = self.steps if self.skip in SPACINGS else None
+        return timesteps(num_timesteps, steps, self.skip)
+
+    def check(self, alpha_bars: torch.Tensor) -> None:
+        """Raise ValueError (naming the numbers) if this sampler cannot run on the schedule."""
+        eta = self.eta if self.method == "ddim" else 0.0
+        plan(alpha_bars, self.timesteps(len(alpha_bars)), method=self.method, eta=eta, variance=self.variance)
+
+
+@dataclass
+class LoadedModel:
+    model: UNet
+    config: Config
+    checkpoint: Path
+    step: int
+
+    @property
+    def alpha_bars(self) -> torch.Tensor:
+        d = self.config.diffusion
+        return alpha_bars(d.schedule, d.num_timesteps, **self.config.schedule_params())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.data.channels, self.config.data.image_size, self.config.data.image_size)
+
+    @property
+    def run_dir(self) -> Path:
+        parent = self.checkpoint.parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+
+def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> tuple[Path, str | None]:
+    """A checkpoint file from a file, a run directory, or (None) the most recently updated run.
+
+    Returns the file and, when it was chosen for the user, a note saying which.
+    """
+    if path is None:
+        latest = [found[-1] for run in sorted(runs_root.glob("*")) if (found := list_checkpoints(run / "checkpoints"))]
+        if not latest:
+            raise CheckpointError(
+                f"no checkpoint given and no trained run under {runs_root}/; train one first "
+                f"(ddim train configs/digits.yaml) or pass a checkpoint file or run directory"
+            )
+        chosen = max(latest, key=lambda p: p.stat().st_mtime)
+        return chosen, f"using the most recently updated run: {chosen.parent.parent} ({chosen.name})"
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"no checkpoints in {path}")
+        return found[-1], None
+    return path, None
+
+
+def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the U-Net from the config inside the checkpoint and load its (EMA) weights."""
+    checkpoint = load_checkpoint(path)
+    weights = checkpoint.ema if use_ema else checkpoint.model
+    if not weights:
+        raise CheckpointError(f"{path} holds no {'EMA' if use_ema else 'model'} weights")
+    model = UNet(checkpoint.config.unet_config())
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong_shape:
+        problems = [
+            f"{name} {_first(keys)}"
+            for name, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)]
+            if keys
+        ]
+        raise CheckpointError(f"the weights in {path} do not fit its config: {'; '.join(problems)}")
+    model.load_state_dict(weights)
+    return LoadedModel(model.to(device).eval(), checkpoint.config, Path(path), checkpoint.step)
+
+
+def _first(keys: list[str], count: int = 5) -> str:
+    return ", ".join(keys[:count]) + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
+
+
+def noise_model(
+    loaded: LoadedModel, *, class_label: int | None = None, guidance: float = 0.0, precision: str = "fp32"
+) -> Callable[[int], EpsModel]:
+    """``make(batch) -> eps_model`` for the checkpoint: class conditioning, guidance, bf16 autocast.
+
+    A class-conditional model without ``class_label`` samples unconditionally (the null label).
+    """
+    num_classes = loaded.config.model.num_classes
+    if num_classes is None and class_label is not None:
+        raise CheckpointError("--class needs a class-conditional model; this one is unconditional")
+    if class_label is None and guidance:
+        raise CheckpointError(
+            "--guidance needs --class K"
+            + ("" if num_classes else " and a class-conditional model; this one is unconditional")
+        )
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise CheckpointError(f"--class {class_label} is out of range; this model has classes 0..{num_classes - 1}")
+    model = loaded.model
+    device_type = next(model.parameters()).device.type
+
+    def with_precision(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return model(x, t, y).to(x.dtype)
+
+    def make(batch: int) -> EpsModel:
+        if class_label is None:
+            return with_precision
+        labels = torch.full((batch,), class_label, dtype=torch.long)
+        return classifier_free_guidance(with_precision, labels, guidance, null_label=num_classes)
+
+    return make
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each seed (first draw of its own CPU generator) and the generators to continue with."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+
+
+def generate(
+    loaded: LoadedModel,
+    make_eps: Callable[[int], EpsModel],
+    spec: SamplerSpec,
+    x_T: torch.Tensor,
+    generators: list[torch.Generator],
+    *,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Sample every x_T in batches; returns the images (CPU, [-1, 1]) and seconds per image."""
+    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.config.diffusion.num_timesteps)
+    eta = spec.eta if spec.method == "ddim" else 0.0
+
+    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+        return sample(
+            make_eps(len(batch)),
+            batch,
+            ab,
+            ts,
+            method=spec.method,
+            eta=eta,
+            variance=spec.variance,
+            clip_x0=spec.clip_x0,
+            generator=generators[first : first + len(batch)],
+            callback=_counter(progress, len(batch)),
+        )
+
+    start = time.perf_counter()
+    images = _in_batches(loaded, x_T, batch_size, run)
+    return images, (time.perf_counter() - start) / len(x_T)
+
+
+def invert_images(
+    loaded: LoadedModel,
+    make_eps: Callable[[int], EpsModel],
+    images: torch.Tensor,
+    spec: SamplerSpec,
+    *,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion of images in [-1, 1] to latents at the first sampling timestep."""
+    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.config.diffusion.num_timesteps)
+
+    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+        return invert(make_eps(len(batch)), batch, ab, ts, callback=_counter(progress, len(batch)))
+
+    return _in_batches(loaded, images, batch_size, run)
+
+
+def _in_batches(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, run) -> torch.Tensor:
+    device = next(loaded.model.parameters()).device
+    outputs = [
+        run(first, inputs[first : first + batch_size].to(device)).cpu() for first in range(0, len(inputs), batch_size)
+    ]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return torch.cat(outputs)
+
+
+def _counter(progress: Progress | None, batch: int):
+    return None if progress is None else (lambda i, t, x, x0: progress(batch))
+
+
+def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[tuple[float, float]]:
+    """Per-image (MSE per dimension on [-1, 1], as in the DDIM paper's Table 2; PSNR in dB on [0, 1])."""
+    mse = (originals.float() - reconstructions.float()).pow(2).flatten(1).mean(1)
+    # On [-1, 1] the peak-to-peak range is 2, so PSNR = 10 log10(2^2 / MSE).
+    return [(float(m), 10 * math.log10(4 / float(m)) if m > 0 else math.inf) for m in mse]
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two latents (DDIM paper, Section 5.3 and Appendix D.5)."""
+    a, b = z0.flatten().double(), z1.flatten().double()
+    theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    if theta < 1e-6:  # (nearly) parallel latents: plain linear interpolation
+        frames = [(1 - w) * a + w * b for w in alphas.double()]
+    else:
+        frames = [
+            (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta) for w in alphas.double()
+        ]
+    return torch.stack(frames).to(z0.dtype).view(len(alphas), *z0.shape)

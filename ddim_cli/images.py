@@ -1,0 +1,115 @@
+"""Image and array files: grids, PNG folders, FID-style ``.npz`` files, latents and input images.
+
+Model space is float in [-1, 1], shape (N, C, H, W); files hold uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from torchvision.utils import make_grid
+
+from ddim_cli.data import image_transform
+
+
+class ImageFileError(RuntimeError):
+    """An image or array file problem, described in one line."""
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), rounding as torchvision's save_image does."""
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Save a grid (2-pixel padding) with ``nrow`` images per row (default: about square)."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=-1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _pil(to_uint8(grid[None])[0]).save(path)
+
+
+def save_labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path, min_size: int = 64) -> None:
+    """One row of images per label, the label written on the left; small images are enlarged
+    (nearest neighbour, by a whole factor) to at least ``min_size`` pixels so they can be seen."""
+    factor = max(1, math.ceil(min_size / rows[0][1].shape[-1]))
+    rows = [(label, images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)) for label, images in rows]
+    font = ImageFont.load_default()
+    width = max(int(font.getlength(label)) for label, _ in rows) + 12
+    strips = [
+        _pil(to_uint8(make_grid(images.float().cpu(), nrow=len(images), padding=2, pad_value=-1.0)[None])[0])
+        for _, images in rows
+    ]
+    strip_w, strip_h = strips[0].size
+    canvas = Image.new("RGB", (width + strip_w, strip_h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(rows, strips, strict=True)):
+        canvas.paste(strip.convert("RGB"), (width, i * strip_h))
+        draw.text((4, i * strip_h + strip_h // 2), label, fill="black", font=font, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def save_pngs(images: torch.Tensor, directory: Path, first_index: int = 0) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for offset, array in enumerate(to_uint8(images)):
+        _pil(array).save(directory / f"{first_index + offset:06d}.png")
+
+
+def save_npz(images: np.ndarray, path: Path) -> None:
+    """``arr_0`` = uint8 (N, H, W, C), the layout FID tools read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images)
+
+
+def save_latents(latents: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, latents.detach().float().cpu().numpy())
+
+
+def load_latents(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A float32 ``.npy`` of shape (N, *shape), as written by ``--save-latents`` or ``ddim invert``."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ImageFileError(f"cannot read latents {path}: {error}") from None
+    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(shape) or array.shape[0] < 1:
+        raise ImageFileError(
+            f"latents {path} have shape {array.shape}; this model needs (N, {', '.join(map(str, shape))})"
+        )
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise ImageFileError(f"latents {path} must hold finite floating-point values, got {array.dtype}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def load_images(paths: list[Path], image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """Read images into [-1, 1], converted and resized (short side, then center crop) for the model.
+
+    Returns the batch and one note per image that had to be converted or resized.
+    """
+    transform = image_transform(image_size, channels)
+    mode = "L" if channels == 1 else "RGB"
+    images, notes = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                if image.size != (image_size, image_size) or image.mode != mode:
+                    notes.append(
+                        f"{path}: {image.mode} {image.size[0]}x{image.size[1]} -> {mode} {image_size}x{image_size}"
+                    )
+                images.append(transform(image))
+        except FileNotFoundError:
+            raise ImageFileError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise ImageFileError(f"cannot read image {path}: {error}") from None
+    return torch.stack(images), notes

@@ -1,0 +1,338 @@
+"""`ddim sample`, `ddim invert` and `ddim compare` on tiny checkpoints trained in the tests."""
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ddim_cli.checkpoint import save_checkpoint
+from ddim_cli.cli import app
+from ddim_cli.config import config_from_dict
+from ddim_cli.generate import SamplerSpec, generate, load_model, noise_model, seeded_noise
+from ddim_cli.images import load_images
+from ddim_cli.train import train
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "digits", "image_size": 8, "channels": 1},
+    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+    "diffusion": {"num_timesteps": 50},
+    "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_every": 0, "log_every": 1},
+    "sample": {"steps": 5, "n": 4, "skip": "uniform"},
+}
+
+
+def make_run(path, **model):
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(model)
+    train(config_from_dict(raw), path, device="cpu", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "cond", num_classes=10)
+
+
+def ddim(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args] + ["--no-progress"])
+    return result
+
+
+def ok(*args):
+    result = ddim(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def npz(path):
+    return np.load(path)["arr_0"]
+
+
+# --- ddim sample ---------------------------------------------------------------------------------
+def test_sample_writes_grid_pngs_and_npz(run_dir, tmp_path):
+    result = ok(
+        "sample",
+        run_dir,
+        "--n",
+        4,
+        "--out",
+        tmp_path / "grid.png",
+        "--out-dir",
+        tmp_path / "pngs",
+        "--npz",
+        tmp_path / "s.npz",
+    )
+    assert "4 images with ddim S=5 eta=0" in result.output and "s/image" in result.output
+    assert Image.open(tmp_path / "grid.png").size == (22, 22)  # 2 x 2 images of 8 px with 2 px padding
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    arr = npz(tmp_path / "s.npz")
+    assert arr.shape == (4, 8, 8, 1) and arr.dtype == np.uint8
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000002.png")), arr[2, :, :, 0])
+
+
+def test_default_grid_goes_to_the_run_directory(run_dir):
+    result = ok("sample", run_dir, "--steps", 3, "--n", 2, "--seed", 7)
+    assert (run_dir / "samples" / "sample-ddim-S3-eta0-seed7.png").is_file()
+    assert str(run_dir / "samples" / "sample-ddim-S3-eta0-seed7.png") in result.output
+
+
+def test_an_image_does_not_depend_on_batch_size_or_count(run_dir, tmp_path):
+    ok(
+        "sample",
+        run_dir,
+        "--eta",
+        1,
+        "--n",
+        3,
+        "--batch-size",
+        3,
+        "--npz",
+        tmp_path / "a.npz",
+        "--out",
+        tmp_path / "a.png",
+    )
+    ok(
+        "sample",
+        run_dir,
+        "--eta",
+        1,
+        "--n",
+        3,
+        "--batch-size",
+        1,
+        "--npz",
+        tmp_path / "b.npz",
+        "--out",
+        tmp_path / "b.png",
+    )
+    ok("sample", run_dir, "--eta", 1, "--n", 2, "--seed", 1, "--npz", tmp_path / "c.npz", "--out", tmp_path / "c.png")
+    a, b, c = npz(tmp_path / "a.npz"), npz(tmp_path / "b.npz"), npz(tmp_path / "c.npz")
+    assert np.array_equal(a, b) and np.array_equal(a[1:], c)
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_ddpm_sampler_defaults_to_every_training_step(run_dir, tmp_path):
+    result = ok("sample", run_dir, "--sampler", "ddpm", "--variance", "beta", "--n", 1, "--out", tmp_path / "d.png")
+    assert "ddpm S=50 var=beta" in result.output
+
+
+def test_latents_round_trip_through_files(run_dir, tmp_path):
+    ok(
+        "sample",
+        run_dir,
+        "--n",
+        3,
+        "--save-latents",
+        tmp_path / "z.npy",
+        "--npz",
+        tmp_path / "a.npz",
+        "--out",
+        tmp_path / "a.png",
+    )
+    z = np.load(tmp_path / "z.npy")
+    assert z.shape == (3, 1, 8, 8) and z.dtype == np.float32
+    ok("sample", run_dir, "--latents", tmp_path / "z.npy", "--npz", tmp_path / "b.npz", "--out", tmp_path / "b.png")
+    assert np.array_equal(npz(tmp_path / "a.npz"), npz(tmp_path / "b.npz"))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
+    bad = ddim("sample", run_dir, "--latents", tmp_path / "bad.npy")
+    assert bad.exit_code == 1 and "(N, 1, 8, 8)" in bad.output
+
+
+def test_class_and_guidance(conditional_run, run_dir, tmp_path):
+    ok("sample", conditional_run, "--class", 3, "--guidance", 2, "--n", 2, "--out", tmp_path / "g.png")
+    for args, message in [
+        ((conditional_run, "--class", 10), "--class 10 is out of range; this model has classes 0..9"),
+        ((conditional_run, "--guidance", 1), "--guidance needs --class K"),
+        ((run_dir, "--class", 1), "needs a class-conditional model"),
+        ((run_dir, "--class", 1, "--guidance", 1), "needs a class-conditional model"),
+    ]:
+        result = ddim("sample", *args, "--n", 1, "--out", tmp_path / "x.png")
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--steps", 51), 2, "from 1 to 50"),
+        (("--eta", -0.5), 2, "eta must be a number >= 0"),
+        (("--skip", "fast"), 2, "unknown spacing"),
+        (("--sampler", "ddpm", "--eta", 1), 2, "--eta applies to --sampler ddim only"),
+        (("--n", 0), 2, ""),
+    ],
+)
+def test_bad_sampling_options_exit_non_zero_without_traceback(run_dir, args, code, message):
+    result = ddim("sample", run_dir, *args)
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
+
+
+def test_checkpoint_problems_are_clear_errors(run_dir, tmp_path):
+    assert "does not exist" in ddim("sample", tmp_path / "missing.safetensors").output
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    assert "not a ddim-cli checkpoint" in ddim("sample", tmp_path / "junk.safetensors").output
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    assert "not a ddim-cli checkpoint" in ddim("sample", tmp_path / "bare.safetensors").output
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoints in" in ddim("sample", tmp_path / "empty").output
+
+    loaded = load_model(run_dir / "checkpoints" / "step-0000002.safetensors")
+    wider = config_from_dict({**loaded.config.to_dict(), "model": {**loaded.config.to_dict()["model"], "ch": 64}})
+    weights = loaded.model.state_dict()
+    path = save_checkpoint(tmp_path / "ck", 1, wider, weights, weights, {})
+    result = ddim("sample", path)
+    assert result.exit_code == 1 and "do not fit its config: wrong shape" in result.output
+
+
+def test_no_checkpoint_uses_the_newest_run_or_says_how_to_get_one(run_dir, conditional_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = ddim("sample", "--n", 1)
+    assert result.exit_code == 1 and "no trained run under runs/" in result.output and "ddim train" in result.output
+    (tmp_path / "runs").mkdir()
+    os.symlink(run_dir, tmp_path / "runs" / "old")
+    os.symlink(conditional_run, tmp_path / "runs" / "new")
+    now = time.time()
+    os.utime(run_dir / "checkpoints" / "step-0000002.safetensors", (now - 100, now - 100))
+    os.utime(conditional_run / "checkpoints" / "step-0000002.safetensors", (now, now))
+    result = ok("sample", "--n", 1, "--out", tmp_path / "x.png")
+    assert "using the most recently updated run: runs/new" in result.output
+
+
+# --- ddim invert ---------------------------------------------------------------------------------
+def digit_pngs(tmp_path, count=2):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_invert_writes_latents_grid_metrics_and_reconstructs_through_sample(run_dir, tmp_path):
+    images = digit_pngs(tmp_path)
+    result = ok("invert", run_dir, *images, "--steps", 5, "--out", tmp_path / "inv")
+    assert "note: " not in result.output  # 8x8 grayscale needs no conversion
+    latents = np.load(tmp_path / "inv" / "latents.npy")
+    assert latents.shape == (2, 1, 8, 8) and latents.dtype == np.float32
+    assert Image.open(tmp_path / "inv" / "grid.png").size == (22, 32)  # originals, reconstructions, latents
+    with open(tmp_path / "inv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+
+    # `sample --latents` from the saved latents is the reconstruction the metrics describe.
+    ok(
+        "sample",
+        run_dir,
+        "--latents",
+        tmp_path / "inv" / "latents.npy",
+        "--steps",
+        5,
+        "--npz",
+        tmp_path / "r.npz",
+        "--out",
+        tmp_path / "r.png",
+    )
+    recon = torch.from_numpy(npz(tmp_path / "r.npz")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    originals, _ = load_images(images, 8, 1)
+    mse = (recon - originals).pow(2).flatten(1).mean(1)
+    for row, value in zip(rows, mse, strict=True):
+        assert float(row["mse"]) == pytest.approx(float(value), abs=2e-3)  # uint8 rounding of the npz
+
+
+def test_invert_then_sample_reconstructs_with_an_exact_noise_model(tmp_path):
+    """With the Gaussian oracle instead of a trained net, inversion is tight (library-level check)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from oracles import gaussian_eps_model
+
+    from ddim_cli.sampling import invert, sample
+    from ddim_cli.schedule import alpha_bars, timesteps
+
+    ab, ts = alpha_bars("linear", 1000), timesteps(1000, 250)
+    eps_model = gaussian_eps_model(0.0, 0.5, ab)
+    x0 = 0.5 * torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    recon = sample(eps_model, invert(eps_model, x0, ab, ts), ab, ts)
+    assert (recon - x0).pow(2).mean() < 1e-4
+
+
+def test_invert_interpolates_between_two_images(run_dir, tmp_path):
+    images = digit_pngs(tmp_path)
+    ok("invert", run_dir, *images, "--steps", 5, "--interpolate", 5, "--out", tmp_path / "inv")
+    assert Image.open(tmp_path / "inv" / "interpolation.png").size == (5 * 10 + 2, 12)
+    wrong = ddim("invert", run_dir, images[0], "--interpolate", 5)
+    assert wrong.exit_code == 2 and "exactly two images" in wrong.output
+
+
+def test_invert_resizes_any_image_with_a_note(run_dir, tmp_path):
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "wide.png")
+    result = ok("invert", run_dir, tmp_path / "wide.png", "--steps", 2, "--out", tmp_path / "inv")
+    assert "note: " in result.output and "RGB 30x20 -> L 8x8" in result.output
+
+
+def test_invert_missing_or_unreadable_image_writes_nothing(run_dir, tmp_path):
+    good = digit_pngs(tmp_path, 1)[0]
+    result = ddim("invert", run_dir, good, tmp_path / "missing.png", "--out", tmp_path / "inv")
+    assert result.exit_code == 1 and "missing.png does not exist" in result.output
+    (tmp_path / "text.png").write_text("hello")
+    result = ddim("invert", run_dir, good, tmp_path / "text.png", "--out", tmp_path / "inv")
+    assert result.exit_code == 1 and "cannot read image" in result.output and "text.png" in result.output
+    assert not (tmp_path / "inv").exists()
+
+
+# --- ddim compare --------------------------------------------------------------------------------
+def test_compare_writes_labelled_grid_table_and_plot(run_dir, tmp_path):
+    result = ok("compare", run_dir, "--steps", "2,5", "--eta", "0,1", "--n", 3, "--out", tmp_path / "cmp")
+    assert "| ddim | 5 | 1.0 |" in result.output
+    with open(tmp_path / "cmp" / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["sampler"], r["steps"], r["eta"]) for r in rows] == [
+        ("ddim", "2", "0.0"),
+        ("ddim", "5", "0.0"),
+        ("ddim", "2", "1.0"),
+        ("ddim", "5", "1.0"),
+        ("ddpm", "50", ""),
+    ]
+    assert all(float(r["seconds_per_image"]) > 0 for r in rows)
+    assert len((tmp_path / "cmp" / "table.md").read_text().splitlines()) == 2 + 5
+    width, height = Image.open(tmp_path / "cmp" / "grid.png").size
+    assert height == 5 * (64 + 4)  # five rows of 8 px images enlarged 8x, with padding
+    assert Image.open(tmp_path / "cmp" / "time_vs_steps.png").size[0] > 100
+    no_ref = ok(
+        "compare", run_dir, "--steps", "2", "--eta", "0", "--n", 1, "--no-ddpm-reference", "--out", tmp_path / "c2"
+    )
+    assert "ddpm" not in no_ref.output
+
+
+def test_every_compare_row_starts_from_the_same_noise(run_dir):
+    from ddim_cli.compare import run_comparison
+
+    loaded = load_model(run_dir / "checkpoints" / "step-0000002.safetensors")
+    make_eps = noise_model(loaded)
+    spec = SamplerSpec("ddim", 5, 1.0)
+    rows = run_comparison(loaded, make_eps, [spec, SamplerSpec("ddim", 5, 0.0), spec], n=3, seed=4, batch_size=2)
+    assert torch.equal(rows[0].images, rows[2].images)  # the same x_T and the same noise stream
+    x_T, generators = seeded_noise(loaded.image_shape, [4, 5, 6])
+    alone, _ = generate(loaded, make_eps, SamplerSpec("ddim", 5, 0.0), x_T, generators, batch_size=2)
+    assert torch.equal(rows[1].images, alone)
+
+
+def test_compare_rejects_bad_lists(run_dir):
+    assert ddim("compare", run_dir, "--steps", "10,x").exit_code == 2
+    result = ddim("compare", run_dir, "--steps", "100")
+    assert result.exit_code == 2 and "from 1 to 50" in result.output
