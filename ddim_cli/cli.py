@@ -324,8 +324,8 @@ def invert(
         originals, notes = load_images(images_in, loaded.config.data.image_size, loaded.config.data.channels)
         for note in notes:
             typer.echo(f"note: {note}", err=True)
-        # Inversion never clips; the reconstruction is exactly `ddim sample --latents latents.npy`.
-        spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, None)
+        # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
+        spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
         steps_run = len(spec.timesteps(loaded.config.diffusion.num_timesteps))
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:

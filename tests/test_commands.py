@@ -242,6 +242,7 @@ def test_invert_writes_latents_grid_metrics_and_reconstructs_through_sample(run_
         tmp_path / "inv" / "latents.npy",
         "--steps",
         5,
+        "--no-clip-x0",
         "--npz",
         tmp_path / "r.npz",
         "--out",
