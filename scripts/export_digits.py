@@ -1,6 +1,6 @@
 """Write some of scikit-learn's handwritten digits as PNG files, e.g. to try `ddim invert` on.
 
-    python scripts/export_digits.py --out digits/ 3 17
+python scripts/export_digits.py --out digits/ 3 17
 """
 
 from __future__ import annotations
