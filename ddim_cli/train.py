@@ -208,7 +208,7 @@ def train(
             if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
             if at_checkpoint or stopping:
-                checkpoint = _save(run_dir, step, config, model, ema, optimizer, rank, log)
+                checkpoint = _save(run_dir, step, config, model, ema, optimizer, rank, log, len(dataset))
             if stopping:
                 bar.close()
                 _barrier(world)
@@ -306,15 +306,17 @@ def _sample_grid(ema: torch.nn.Module, config: Config, ab: torch.Tensor, path: P
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(n))))
 
 
-def _save(run_dir, step, config, model, ema, optimizer, rank, log) -> Path | None:
+def _save(run_dir, step, config, model, ema, optimizer, rank, log, dataset_size: int) -> Path | None:
     if rank != 0:
         return None
+    epoch, batch = divmod(step, dataset_size // config.train.batch_size)
     state = {
         "optimizer": optimizer.state_dict(),
         "step": step,
         "seed": config.train.seed,
         # Data order, noise and dropout are derived from (seed, step, rank): the step is the RNG state.
         "rng": "derived from (train.seed, step, rank)",
+        "data_position": {"epoch": epoch, "batch_in_epoch": batch, "dataset_size": dataset_size},
     }
     path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
     prune_checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)

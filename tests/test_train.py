@@ -69,6 +69,7 @@ def test_a_run_writes_config_metrics_checkpoints_and_grids(tmp_path):
     assert set(checkpoint.model) == set(checkpoint.ema) and len(checkpoint.model) > 10
     state = torch.load(str(result.checkpoint).replace(".safetensors", ".state.pt"), weights_only=True)
     assert state["step"] == 6 and "optimizer" in state
+    assert state["data_position"] == {"epoch": 0, "batch_in_epoch": 6, "dataset_size": 1797}
 
 
 def test_keep_checkpoints_prunes_old_ones(tmp_path):
