@@ -59,12 +59,33 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = checkpoint_path(directory, step)
     _atomic(state_path(weights), lambda tmp: torch.save(training_state, tmp))
+    write_weights(weights, step, config, model, ema)
+    return weights
+
+
+def write_weights(
+    path: Path, step: int, config: Config, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]
+) -> None:
+    """The self-contained ``.safetensors`` checkpoint: weights, EMA weights, config and step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Copies: safetensors refuses tensors that share memory (e.g. the same weights as model and EMA).
     tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.items()}
     tensors |= {f"ema.{k}": v.detach().cpu().clone() for k, v in ema.items()}
     metadata = {"format": FORMAT, "step": str(step), "config": config.to_yaml()}
-    _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return weights
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
+    """None if ``weights`` fit a model whose state dict is ``expected``; else which keys do not."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    problems = [
+        f"{label} {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    ]
+    return "; ".join(problems) or None
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

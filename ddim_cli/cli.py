@@ -417,6 +417,48 @@ def compare(
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+class Preset(str, Enum):
+    cifar10 = "cifar10"
+    celeba = "celeba"
+    lsun_bedroom = "lsun-bedroom"
+    lsun_church = "lsun-church"
+    lsun_cat = "lsun-cat"
+
+
+@app.command()
+def convert(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Original DDPM weights (.ckpt/.pth/.safetensors state dict, as used by the DDIM code) "
+            "or a diffusers UNet2DModel directory (config.json + weights, or a pipeline with unet/).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The checkpoint to write (.safetensors).", show_default=False)],
+    preset: Annotated[
+        Preset | None,
+        typer.Option("--preset", help="Architecture of an original-layout file (the DDIM code's configs)."),
+    ] = None,
+    config_path: Annotated[
+        Path | None, typer.Option("--config", help="Or a YAML config giving that architecture and schedule.")
+    ] = None,
+) -> None:
+    """Convert published DDPM weights into a ddim-cli checkpoint (no code is unpickled)."""
+    from ddim_cli.config import ConfigError, load_config
+    from ddim_cli.convert import ConversionError
+    from ddim_cli.convert import convert as run_conversion
+
+    try:
+        config = load_config(config_path) if config_path is not None else None
+        written = run_conversion(source, out, preset=preset.value if preset else None, config=config)
+    except ConfigError as error:
+        _fail(str(error), code=2)
+    except ConversionError as error:
+        _fail(str(error))
+    typer.echo(f"wrote {written}; sample it with: ddim sample {written}")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"warning: {message}", err=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddim_cli.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, load_checkpoint
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.sampling import EpsModel, invert, plan, sample
@@ -103,23 +103,11 @@ def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str =
     if not weights:
         raise CheckpointError(f"{path} holds no {'EMA' if use_ema else 'model'} weights")
     model = UNet(checkpoint.config.unet_config())
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong_shape:
-        problems = [
-            f"{name} {_first(keys)}"
-            for name, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)]
-            if keys
-        ]
-        raise CheckpointError(f"the weights in {path} do not fit its config: {'; '.join(problems)}")
+    mismatch = describe_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"the weights in {path} do not fit its config: {mismatch}")
     model.load_state_dict(weights)
     return LoadedModel(model.to(device).eval(), checkpoint.config, Path(path), checkpoint.step)
-
-
-def _first(keys: list[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
 
 
 def noise_model(

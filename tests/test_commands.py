@@ -257,9 +257,6 @@ def test_invert_writes_latents_grid_metrics_and_reconstructs_through_sample(run_
 
 def test_invert_then_sample_reconstructs_with_an_exact_noise_model(tmp_path):
     """With the Gaussian oracle instead of a trained net, inversion is tight (library-level check)."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from oracles import gaussian_eps_model
 
     from ddim_cli.sampling import invert, sample

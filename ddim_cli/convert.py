@@ -1,0 +1,329 @@
+"""Import published DDPM weights into ddim-cli checkpoints.
+
+Two sources of the same network (Ho et al.'s DDPM U-Net):
+
+* the original layout used by the DDIM code (ermongroup/ddim, pesser/pytorch_diffusion): a state
+  dict with keys ``temb.dense.*``, ``down.{i}.block.{j}.*``, ``mid.block_1.*``, ... Our U-Net uses
+  these very names, so the weights load as they are; the architecture comes from ``--preset`` or a
+  config file, since the file does not record it;
+* a ``diffusers`` ``UNet2DModel`` directory of the DDPM family (``google/ddpm-cifar10-32``, ...):
+  ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``), renamed key by key,
+  with the noise schedule from ``scheduler_config.json`` when one is found.
+
+``.bin``/``.ckpt``/``.pth`` files are read with ``torch.load(weights_only=True)``: tensors only,
+never code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ddim_cli.checkpoint import describe_mismatch, write_weights
+from ddim_cli.config import Config, ConfigError, config_from_dict
+from ddim_cli.unet import UNet
+
+_LSUN = {
+    "data": {"image_size": 256, "channels": 3},
+    "model": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0},
+}
+# The DDIM code's configs/*.yml for the published DDPM weights (all: linear betas 1e-4..0.02, T 1000).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "data": {"image_size": 32, "channels": 3},
+        "model": {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.1},
+        "sample": {"skip": "quad"},  # the paper's choice for CIFAR-10
+    },
+    "celeba": {
+        "data": {"image_size": 64, "channels": 3},
+        "model": {"ch": 128, "ch_mult": [1, 2, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.1},
+    },
+    "lsun-bedroom": _LSUN,
+    "lsun-church": _LSUN,
+    "lsun-cat": _LSUN,
+}
+_DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
+
+
+class ConversionError(RuntimeError):
+    """The source cannot be converted; described in one line."""
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConversionError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    raw = {
+        "name": name,
+        "data": {"dataset": "folder", "root": f"data/{name}", **preset["data"]},
+        "model": preset["model"],
+        "diffusion": {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+        "sample": {"steps": 100, "clip_x0": True, **preset.get("sample", {})},
+    }
+    return config_from_dict(raw)
+
+
+def convert(source: Path, out: Path, *, preset: str | None = None, config: Config | None = None) -> Path:
+    """Convert ``source`` (an original-layout file or a diffusers directory) into checkpoint ``out``.
+
+    The same weights are stored as model and EMA weights (published files hold one set, usually
+    the EMA). Returns the path written.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if preset or config:
+            raise ConversionError("a diffusers directory carries its own config; drop --preset/--config")
+        config, weights = _from_diffusers(source)
+    else:
+        if (preset is None) == (config is None):
+            raise ConversionError(
+                "an original-layout state dict does not record its architecture: give --preset or --config"
+            )
+        config = preset_config(preset) if preset else config
+        weights = _original_state_dict(source)
+    _check_fits(config, weights, source)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--out must end in .safetensors, got {out}")
+    write_weights(out, 0, config, weights, weights)
+    return out
+
+
+# --- the original (DDPM / DDIM code) layout -------------------------------------------------------
+def _original_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist")
+    state = _load_tensors(path)
+    if isinstance(state, list | tuple):  # the DDIM code's own ckpt.pth: [model, optimizer, epoch, step, ema]
+        if len(state) >= 5 and isinstance(state[4], dict) and state[4]:
+            state = state[4]
+        else:
+            state = state[0]
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path} is not a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _load_tensors(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"cannot read {path}: {error}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        raise ConversionError(
+            f"cannot read {path} with torch.load(weights_only=True) (it must hold tensors only): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+
+
+# --- diffusers UNet2DModel ----------------------------------------------------------------------
+def _from_diffusers(directory: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    unet_dir = directory / "unet" if (directory / "unet" / "config.json").is_file() else directory
+    config_path = unet_dir / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{directory} has no config.json (nor unet/config.json): not a diffusers UNet2DModel")
+    unet = json.loads(config_path.read_text())
+    config = _config_from_diffusers(unet, _scheduler_config(directory, unet_dir), name=directory.name)
+    weights_file = next(
+        (
+            unet_dir / name
+            for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+            if (unet_dir / name).is_file()
+        ),
+        None,
+    )
+    if weights_file is None:
+        raise ConversionError(f"{unet_dir} has no diffusion_pytorch_model.safetensors or .bin")
+    state = _load_tensors(weights_file)
+    return config, _rename_diffusers(state, len(unet["block_out_channels"]))
+
+
+def _scheduler_config(directory: Path, unet_dir: Path) -> dict[str, Any] | None:
+    for path in (
+        directory / "scheduler" / "scheduler_config.json",
+        unet_dir / "scheduler_config.json",
+        directory / "scheduler_config.json",
+        unet_dir.parent / "scheduler" / "scheduler_config.json",
+    ):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | None, name: str) -> Config:
+    def need(condition: bool, what: str) -> None:
+        if not condition:
+            raise ConversionError(f"unsupported UNet2DModel: {what} (only the DDPM U-Net family converts)")
+
+    if unet.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConversionError(f"unsupported model class {unet.get('_class_name')}: only UNet2DModel converts")
+    channels = list(unet["block_out_channels"])
+    down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
+    need(unet.get("act_fn", "silu") == "silu", f"act_fn {unet.get('act_fn')!r}")
+    need(unet.get("norm_num_groups", 32) == 32, f"norm_num_groups {unet.get('norm_num_groups')}")
+    need(abs(unet.get("norm_eps", 1e-5) - 1e-6) < 1e-12, f"norm_eps {unet.get('norm_eps', 1e-5)} (DDPM uses 1e-6)")
+    need(unet.get("time_embedding_type", "positional") == "positional", "time_embedding_type")
+    need(
+        not unet.get("flip_sin_to_cos", True) and unet.get("freq_shift", 0) == 1,
+        "a timestep embedding other than DDPM's (flip_sin_to_cos false, freq_shift 1)",
+    )
+    need(unet.get("downsample_padding", 1) == 0, "downsample_padding != 0")
+    need(
+        unet.get("downsample_type", "conv") == "conv" and unet.get("upsample_type", "conv") == "conv",
+        "down/upsample_type other than conv",
+    )
+    need(not unet.get("center_input_sample", False), "center_input_sample")
+    need(unet.get("mid_block_scale_factor", 1) == 1, "mid_block_scale_factor != 1")
+    need(unet.get("resnet_time_scale_shift", "default") == "default", "resnet_time_scale_shift")
+    need(unet.get("add_attention", True), "a middle block without attention")
+    need(
+        unet.get("mid_block_type", "UNetMidBlock2D") == "UNetMidBlock2D", f"mid_block_type {unet.get('mid_block_type')}"
+    )
+    need(unet.get("class_embed_type") is None and unet.get("num_class_embeds") is None, "class embeddings")
+    need(unet.get("time_embedding_dim") in (None, 4 * channels[0]), "time_embedding_dim other than 4 x channels")
+    need(unet.get("attn_norm_num_groups") in (None, 32), "attn_norm_num_groups")
+    need(unet.get("out_channels", 3) == unet.get("in_channels", 3), "out_channels != in_channels (not eps prediction)")
+    need(all(c % channels[0] == 0 for c in channels), f"block_out_channels {channels} not multiples of the first")
+    need(set(down) <= {"DownBlock2D", "AttnDownBlock2D"}, f"down_block_types {down}")
+    need(set(up) <= {"UpBlock2D", "AttnUpBlock2D"}, f"up_block_types {up}")
+    need(len(down) == len(up) == len(channels), "mismatched block counts")
+    has_attention = [kind == "AttnDownBlock2D" for kind in down]
+    need(has_attention == [kind == "AttnUpBlock2D" for kind in reversed(up)], "up and down attention that differ")
+    head_dim = unet.get("attention_head_dim")
+    attended = [c for c, a in zip(channels, has_attention, strict=True) if a] + [channels[-1]]
+    if head_dim is not None and any(head_dim != c for c in attended):
+        raise ConversionError(
+            f"unsupported UNet2DModel: multi-head attention (attention_head_dim {head_dim} with {attended} channels); "
+            "the DDPM U-Net has one head"
+        )
+
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, list | tuple) else size
+    raw: dict[str, Any] = {
+        "name": name,
+        "data": {
+            "dataset": "folder",
+            "root": f"data/{name}",
+            "image_size": size,
+            "channels": unet.get("in_channels", 3),
+        },
+        "model": {
+            "ch": channels[0],
+            "ch_mult": [c // channels[0] for c in channels],
+            "num_res_blocks": unet["layers_per_block"],
+            "attn_resolutions": [size // 2**level for level, a in enumerate(has_attention) if a],
+            "dropout": unet.get("dropout", 0.0),
+            "resamp_with_conv": True,
+        },
+        "diffusion": _diffusion_from_scheduler(scheduler),
+        "sample": {"steps": 100, "clip_x0": bool((scheduler or {}).get("clip_sample", True))},
+    }
+    try:
+        return config_from_dict(raw)
+    except ConfigError as error:
+        raise ConversionError(f"unsupported UNet2DModel: {error}") from None
+
+
+def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any]:
+    if scheduler is None:
+        return {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    if scheduler.get("trained_betas") is not None:
+        raise ConversionError("scheduler_config.json has trained_betas; only named beta schedules convert")
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise ConversionError(f"prediction_type {scheduler['prediction_type']!r}: only epsilon prediction converts")
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind not in _DIFFUSERS_SCHEDULES:
+        raise ConversionError(f"beta_schedule {kind!r} is not supported ({', '.join(_DIFFUSERS_SCHEDULES)} are)")
+    return {
+        "schedule": _DIFFUSERS_SCHEDULES[kind],
+        "num_timesteps": scheduler.get("num_train_timesteps", 1000),
+        "beta_start": scheduler.get("beta_start", 1e-4),
+        "beta_end": scheduler.get("beta_end", 0.02),
+    }
+
+
+_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "time_emb_proj": "temb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}  # new and old diffusers names
+
+
+def _rename_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """diffusers' UNet2DModel keys -> the DDPM layout (up_blocks run from low to high resolution)."""
+    fixed = {
+        "time_embedding.linear_1": "temb.dense.0",
+        "time_embedding.linear_2": "temb.dense.1",
+        "conv_in": "conv_in",
+        "conv_norm_out": "norm_out",
+        "conv_out": "conv_out",
+        "mid_block.resnets.0": "mid.block_1",
+        "mid_block.attentions.0": "mid.attn_1",
+        "mid_block.resnets.1": "mid.block_2",
+    }
+    block = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+    out = {}
+    for key, value in state.items():
+        new = None
+        for prefix, target in fixed.items():
+            if key.startswith(prefix + "."):
+                rest = key[len(prefix) + 1 :]
+                if prefix.startswith("mid_block.resnets"):
+                    rest = _rename_part(rest, _RESNET)
+                elif prefix.startswith("mid_block.attentions"):
+                    rest = _rename_part(rest, _ATTENTION)
+                new = f"{target}.{rest}"
+        if match := block.match(key):
+            side, index, kind, j, rest = match.groups()
+            level = int(index) if side == "down" else levels - 1 - int(index)
+            if kind == "resnets":
+                new = f"{side}.{level}.block.{j}.{_rename_part(rest, _RESNET)}"
+            elif kind == "attentions":
+                new = f"{side}.{level}.attn.{j}.{_rename_part(rest, _ATTENTION)}"
+            else:
+                new = f"{side}.{level}.{'downsample' if side == 'down' else 'upsample'}.{rest}"
+        if new is None:
+            raise ConversionError(f"unexpected UNet2DModel weight {key!r}")
+        if any(f".{name}." in f".{new}" for name in ("q", "k", "v", "proj_out")) and value.dim() == 2:
+            value = value[:, :, None, None]  # diffusers' linear layers are our 1x1 convolutions
+        out[new] = value
+    return out
+
+
+def _rename_part(rest: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    raise ConversionError(f"unexpected UNet2DModel weight part {rest!r}")
+
+
+def _check_fits(config: Config, weights: dict[str, torch.Tensor], source: Path) -> None:
+    mismatch = describe_mismatch(UNet(config.unet_config()).state_dict(), weights)
+    if mismatch:
+        raise ConversionError(f"the weights in {source} do not fit the {config.name} architecture: {mismatch}")
