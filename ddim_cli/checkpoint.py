@@ -10,6 +10,7 @@ Both are written to a temporary name and renamed, so a crash never leaves a half
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from ddim_cli.config import Config, ConfigError, config_from_dict
 
 FORMAT = "ddim-cli-checkpoint-1"
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+# What torch.load(weights_only=True) raises for files that are not plain tensors (or not pickles).
+UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
 
 
 class CheckpointError(RuntimeError):

@@ -158,11 +158,12 @@ def _device(choice: Device) -> str:
 def _user_errors():
     """Our one-line errors become ``error: ...`` and exit 1; bad option values exit 2."""
     from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.fid import FIDError
     from ddim_cli.images import ImageFileError
 
     try:
         yield
-    except (CheckpointError, ImageFileError) as error:
+    except (CheckpointError, ImageFileError, FIDError) as error:
         _fail(str(error))
     except ValueError as error:  # the library's checks of steps, eta, spacing, ...
         _fail(str(error), code=2)
@@ -353,6 +354,68 @@ def invert(
     typer.echo(f"wrote {directory}/ (latents.npy, grid.png, metrics.csv{', interpolation.png' if interpolate else ''})")
 
 
+ReferenceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reference", help="FID reference: image folder, .npz (images or mu/sigma statistics), cifar10 or mnist."
+    ),
+]
+InceptionOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inception-weights", help="Local TF-FID Inception weights (.pth); default: download once into the cache."
+    ),
+]
+SaveStatsOpt = Annotated[Path | None, typer.Option("--save-stats", help="Write the reference statistics here (.npz).")]
+DataRootOpt = Annotated[
+    Path | None, typer.Option("--data-root", help="Where a named dataset lives (default data/NAME).")
+]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download a named reference dataset.")]
+
+
+def _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress):
+    from tqdm import tqdm
+
+    path = Path(reference)
+    if path.suffix == ".npz" and path.is_file() and (stats := f.load_statistics(path)) is not None:
+        return stats
+    batches = f.source_batches(reference, batch_size, data_root=data_root, download=download)  # fails early
+    with tqdm(disable=not progress, unit="img", desc="reference statistics") as bar:
+        stats = f.statistics(batches, extract, progress=bar.update)
+    if save_stats is not None:
+        f.save_statistics(stats, save_stats)
+        typer.echo(f"wrote reference statistics to {save_stats}", err=True)
+    return stats
+
+
+@app.command(name="fid")
+def fid_command(
+    samples: Annotated[str, typer.Argument(help="A folder of images or an .npz (arr_0 = uint8 (N, H, W, C)).")],
+    reference: Annotated[
+        str,
+        typer.Argument(help="A folder, an .npz of images or of statistics (mu, sigma), or cifar10 / mnist (train)."),
+    ],
+    save_stats: SaveStatsOpt = None,
+    inception_weights: InceptionOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    batch_size: BatchOpt = 100,
+    device: DeviceOpt = Device.auto,
+    progress: ProgressOpt = True,
+) -> None:
+    """Frechet Inception Distance between samples and a reference (torch-fidelity, TF-compatible)."""
+    from ddim_cli import fid as f
+
+    try:
+        extract = f.inception_extractor(inception_weights, _device(device))
+        reference_stats = _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress)
+        sample_stats = f.reference_statistics(samples, extract, batch_size)
+        value = f.frechet_distance(sample_stats, reference_stats)
+    except f.FIDError as error:
+        _fail(str(error))
+    typer.echo(f"FID {value:.4f} ({int(sample_stats['count'])} samples vs {reference})")
+
+
 def _number_list(text: str, kind: type, option: str) -> list:
     try:
         values = [kind(part) for part in text.split(",") if part.strip()]
@@ -377,17 +440,32 @@ def compare(
     seed: SeedOpt = None,
     batch_size: BatchOpt = 64,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's compare/).")] = None,
+    fid: Annotated[
+        int,
+        typer.Option("--fid", min=0, help="Also compute FID from N samples per row (kept and reused in OUT/samples)."),
+    ] = 0,
+    reference: ReferenceOpt = None,
+    inception_weights: InceptionOpt = None,
+    save_stats: SaveStatsOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
     device: DeviceOpt = Device.auto,
     precision: PrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
 ) -> None:
-    """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and a plot."""
+    """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and plots.
+
+    With --fid N --reference REF, every row also gets its FID over N samples, and, for the
+    cifar10/celeba presets, the DDIM paper's Table 1 value beside it.
+    """
     from ddim_cli import compare as c
     from ddim_cli import generate as g
 
     step_counts = _number_list(steps, int, "--steps")
     etas = _number_list(eta, float, "--eta")
+    if fid and reference is None:
+        _fail("--fid needs --reference (a folder, an .npz of images or statistics, or cifar10/mnist)", code=2)
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
         cfg = loaded.config
@@ -402,6 +480,16 @@ def compare(
             spec.check(loaded.alpha_bars)
         make_eps = g.noise_model(loaded, precision=precision.value)
         total = n * sum(len(spec.timesteps(cfg.diffusion.num_timesteps)) for spec in specs)
+        directory = out or loaded.run_dir / "compare"
+        samples_dir = directory / "samples" if fid else None
+        extract = _reference = None
+        if fid:
+            from ddim_cli import fid as f
+
+            extract = f.inception_extractor(inception_weights, _device(device))
+            _reference = _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress)
+        per_row = max(n, fid)
+        total = per_row * sum(len(spec.timesteps(cfg.diffusion.num_timesteps)) for spec in specs)
         with _bar(total, progress, f"compare {len(specs)} samplers") as bar:
             rows = c.run_comparison(
                 loaded,
@@ -411,8 +499,12 @@ def compare(
                 seed=cfg.sample.seed if seed is None else seed,
                 batch_size=batch_size,
                 progress=bar.update,
+                samples_dir=samples_dir,
+                count=fid or None,
             )
-        paths = c.write_comparison(rows, out or loaded.run_dir / "compare")
+        if fid:
+            c.add_fid(rows, samples_dir, _reference, extract, batch_size, preset=cfg.name)
+        paths = c.write_comparison(rows, directory)
     typer.echo(paths["table.md"].read_text(), nl=False)
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

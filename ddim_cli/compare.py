@@ -8,30 +8,67 @@ CSV; one dict per row, so further columns such as FID slot in) and a plot of tim
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ddim_cli.fid import frechet_distance, source_batches, statistics
 from ddim_cli.generate import LoadedModel, SamplerSpec, generate, seeded_noise
-from ddim_cli.images import save_labelled_rows
+from ddim_cli.images import load_images, save_labelled_rows, save_pngs
 from ddim_cli.sampling import EpsModel
+
+# The DDIM paper's Table 1 (FID of 50k samples; rows eta = 0, 0.2, 0.5, 1 and sigma-hat, i.e. DDPM
+# with variance beta; columns S = 10, 20, 50, 100, 1000). The CelebA sigma-hat row is not included.
+_S = (10, 20, 50, 100, 1000)
+PAPER_FID: dict[str, dict[tuple[str, int], float]] = {
+    "cifar10": {
+        **dict(zip([("0", s) for s in _S], (13.36, 6.84, 4.67, 4.16, 4.04), strict=True)),
+        **dict(zip([("0.2", s) for s in _S], (14.04, 7.11, 4.77, 4.25, 4.09), strict=True)),
+        **dict(zip([("0.5", s) for s in _S], (16.66, 8.35, 5.25, 4.46, 4.29), strict=True)),
+        **dict(zip([("1", s) for s in _S], (41.07, 18.36, 8.01, 5.78, 4.73), strict=True)),
+        **dict(zip([("sigma-hat", s) for s in _S], (367.43, 133.37, 32.72, 9.99, 3.17), strict=True)),
+    },
+    "celeba": {
+        **dict(zip([("0", s) for s in _S], (17.33, 13.73, 9.17, 6.53, 3.51), strict=True)),
+        **dict(zip([("0.2", s) for s in _S], (17.66, 14.11, 9.51, 6.79, 3.64), strict=True)),
+        **dict(zip([("0.5", s) for s in _S], (19.86, 16.06, 11.01, 8.09, 4.28), strict=True)),
+        **dict(zip([("1", s) for s in _S], (33.12, 26.03, 18.48, 13.93, 5.98), strict=True)),
+    },
+}
+
+
+def paper_fid(preset: str, spec: SamplerSpec) -> float | None:
+    """The paper's FID for this sampler on a model of the ``preset`` (run) name, if it reports one."""
+    if spec.method == "ddpm":
+        key = "sigma-hat" if spec.variance == "beta" else "1"  # posterior-variance DDPM is eta = 1
+    else:
+        key = f"{spec.eta:g}"
+    return PAPER_FID.get(preset, {}).get((key, spec.steps))
 
 
 @dataclass
 class CompareRow:
     spec: SamplerSpec
-    images: torch.Tensor
+    images: torch.Tensor  # the first images, for the grid
     seconds_per_image: float
+    fid: float | None = None
+    paper_fid: float | None = None
 
-    def record(self) -> dict[str, object]:
-        return {
-            "sampler": self.spec.method,
+    def record(self, with_fid: bool, with_paper: bool) -> dict[str, object]:
+        record: dict[str, object] = {
+            "sampler": self.spec.method + ("" if self.spec.method == "ddim" else f" ({self.spec.variance} variance)"),
             "steps": self.spec.steps,
-            "eta": self.spec.eta if self.spec.method == "ddim" else "",
+            "eta": f"{self.spec.eta:g}" if self.spec.method == "ddim" else "",
             "seconds_per_image": round(self.seconds_per_image, 6),
         }
+        if with_fid:
+            record["fid"] = "" if self.fid is None else round(self.fid, 3)
+        if with_paper:
+            record["paper_fid"] = "" if self.paper_fid is None else self.paper_fid
+        return record
 
 
 def comparison_specs(
@@ -39,8 +76,8 @@ def comparison_specs(
 ) -> list[SamplerSpec]:
     """DDIM for every (eta, steps) pair, then DDPM over all ``ddpm_reference`` steps if given."""
     specs = [SamplerSpec("ddim", s, eta, skip, clip_x0=clip_x0) for eta in etas for s in steps]
-    if ddpm_reference:
-        specs.append(SamplerSpec("ddpm", ddpm_reference, 0.0, "uniform", clip_x0=clip_x0))
+    if ddpm_reference:  # DDPM's own sampler for its CIFAR-10 result: sigma^2 = beta (the paper's sigma-hat)
+        specs.append(SamplerSpec("ddpm", ddpm_reference, 0.0, "uniform", variance="beta", clip_x0=clip_x0))
     return specs
 
 
@@ -53,14 +90,65 @@ def run_comparison(
     seed: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    samples_dir: Path | None = None,
+    count: int | None = None,
 ) -> list[CompareRow]:
+    """Sample ``n`` images per row; with ``samples_dir``, ``count`` images per row are kept there as
+    PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was."""
     _warm_up(loaded, make_eps)  # one-time kernel set-up must not be billed to the first row
     rows = []
     for spec in specs:
-        x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))  # the same for every row
-        images, seconds = generate(loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=progress)
+        if samples_dir is None:
+            x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))  # the same for every row
+            images, seconds = generate(
+                loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=progress
+            )
+        else:
+            folder = samples_dir / spec.slug
+            seconds = fill_sample_folder(loaded, make_eps, spec, folder, max(count or 0, n), seed, batch_size, progress)
+            images = load_images(
+                sorted(folder.glob("*.png"))[:n], loaded.config.data.image_size, loaded.config.data.channels
+            )[0]
         rows.append(CompareRow(spec, images, seconds))
     return rows
+
+
+def fill_sample_folder(
+    loaded: LoadedModel,
+    make_eps: Callable[[int], EpsModel],
+    spec: SamplerSpec,
+    folder: Path,
+    count: int,
+    seed: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> float:
+    """Make ``folder`` hold images 0..count-1 of ``spec`` (image i from seed + i), reusing those
+    already there; returns the seconds per image, measured now or when they were made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    timing_file = folder / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"images": 0, "seconds": 0.0}
+    done = 0
+    while (folder / f"{done:06d}.png").exists() and done < count:
+        done += 1
+    if progress is not None:
+        progress(done * len(spec.timesteps(loaded.config.diffusion.num_timesteps)))
+    for start in range(done, count, batch_size):
+        seeds = list(range(seed + start, seed + min(count, start + batch_size)))
+        x_T, generators = seeded_noise(loaded.image_shape, seeds)
+        images, seconds = generate(loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=progress)
+        save_pngs(images, folder, first_index=start)
+        timing = {"images": timing["images"] + len(seeds), "seconds": timing["seconds"] + seconds * len(seeds)}
+        timing_file.write_text(json.dumps(timing))
+    return timing["seconds"] / max(timing["images"], 1)
+
+
+def add_fid(rows: list[CompareRow], samples_dir: Path, reference, extract, batch_size: int, preset: str) -> None:
+    """Fill in each row's FID against ``reference`` statistics, and the paper's where it has one."""
+    for row in rows:
+        batches = source_batches(samples_dir / row.spec.slug, batch_size)
+        row.fid = frechet_distance(statistics(batches, extract), reference)
+        row.paper_fid = paper_fid(preset, row.spec)
 
 
 def _warm_up(loaded: LoadedModel, make_eps: Callable[[int], EpsModel]) -> None:
@@ -74,7 +162,9 @@ def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("grid.png", "table.md", "table.csv", "time_vs_steps.png")}
     save_labelled_rows([(row.spec.label, row.images) for row in rows], paths["grid.png"])
-    records = [row.record() for row in rows]
+    with_fid = any(row.fid is not None for row in rows)
+    with_paper = any(row.paper_fid is not None for row in rows)
+    records = [row.record(with_fid, with_paper) for row in rows]
     columns = list(records[0])
     with open(paths["table.csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -83,11 +173,14 @@ def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(record[c]) for c in columns) + " |" for record in records]
     paths["table.md"].write_text("\n".join(lines) + "\n")
-    _plot_time(rows, paths["time_vs_steps.png"])
+    _plot(rows, paths["time_vs_steps.png"], lambda row: row.seconds_per_image, "seconds per image")
+    if with_fid:
+        paths["fid_vs_steps.png"] = out_dir / "fid_vs_steps.png"
+        _plot(rows, paths["fid_vs_steps.png"], lambda row: row.fid, "FID")
     return paths
 
 
-def _plot_time(rows: list[CompareRow], path: Path) -> None:
+def _plot(rows: list[CompareRow], path: Path, value: Callable[[CompareRow], float], label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,17 +188,15 @@ def _plot_time(rows: list[CompareRow], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for eta in sorted({row.spec.eta for row in rows if row.spec.method == "ddim"}):
-        series = sorted(
-            (r.spec.steps, r.seconds_per_image) for r in rows if r.spec.method == "ddim" and r.spec.eta == eta
-        )
+        series = sorted((r.spec.steps, value(r)) for r in rows if r.spec.method == "ddim" and r.spec.eta == eta)
         axes.plot(*zip(*series, strict=True), marker="o", label=f"ddim eta={eta:g}")
     for row in rows:
         if row.spec.method == "ddpm":
-            axes.plot([row.spec.steps], [row.seconds_per_image], marker="s", linestyle="", label=row.spec.label)
+            axes.plot([row.spec.steps], [value(row)], marker="s", linestyle="", label=row.spec.label)
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("sampling steps (model evaluations)")
-    axes.set_ylabel("seconds per image")
+    axes.set_ylabel(label)
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()

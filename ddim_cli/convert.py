@@ -17,7 +17,6 @@ never code.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ddim_cli.checkpoint import describe_mismatch, write_weights
+from ddim_cli.checkpoint import UNPICKLE_ERRORS, describe_mismatch, write_weights
 from ddim_cli.config import Config, ConfigError, config_from_dict
 from ddim_cli.unet import UNet
 
@@ -70,6 +69,29 @@ def preset_config(name: str) -> Config:
     return config_from_dict(raw)
 
 
+def matching_preset(config: Config) -> str | None:
+    """The preset whose architecture, resolution and schedule ``config`` has (dropout aside), if any."""
+
+    def signature(c: Config) -> tuple:
+        m, d = c.model, c.diffusion
+        return (
+            m.ch,
+            m.ch_mult,
+            m.num_res_blocks,
+            m.attn_resolutions,
+            c.data.image_size,
+            c.data.channels,
+            d.schedule,
+            d.num_timesteps,
+            d.beta_start,
+            d.beta_end,
+            m.num_classes,
+        )
+
+    ours = signature(config)
+    return next((name for name in PRESETS if signature(preset_config(name)) == ours), None)
+
+
 def convert(source: Path, out: Path, *, preset: str | None = None, config: Config | None = None) -> Path:
     """Convert ``source`` (an original-layout file or a diffusers directory) into checkpoint ``out``.
 
@@ -89,6 +111,9 @@ def convert(source: Path, out: Path, *, preset: str | None = None, config: Confi
         config = preset_config(preset) if preset else config
         weights = _original_state_dict(source)
     _check_fits(config, weights, source)
+    preset_name = matching_preset(config)
+    if preset_name and config.name != preset_name:  # e.g. google/ddpm-cifar10-32 is the cifar10 model
+        config = config_from_dict({**config.to_dict(), "name": preset_name})
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConversionError(f"--out must end in .safetensors, got {out}")
@@ -121,7 +146,7 @@ def _load_tensors(path: Path) -> Any:
             raise ConversionError(f"cannot read {path}: {error}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+    except UNPICKLE_ERRORS as error:
         raise ConversionError(
             f"cannot read {path} with torch.load(weights_only=True) (it must hold tensors only): "
             f"{str(error).splitlines()[0]}"

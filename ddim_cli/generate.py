@@ -42,6 +42,11 @@ class SamplerSpec:
             return f"ddpm S={self.steps}" + ("" if self.variance == "posterior" else f" var={self.variance}")
         return f"ddim S={self.steps} eta={self.eta:g}"
 
+    @property
+    def slug(self) -> str:
+        """A file-name form of the label, e.g. ``ddim-S20-eta0.5``."""
+        return self.label.replace(" S=", "-S").replace(" eta=", "-eta").replace(" var=", "-var")
+
     def timesteps(self, num_timesteps: int) -> torch.Tensor:
         steps = self.steps if self.skip in SPACINGS else None
         return timesteps(num_timesteps, steps, self.skip)

@@ -296,15 +296,15 @@ def test_invert_missing_or_unreadable_image_writes_nothing(run_dir, tmp_path):
 # --- ddim compare --------------------------------------------------------------------------------
 def test_compare_writes_labelled_grid_table_and_plot(run_dir, tmp_path):
     result = ok("compare", run_dir, "--steps", "2,5", "--eta", "0,1", "--n", 3, "--out", tmp_path / "cmp")
-    assert "| ddim | 5 | 1.0 |" in result.output
+    assert "| ddim | 5 | 1 |" in result.output
     with open(tmp_path / "cmp" / "table.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["sampler"], r["steps"], r["eta"]) for r in rows] == [
-        ("ddim", "2", "0.0"),
-        ("ddim", "5", "0.0"),
-        ("ddim", "2", "1.0"),
-        ("ddim", "5", "1.0"),
-        ("ddpm", "50", ""),
+        ("ddim", "2", "0"),
+        ("ddim", "5", "0"),
+        ("ddim", "2", "1"),
+        ("ddim", "5", "1"),
+        ("ddpm (beta variance)", "50", ""),  # DDPM's own sampler, the paper's sigma-hat
     ]
     assert all(float(r["seconds_per_image"]) > 0 for r in rows)
     assert len((tmp_path / "cmp" / "table.md").read_text().splitlines()) == 2 + 5

@@ -148,6 +148,23 @@ def test_the_cifar10_preset_is_the_papers_35_7m_model(tmp_path):
     assert loaded.config.name == "cifar10" and loaded.config.sample.skip == "quad"
 
 
+def test_a_diffusers_copy_of_a_preset_is_recognised(tmp_path):
+    # google/ddpm-cifar10-32's architecture: the paper's CIFAR-10 model, so `compare` shows Table 1.
+    config = {
+        **DDPM_FAMILY,
+        "sample_size": 32,
+        "block_out_channels": (128, 256, 256, 256),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    }
+    UNet2DModel(**config).save_pretrained(tmp_path / "ddpm-cifar10-32")
+    loaded = load_model(convert(tmp_path / "ddpm-cifar10-32", tmp_path / "c.safetensors"))
+    assert loaded.config.name == "cifar10"
+    random_diffusers_unet().save_pretrained(tmp_path / "unet_small")
+    assert load_model(convert(tmp_path / "unet_small", tmp_path / "s.safetensors")).config.name == "unet_small"
+
+
 def test_conversion_errors_are_one_line(tmp_path):
     _, state = original_state_dict()
     torch.save(state, tmp_path / "model.ckpt")

@@ -1,0 +1,171 @@
+"""Fréchet Inception Distance with torch-fidelity's TensorFlow-compatible InceptionV3.
+
+torch-fidelity ports the InceptionV3 graph of the original TF FID code (TTUR, used by DDPM and
+DDIM for their tables), including its bilinear resize to 299x299, so its FID numbers are
+comparable to the papers'. Its statistics (float64 mean and covariance of the 2048-d pool
+features) and its Fréchet distance are used as they are.
+
+The feature extractor is a plain callable ``uint8 (N, 3, H, W) -> (N, D) features``, so tests plug
+in a small one; the Inception weights are downloaded by torch-fidelity on first real use into
+torch's usual cache (``~/.cache/torch/hub/checkpoints``), or read from ``--inception-weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ddim_cli.checkpoint import UNPICKLE_ERRORS
+
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+Statistics = dict[str, np.ndarray]
+DATASETS = ("cifar10", "mnist")
+
+
+class FIDError(RuntimeError):
+    """An FID input problem, described in one line."""
+
+
+def inception_extractor(weights: Path | None = None, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """torch-fidelity's ``inception-v3-compat`` 2048-d features (TF FID's pool3 layer)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FIDError(f"Inception weights {weights} do not exist")
+        try:  # torch-fidelity unpickles the file itself; accept only files that hold tensors alone
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except UNPICKLE_ERRORS as error:
+            raise FIDError(
+                f"{weights} is not an Inception state dict of tensors: {str(error).splitlines()[0]}"
+            ) from None
+    model = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
+    ).to(device)
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(images.to(device))[0].double().cpu()
+
+    return extract
+
+
+def statistics(batches: Iterator[np.ndarray], extract: FeatureExtractor, progress=None) -> Statistics:
+    """Mean and covariance of the features of uint8 (N, H, W, C) batches (grayscale -> RGB)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    features = []
+    for batch in batches:
+        images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        features.append(extract(images))
+        if progress is not None:
+            progress(len(batch))
+    if not features:
+        raise FIDError("no images to compute statistics of")
+    stacked = torch.cat(features)
+    if len(stacked) < 2:
+        raise FIDError("FID needs at least 2 images")
+    stats = fid_features_to_statistics(stacked)
+    return {"mu": stats["mu"], "sigma": stats["sigma"], "count": np.array(len(stacked))}
+
+
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (torch-fidelity's implementation)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    if a["mu"].shape != b["mu"].shape:
+        raise FIDError(f"feature sizes differ: {a['mu'].shape[0]} and {b['mu'].shape[0]}")
+    pair = [{"mu": s["mu"].astype(np.float64), "sigma": s["sigma"].astype(np.float64)} for s in (a, b)]
+    return float(fid_statistics_to_metric(pair[0], pair[1], False)[KEY_METRIC_FID])
+
+
+def save_statistics(stats: Statistics, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=stats["mu"], sigma=stats["sigma"], count=stats.get("count", np.array(-1)))
+
+
+def load_statistics(path: Path) -> Statistics | None:
+    """The statistics in ``path`` if it is a statistics ``.npz`` (keys mu, sigma), else None."""
+    with np.load(path, allow_pickle=False) as data:
+        if "mu" in data and "sigma" in data:
+            return {key: data[key] for key in data.files}
+    return None
+
+
+def source_batches(source: str | Path, batch_size: int, *, data_root: Path | None = None, download: bool = False):
+    """uint8 (N, H, W, C) batches from a folder of images, an ``.npz`` (``arr_0``) or a dataset name."""
+    if str(source) in DATASETS:
+        return _dataset_batches(str(source), batch_size, data_root or Path("data") / str(source), download)
+    path = Path(source)
+    if path.is_dir():
+        return _folder_batches(path, batch_size)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise FIDError(f"{path} has neither arr_0 (images) nor mu/sigma (statistics)")
+            images = data["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise FIDError(
+                f"{path}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} {images.shape}"
+            )
+        return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    raise FIDError(f"{source} is not a folder of images, an .npz file or one of {', '.join(DATASETS)}")
+
+
+def _folder_batches(folder: Path, batch_size: int) -> Iterator[np.ndarray]:
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not paths:
+        raise FIDError(f"{folder} holds no images ({', '.join(sorted(suffixes))})")
+
+    def read(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise FIDError(f"cannot read image {path}: {error}") from None
+
+    first_shape = read(paths[0]).shape
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            arrays = [read(p) for p in chunk]
+            for path, array in zip(chunk, arrays, strict=True):
+                if array.shape != first_shape:
+                    raise FIDError(f"{path} is {array.shape[1]}x{array.shape[0]}, unlike the first image {paths[0]}")
+            yield np.stack(arrays)
+
+    return batches()
+
+
+def _dataset_batches(name: str, batch_size: int, root: Path, download: bool) -> Iterator[np.ndarray]:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "mnist": datasets.MNIST}[name]
+    try:
+        dataset = cls(str(root), train=True, download=download)
+    except RuntimeError:
+        raise FIDError(f"{name} was not found in {root}; pass --download to fetch it there, or --data-root") from None
+    images = np.asarray(dataset.data)  # uint8 (N, H, W, 3) for CIFAR-10, (N, H, W) for MNIST
+    if images.ndim == 3:
+        images = images[..., None]
+    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+
+
+def reference_statistics(
+    reference: str | Path, extract: FeatureExtractor, batch_size: int, *, data_root=None, download=False, progress=None
+) -> Statistics:
+    """Statistics of a reference: a statistics ``.npz`` as it is, anything else computed."""
+    path = Path(reference)
+    if path.suffix == ".npz" and path.is_file():
+        stats = load_statistics(path)
+        if stats is not None:
+            return stats
+    return statistics(source_batches(reference, batch_size, data_root=data_root, download=download), extract, progress)
