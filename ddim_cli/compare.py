@@ -177,7 +177,36 @@ def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:
     if with_fid:
         paths["fid_vs_steps.png"] = out_dir / "fid_vs_steps.png"
         _plot(rows, paths["fid_vs_steps.png"], lambda row: row.fid, "FID")
+        paths["fid_table.md"] = out_dir / "fid_table.md"
+        paths["fid_table.md"].write_text(_paper_layout(rows))
     return paths
+
+
+def _paper_layout(rows: list[CompareRow]) -> str:
+    """FID laid out as the DDIM paper's Table 1: one row per eta (and DDPM), one column per S;
+    each cell is ours, with the paper's value in parentheses where it reports one."""
+    steps = sorted({row.spec.steps for row in rows})
+
+    def line_of(name: str, members: list[CompareRow]) -> str:
+        by_steps = {row.spec.steps: row for row in members}
+        cells = []
+        for s in steps:
+            row = by_steps.get(s)
+            text = "" if row is None or row.fid is None else f"{row.fid:.2f}"
+            if row is not None and row.paper_fid is not None:
+                text += f" ({row.paper_fid:g})"
+            cells.append(text)
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    lines = ["| FID | " + " | ".join(f"S={s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    etas = sorted({row.spec.eta for row in rows if row.spec.method == "ddim"})
+    lines += [
+        line_of(f"eta={eta:g}", [r for r in rows if r.spec.method == "ddim" and r.spec.eta == eta]) for eta in etas
+    ]
+    ddpm = [r for r in rows if r.spec.method == "ddpm"]
+    if ddpm:
+        lines.append(line_of(ddpm[0].spec.label.split(" S=")[0] + f" ({ddpm[0].spec.variance} variance)", ddpm))
+    return "\n".join(lines) + "\n"
 
 
 def _plot(rows: list[CompareRow], path: Path, value: Callable[[CompareRow], float], label: str) -> None:

@@ -157,6 +157,9 @@ def test_compare_with_fid_is_resumable(tmp_path, monkeypatch):
     lines = (tmp_path / "cmp" / "table.csv").read_text().splitlines()
     assert lines[0] == "sampler,steps,eta,seconds_per_image,fid" and len(lines) == 4
     assert (tmp_path / "cmp" / "fid_vs_steps.png").is_file()
+    layout = (tmp_path / "cmp" / "fid_table.md").read_text().splitlines()
+    assert layout[0] == "| FID | S=2 | S=5 | S=50 |" and layout[2].startswith("| eta=0 | ")
+    assert layout[3].startswith("| ddpm (beta variance) |  |  | ")
     # Interrupted half way: the missing images are made again, the rest reused.
     (first.parent / "000005.png").unlink()
     again = CliRunner().invoke(app, args)
