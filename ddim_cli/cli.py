@@ -103,6 +103,7 @@ def train(
 class Sampler(str, Enum):
     ddim = "ddim"
     ddpm = "ddpm"
+    dpm_solver = "dpm++2m"
 
 
 class Variance(str, Enum):
@@ -129,7 +130,9 @@ EtaOpt = Annotated[
 ]
 SkipOpt = Annotated[
     str | None,
-    typer.Option("--skip", help="Timestep spacing: uniform, quad, linspace, trailing, or sections like '10,15,20'."),
+    typer.Option(
+        "--skip", help="Timestep spacing: uniform, quad, linspace, trailing, logsnr, or sections like '10,15,20'."
+    ),
 ]
 ClassOpt = Annotated[int | None, typer.Option("--class", help="Class label, for class-conditional checkpoints.")]
 GuidanceOpt = Annotated[
@@ -182,14 +185,16 @@ def _spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x
     from ddim_cli.generate import SamplerSpec
 
     cfg = loaded.config.sample
-    if sampler is Sampler.ddpm and eta:
+    if sampler is not Sampler.ddim and eta:
         raise ValueError("--eta applies to --sampler ddim only")
     if sampler is Sampler.ddpm and steps is None:
         steps = loaded.config.diffusion.num_timesteps  # DDPM's own setting: every training step
+    if sampler is Sampler.dpm_solver and skip is None:
+        skip = "logsnr"  # DPM-Solver steps in log-SNR
     spec = SamplerSpec(
         method=sampler.value,
         steps=cfg.steps if steps is None else steps,
-        eta=0.0 if sampler is Sampler.ddpm else (cfg.eta if eta is None else eta),
+        eta=cfg.eta if sampler is Sampler.ddim and eta is None else (eta or 0.0),
         skip=cfg.skip if skip is None else skip,
         variance=variance.value,
         clip_x0=cfg.clip_x0 if clip_x0 is None else clip_x0,
@@ -210,7 +215,10 @@ def sample(
     steps: StepsOpt = None,
     eta: EtaOpt = None,
     skip: SkipOpt = None,
-    sampler: Annotated[Sampler, typer.Option("--sampler", help="ddim, or ddpm ancestral sampling.")] = Sampler.ddim,
+    sampler: Annotated[
+        Sampler,
+        typer.Option("--sampler", help="ddim; ddpm ancestral sampling; or dpm++2m, DPM-Solver++(2M) (logsnr spacing)."),
+    ] = Sampler.ddim,
     variance: Annotated[Variance, typer.Option("--variance", help="DDPM variance: posterior or beta.")] = (
         Variance.posterior
     ),
@@ -255,7 +263,7 @@ def sample(
         else:
             count = loaded.config.sample.n if n is None else n
             x_T, generators = g.seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
-        steps_run = len(spec.timesteps(loaded.config.diffusion.num_timesteps))
+        steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
             images, seconds = g.generate(
                 loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=bar.update
@@ -328,7 +336,7 @@ def invert(
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
-        steps_run = len(spec.timesteps(loaded.config.diffusion.num_timesteps))
+        steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
             latents = g.invert_images(loaded, make_eps, originals, spec, batch_size=batch_size, progress=bar.update)
             unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
@@ -435,6 +443,10 @@ def compare(
     ddpm_reference: Annotated[
         bool, typer.Option("--ddpm-reference/--no-ddpm-reference", help="Add DDPM over all T steps as a reference row.")
     ] = True,
+    dpm_solver: Annotated[
+        bool,
+        typer.Option("--dpm-solver/--no-dpm-solver", help="Add DPM-Solver++(2M) rows (logsnr spacing) per step count."),
+    ] = True,
     clip_x0: ClipOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
     seed: SeedOpt = None,
@@ -475,11 +487,11 @@ def compare(
             skip=cfg.sample.skip if skip is None else skip,
             clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
             ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
+            dpm_solver=dpm_solver,
         )
         for spec in specs:
             spec.check(loaded.alpha_bars)
         make_eps = g.noise_model(loaded, precision=precision.value)
-        total = n * sum(len(spec.timesteps(cfg.diffusion.num_timesteps)) for spec in specs)
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None
@@ -489,7 +501,7 @@ def compare(
             extract = f.inception_extractor(inception_weights, _device(device))
             _reference = _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress)
         per_row = max(n, fid)
-        total = per_row * sum(len(spec.timesteps(cfg.diffusion.num_timesteps)) for spec in specs)
+        total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
         with _bar(total, progress, f"compare {len(specs)} samplers") as bar:
             rows = c.run_comparison(
                 loaded,

@@ -42,6 +42,8 @@ PAPER_FID: dict[str, dict[tuple[str, int], float]] = {
 
 def paper_fid(preset: str, spec: SamplerSpec) -> float | None:
     """The paper's FID for this sampler on a model of the ``preset`` (run) name, if it reports one."""
+    if spec.method == "dpm++2m":
+        return None  # not in the DDIM paper
     if spec.method == "ddpm":
         key = "sigma-hat" if spec.variance == "beta" else "1"  # posterior-variance DDPM is eta = 1
     else:
@@ -59,7 +61,7 @@ class CompareRow:
 
     def record(self, with_fid: bool, with_paper: bool) -> dict[str, object]:
         record: dict[str, object] = {
-            "sampler": self.spec.method + ("" if self.spec.method == "ddim" else f" ({self.spec.variance} variance)"),
+            "sampler": self.spec.method + (f" ({self.spec.variance} variance)" if self.spec.method == "ddpm" else ""),
             "steps": self.spec.steps,
             "eta": f"{self.spec.eta:g}" if self.spec.method == "ddim" else "",
             "seconds_per_image": round(self.seconds_per_image, 6),
@@ -72,10 +74,19 @@ class CompareRow:
 
 
 def comparison_specs(
-    steps: list[int], etas: list[float], *, skip: str, clip_x0: bool, ddpm_reference: int | None
+    steps: list[int],
+    etas: list[float],
+    *,
+    skip: str,
+    clip_x0: bool,
+    ddpm_reference: int | None,
+    dpm_solver: bool = True,
 ) -> list[SamplerSpec]:
-    """DDIM for every (eta, steps) pair, then DDPM over all ``ddpm_reference`` steps if given."""
+    """DDIM for every (eta, steps) pair, DPM-Solver++(2M) for every step count (logsnr spacing),
+    then DDPM over all ``ddpm_reference`` steps if given."""
     specs = [SamplerSpec("ddim", s, eta, skip, clip_x0=clip_x0) for eta in etas for s in steps]
+    if dpm_solver:
+        specs += [SamplerSpec("dpm++2m", s, 0.0, "logsnr", clip_x0=clip_x0) for s in steps]
     if ddpm_reference:  # DDPM's own sampler for its CIFAR-10 result: sigma^2 = beta (the paper's sigma-hat)
         specs.append(SamplerSpec("ddpm", ddpm_reference, 0.0, "uniform", variance="beta", clip_x0=clip_x0))
     return specs
@@ -132,7 +143,7 @@ def fill_sample_folder(
     while (folder / f"{done:06d}.png").exists() and done < count:
         done += 1
     if progress is not None:
-        progress(done * len(spec.timesteps(loaded.config.diffusion.num_timesteps)))
+        progress(done * len(spec.timesteps(loaded.alpha_bars)))
     for start in range(done, count, batch_size):
         seeds = list(range(seed + start, seed + min(count, start + batch_size)))
         x_T, generators = seeded_noise(loaded.image_shape, seeds)
@@ -203,6 +214,9 @@ def _paper_layout(rows: list[CompareRow]) -> str:
     lines += [
         line_of(f"eta={eta:g}", [r for r in rows if r.spec.method == "ddim" and r.spec.eta == eta]) for eta in etas
     ]
+    dpm = [r for r in rows if r.spec.method == "dpm++2m"]
+    if dpm:
+        lines.append(line_of("dpm++2m", dpm))
     ddpm = [r for r in rows if r.spec.method == "ddpm"]
     if ddpm:
         lines.append(line_of(ddpm[0].spec.label.split(" S=")[0] + f" ({ddpm[0].spec.variance} variance)", ddpm))
@@ -219,6 +233,9 @@ def _plot(rows: list[CompareRow], path: Path, value: Callable[[CompareRow], floa
     for eta in sorted({row.spec.eta for row in rows if row.spec.method == "ddim"}):
         series = sorted((r.spec.steps, value(r)) for r in rows if r.spec.method == "ddim" and r.spec.eta == eta)
         axes.plot(*zip(*series, strict=True), marker="o", label=f"ddim eta={eta:g}")
+    dpm = sorted((r.spec.steps, value(r)) for r in rows if r.spec.method == "dpm++2m")
+    if dpm:
+        axes.plot(*zip(*dpm, strict=True), marker="^", label="dpm++2m")
     for row in rows:
         if row.spec.method == "ddpm":
             axes.plot([row.spec.steps], [value(row)], marker="s", linestyle="", label=row.spec.label)

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ class SamplerSpec:
     def label(self) -> str:
         if self.method == "ddpm":
             return f"ddpm S={self.steps}" + ("" if self.variance == "posterior" else f" var={self.variance}")
+        if self.method == "dpm++2m":
+            return f"dpm++2m S={self.steps}"
         return f"ddim S={self.steps} eta={self.eta:g}"
 
     @property
@@ -47,14 +50,14 @@ class SamplerSpec:
         """A file-name form of the label, e.g. ``ddim-S20-eta0.5``."""
         return self.label.replace(" S=", "-S").replace(" eta=", "-eta").replace(" var=", "-var")
 
-    def timesteps(self, num_timesteps: int) -> torch.Tensor:
+    def timesteps(self, alpha_bars: torch.Tensor) -> torch.Tensor:
         steps = self.steps if self.skip in SPACINGS else None
-        return timesteps(num_timesteps, steps, self.skip)
+        return timesteps(len(alpha_bars), steps, self.skip, alpha_bars)
 
     def check(self, alpha_bars: torch.Tensor) -> None:
         """Raise ValueError (naming the numbers) if this sampler cannot run on the schedule."""
         eta = self.eta if self.method == "ddim" else 0.0
-        plan(alpha_bars, self.timesteps(len(alpha_bars)), method=self.method, eta=eta, variance=self.variance)
+        plan(alpha_bars, self.timesteps(alpha_bars), method=self.method, eta=eta, variance=self.variance)
 
 
 @dataclass
@@ -64,7 +67,7 @@ class LoadedModel:
     checkpoint: Path
     step: int
 
-    @property
+    @cached_property
     def alpha_bars(self) -> torch.Tensor:
         d = self.config.diffusion
         return alpha_bars(d.schedule, d.num_timesteps, **self.config.schedule_params())
@@ -165,7 +168,8 @@ def generate(
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Sample every x_T in batches; returns the images (CPU, [-1, 1]) and seconds per image."""
-    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.config.diffusion.num_timesteps)
+    ab = loaded.alpha_bars
+    ts = spec.timesteps(ab)
     eta = spec.eta if spec.method == "ddim" else 0.0
 
     def run(first: int, batch: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,8 @@ def invert_images(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of images in [-1, 1] to latents at the first sampling timestep."""
-    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.config.diffusion.num_timesteps)
+    ab = loaded.alpha_bars
+    ts = spec.timesteps(ab)
 
     def run(first: int, batch: torch.Tensor) -> torch.Tensor:
         return invert(make_eps(len(batch)), batch, ab, ts, callback=_counter(progress, len(batch)))

@@ -15,6 +15,9 @@ method is a table of ``(a, b, c, sigma)`` per step, computed once in float64:
   alpha_bar_t)``, ``c = sqrt(1 - beta) (1 - alpha_bar_prev) / (1 - alpha_bar_t)``, ``b = 0``, and
   ``sigma^2`` either the posterior variance ``beta (1 - alpha_bar_prev) / (1 - alpha_bar_t)`` or
   ``beta`` itself (the DDIM paper's sigma-hat). No noise is added on the step into x_0.
+* DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the same ODE as DDIM
+  with eta = 0, in log-SNR time on the visited timesteps; it also uses the previous step's
+  ``x0_hat`` (coefficient ``d``). Its first step and its step into x_0 are DDIM's.
 * Inversion runs the deterministic DDIM update the other way, from ``alpha_bar`` = 1 (the data) up
   the same timesteps, taking ``eps`` at the current point and the *target* timestep (the explicit
   choice of diffusers' ``DDIMInverseScheduler`` and Null-text Inversion); it is exact as the steps
@@ -36,13 +39,14 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", "dpm++2m")
 VARIANCES = ("posterior", "beta")
 
 
 @dataclass(frozen=True)
 class _Step:
-    """One update ``x_next = a * x0_hat + b * eps + c * x + sigma * z`` (coefficients in float64)."""
+    """One update ``x_next = a * x0_hat + b * eps + c * x + d * x0_prev + sigma * z`` (float64
+    coefficients; ``x0_prev`` is the previous step's x0_hat, used by multistep solvers)."""
 
     model_t: int  # training timestep the model is evaluated at
     alpha_bar: float  # alpha_bar of the current point x, to recover x0_hat
@@ -50,6 +54,7 @@ class _Step:
     b: float
     c: float
     sigma: float
+    d: float = 0.0
 
 
 @torch.no_grad()
@@ -71,8 +76,9 @@ def sample(
     ``alpha_bars``: the model's training schedule, shape ``(T,)``. ``timesteps``: the training
     timesteps to visit, strictly decreasing (see :func:`ddim_cli.schedule.timesteps`).
     ``method="ddim"`` takes any ``eta >= 0`` for which Eq. 12 is defined; ``method="ddpm"`` takes
-    ``variance="posterior"`` (beta-tilde) or ``"beta"``. ``clip_x0`` clamps ``x0_hat`` to [-1, 1]
-    before it is used (the model's own eps is kept in the DDIM direction term, as in diffusers).
+    ``variance="posterior"`` (beta-tilde) or ``"beta"``; ``method="dpm++2m"`` is deterministic.
+    ``clip_x0`` clamps ``x0_hat`` to [-1, 1] before it is used (the model's own eps is kept in
+    the DDIM direction term, as in diffusers).
     ``generator``: one ``torch.Generator`` for the batch, or one per image so that an image does
     not depend on the batch it is drawn in; noise is drawn on the generator's device. ``callback(i,
     t, x, x0_hat)`` is called after step ``i`` (at timestep ``t``) with the new state.
@@ -93,10 +99,12 @@ def plan(
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
     if method == "ddim":
         coefficients = _ddim_coefficients(ab_t, ab_prev, eta)
-    elif method == "ddpm":
+    elif method in ("ddpm", "dpm++2m"):
         if eta != 0:
-            raise ValueError(f"eta applies to method='ddim' only; method='ddpm' got eta={eta}")
-        coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
+            raise ValueError(f"eta applies to method='ddim' only; method={method!r} got eta={eta}")
+        coefficients = (
+            _ddpm_coefficients(ab_t, ab_prev, variance) if method == "ddpm" else _dpm2m_coefficients(ab_t, ab_prev)
+        )
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return [
@@ -141,6 +149,7 @@ def _run(
         raise ValueError(f"x must be a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
     batch = x.shape[0]
     model_t = torch.tensor([s.model_t for s in steps], dtype=torch.long, device=x.device)
+    x0_prev = None
     for i, step in enumerate(steps):
         eps = eps_model(x, model_t[i].expand(batch))
         if eps.shape != x.shape:
@@ -151,9 +160,11 @@ def _run(
         x_next = step.a * x0_hat + step.b * eps
         if step.c:
             x_next = x_next + step.c * x
+        if step.d:
+            x_next = x_next + step.d * x0_prev
         if step.sigma:
             x_next = x_next + step.sigma * _noise_like(x, generator)
-        x = x_next
+        x, x0_prev = x_next, x0_hat
         if callback is not None:
             callback(i, step.model_t, x, x0_hat)
     return x
@@ -215,6 +226,33 @@ def _ddpm_coefficients(
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     var[-1] = 0.0  # the step into x_0 adds no noise
     return list(zip(coef_x0.tolist(), [0.0] * len(ab_t), coef_xt.tolist(), torch.sqrt(var).tolist(), strict=True))
+
+
+def _dpm2m_coefficients(ab_t: torch.Tensor, ab_prev: torch.Tensor) -> list[tuple[float, ...]]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the discrete schedule, in log-SNR time.
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma) and
+    h_i = lambda_next - lambda_cur: x_next = (sigma_next / sigma_cur) x - alpha_next (e^-h - 1) D,
+    where D = x0_hat on the first step and, after it, D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev with
+    r = h_{i-1} / h_i. The step into x_0 (sigma = 0, h infinite) is first order: x_0 = x0_hat.
+    """
+    alpha, sigma = torch.sqrt(ab_t), torch.sqrt(1 - ab_t)
+    alpha_next, sigma_next = torch.sqrt(ab_prev), torch.sqrt(1 - ab_prev)
+    coefficients, h_prev = [], None
+    for i in range(len(ab_t)):
+        if i == len(ab_t) - 1:  # into x_0
+            coefficients.append((1.0, 0.0, 0.0, 0.0, 0.0))
+            break
+        h = float(torch.log(alpha_next[i] / sigma_next[i]) - torch.log(alpha[i] / sigma[i]))
+        weight = float(alpha_next[i] * -torch.expm1(torch.tensor(-h, dtype=torch.float64)))  # alpha (1 - e^-h)
+        c = float(sigma_next[i] / sigma[i])
+        if h_prev is None:
+            coefficients.append((weight, 0.0, c, 0.0, 0.0))
+        else:
+            half_inverse_r = h / (2 * h_prev)  # 1 / (2r)
+            coefficients.append((weight * (1 + half_inverse_r), 0.0, c, 0.0, -weight * half_inverse_r))
+        h_prev = h
+    return coefficients
 
 
 def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:

@@ -15,7 +15,7 @@ import math
 import torch
 
 SCHEDULE_KINDS = ("linear", "cosine", "quadratic", "sigmoid")
-SPACINGS = ("uniform", "quad", "linspace", "trailing")
+SPACINGS = ("uniform", "quad", "linspace", "trailing", "logsnr")
 
 _SCHEDULE_DEFAULTS = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
@@ -74,7 +74,9 @@ def alpha_bars(kind: str, num_timesteps: int, **params: float) -> torch.Tensor:
     return torch.cumprod(1.0 - betas(kind, num_timesteps, **params), dim=0)
 
 
-def timesteps(num_timesteps: int, steps: int | None, spacing: str = "uniform") -> torch.Tensor:
+def timesteps(
+    num_timesteps: int, steps: int | None, spacing: str = "uniform", alpha_bars: torch.Tensor | None = None
+) -> torch.Tensor:
     """The training timesteps a sampler visits, as a strictly decreasing LongTensor.
 
     ``spacing`` is one of:
@@ -86,6 +88,9 @@ def timesteps(num_timesteps: int, steps: int | None, spacing: str = "uniform") -
       distinct steps remain; when it yields none, the result is the DDIM code's exactly.
     * ``linspace``: ``round(linspace(0, T - 1, S))`` (diffusers' ``linspace``).
     * ``trailing``: ``round(T - i T / S) - 1`` for ``i < S`` (diffusers' ``trailing``; starts at T-1).
+    * ``logsnr``: the timesteps nearest to S values of log-SNR ``lambda = log(sqrt(alpha_bar /
+      (1 - alpha_bar)))`` evenly spaced from ``lambda[T-1]`` to ``lambda[0]`` (repeats moved up as
+      for ``quad``); needs ``alpha_bars``. It suits DPM-Solver, which steps in lambda.
     * improved-diffusion's section strings (``space_timesteps``): ``"10,15,20"`` splits T into
       three near-equal sections strided to 10, 15 and 20 steps; ``"ddim25"`` is the integer stride
       that gives exactly 25 steps. ``steps`` may then be None, or must equal the total.
@@ -109,8 +114,16 @@ def timesteps(num_timesteps: int, steps: int | None, spacing: str = "uniform") -
         kept = _make_distinct([int(v) for v in raw.tolist()], T)
     elif spacing == "linspace":
         kept = torch.linspace(0, T - 1, S, dtype=torch.float64).round().long().tolist()
-    else:  # trailing
+    elif spacing == "trailing":
         kept = (torch.round(T - torch.arange(S, dtype=torch.float64) * (T / S)) - 1).long().tolist()
+    else:  # logsnr
+        if alpha_bars is None or len(alpha_bars) != T:
+            raise ValueError(f"spacing 'logsnr' needs the schedule's alpha_bars (T={T})")
+        ab = alpha_bars.detach().to("cpu", torch.float64)
+        log_snr = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
+        targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), S, dtype=torch.float64)
+        nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)  # non-decreasing in t
+        kept = _make_distinct(nearest.tolist(), T)
     return torch.tensor(sorted(kept, reverse=True), dtype=torch.long)
 
 

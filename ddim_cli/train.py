@@ -300,7 +300,7 @@ def _sample_grid(ema: torch.nn.Module, config: Config, ab: torch.Tensor, path: P
     def eps_model(x, t):  # class-conditional models show classes 0, 1, 2, ... row by row
         return ema(x, t, torch.arange(len(x), device=device) % num_classes) if num_classes else ema(x, t)
 
-    steps = timesteps(config.diffusion.num_timesteps, s.steps if s.skip in SPACINGS else None, s.skip)
+    steps = timesteps(config.diffusion.num_timesteps, s.steps if s.skip in SPACINGS else None, s.skip, ab)
     images = sample(eps_model, x_T, ab, steps, eta=s.eta, clip_x0=s.clip_x0, generator=generators)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(n))))

@@ -124,6 +124,13 @@ def test_an_image_does_not_depend_on_batch_size_or_count(run_dir, tmp_path):
     assert not np.array_equal(a[0], a[1])
 
 
+def test_dpm_solver_sampler_uses_logsnr_spacing(run_dir, tmp_path):
+    result = ok("sample", run_dir, "--sampler", "dpm++2m", "--steps", 4, "--n", 2, "--out", tmp_path / "d.png")
+    assert "dpm++2m S=4" in result.output
+    bad = ddim("sample", run_dir, "--sampler", "dpm++2m", "--eta", 0.5)
+    assert bad.exit_code == 2 and "--eta applies to --sampler ddim only" in bad.output
+
+
 def test_ddpm_sampler_defaults_to_every_training_step(run_dir, tmp_path):
     result = ok("sample", run_dir, "--sampler", "ddpm", "--variance", "beta", "--n", 1, "--out", tmp_path / "d.png")
     assert "ddpm S=50 var=beta" in result.output
@@ -304,12 +311,14 @@ def test_compare_writes_labelled_grid_table_and_plot(run_dir, tmp_path):
         ("ddim", "5", "0"),
         ("ddim", "2", "1"),
         ("ddim", "5", "1"),
+        ("dpm++2m", "2", ""),
+        ("dpm++2m", "5", ""),
         ("ddpm (beta variance)", "50", ""),  # DDPM's own sampler, the paper's sigma-hat
     ]
     assert all(float(r["seconds_per_image"]) > 0 for r in rows)
-    assert len((tmp_path / "cmp" / "table.md").read_text().splitlines()) == 2 + 5
+    assert len((tmp_path / "cmp" / "table.md").read_text().splitlines()) == 2 + 7
     width, height = Image.open(tmp_path / "cmp" / "grid.png").size
-    assert height == 5 * (64 + 4)  # five rows of 8 px images enlarged 8x, with padding
+    assert height == 7 * (64 + 4)  # seven rows of 8 px images enlarged 8x, with padding
     assert Image.open(tmp_path / "cmp" / "time_vs_steps.png").size[0] > 100
     no_ref = ok(
         "compare", run_dir, "--steps", "2", "--eta", "0", "--n", 1, "--no-ddpm-reference", "--out", tmp_path / "c2"

@@ -150,16 +150,16 @@ def test_compare_with_fid_is_resumable(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     folders = sorted(p.name for p in (tmp_path / "cmp" / "samples").iterdir())
-    assert folders == ["ddim-S2-eta0", "ddim-S5-eta0", "ddpm-S50-varbeta"]
+    assert folders == ["ddim-S2-eta0", "ddim-S5-eta0", "ddpm-S50-varbeta", "dpm++2m-S2", "dpm++2m-S5"]
     first = tmp_path / "cmp" / "samples" / "ddim-S2-eta0" / "000000.png"
     assert len(list(first.parent.glob("*.png"))) == 6
     made = first.stat().st_mtime_ns
     lines = (tmp_path / "cmp" / "table.csv").read_text().splitlines()
-    assert lines[0] == "sampler,steps,eta,seconds_per_image,fid" and len(lines) == 4
+    assert lines[0] == "sampler,steps,eta,seconds_per_image,fid" and len(lines) == 6
     assert (tmp_path / "cmp" / "fid_vs_steps.png").is_file()
     layout = (tmp_path / "cmp" / "fid_table.md").read_text().splitlines()
     assert layout[0] == "| FID | S=2 | S=5 | S=50 |" and layout[2].startswith("| eta=0 | ")
-    assert layout[3].startswith("| ddpm (beta variance) |  |  | ")
+    assert layout[3].startswith("| dpm++2m | ") and layout[4].startswith("| ddpm (beta variance) |  |  | ")
     # Interrupted half way: the missing images are made again, the rest reused.
     (first.parent / "000005.png").unlink()
     again = CliRunner().invoke(app, args)

@@ -165,6 +165,51 @@ def test_invert_follows_the_ode_forward():
     torch.testing.assert_close(ode_solution(latent, AB[999].item(), MU, S), x0, rtol=0, atol=0.01)
 
 
+# --- DPM-Solver++(2M) ---------------------------------------------------------------------------
+def ode_error(method, steps, spacing):
+    eps_model = gaussian_eps_model(MU, S, AB)
+    x_T = gaussian_noise(2000, 0)
+    ts = timesteps(1000, steps, spacing, AB)
+    exact = ode_solution(x_T, AB[ts[0]].item(), MU, S)
+    return (sample(eps_model, x_T, AB, ts, method=method) - exact).abs().max().item()
+
+
+def test_dpm_solver_at_10_evaluations_beats_ddim_at_20():
+    dpm = ode_error("dpm++2m", 10, "logsnr")
+    assert dpm <= min(ode_error("ddim", 20, spacing) for spacing in ("uniform", "quad", "linspace", "logsnr"))
+    assert dpm < 0.05
+
+
+def test_dpm_solver_is_second_order_where_ddim_is_first():
+    # On quad spacing (fine steps near t = 0) halving the step divides DPM-Solver's error by
+    # about 4 (order 2) and DDIM's by about 2.
+    dpm = [ode_error("dpm++2m", s, "quad") for s in (20, 40, 80)]
+    ddim = [ode_error("ddim", s, "quad") for s in (20, 40, 80)]
+    assert dpm[1] / dpm[0] < 0.3 and dpm[2] / dpm[1] < 0.3
+    assert 0.4 < ddim[1] / ddim[0] < 0.6
+
+
+def test_dpm_solver_first_and_last_steps_are_ddim_steps():
+    eps_model = gaussian_eps_model(MU, S, AB)
+    x_T, ts = gaussian_noise(8, 3), timesteps(1000, 5, "logsnr", AB)
+
+    def states_of(method):
+        states = []
+        sample(eps_model, x_T, AB, ts, method=method, callback=lambda i, t, x, x0: states.append((x, x0)))
+        return states
+
+    ddim, dpm = states_of("ddim"), states_of("dpm++2m")
+    torch.testing.assert_close(dpm[0][0], ddim[0][0], rtol=0, atol=1e-12)  # no history yet: a DDIM step
+    torch.testing.assert_close(dpm[-1][0], dpm[-1][1], rtol=0, atol=0)  # into x_0: x_0 = x0_hat
+    assert not torch.allclose(dpm[2][0], ddim[2][0])  # in between it is a different (second-order) method
+    point = gaussian_eps_model(MU, 0.0, AB)  # the point mass is still recovered exactly
+    torch.testing.assert_close(
+        sample(point, x_T, AB, ts, method="dpm++2m"), torch.full_like(x_T, MU), rtol=0, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="eta applies"):
+        sample(eps_model, x_T, AB, ts, method="dpm++2m", eta=0.5)
+
+
 # --- Randomness, dtypes, memory ----------------------------------------------------------------
 def test_per_image_generators_make_images_independent_of_the_batch():
     eps_model = gaussian_eps_model(MU, S, AB)

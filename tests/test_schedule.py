@@ -74,7 +74,7 @@ def test_bad_schedules_raise(call):
 @pytest.mark.parametrize("T", [1, 7, 17, 1000])
 def test_every_spacing_gives_exactly_the_steps_asked_for(spacing, T):
     for S in sorted({1, 2, 3, T // 3, T // 2, T - 1, T} & set(range(1, T + 1))):
-        ts = timesteps(T, S, spacing)
+        ts = timesteps(T, S, spacing, alpha_bars("linear", T))
         assert ts.dtype == torch.long and ts.shape == (S,), (spacing, T, S)
         assert bool((ts[1:] < ts[:-1]).all()), (spacing, T, S, ts)
         assert 0 <= int(ts.min()) and int(ts.max()) <= T - 1
@@ -83,7 +83,7 @@ def test_every_spacing_gives_exactly_the_steps_asked_for(spacing, T):
 @pytest.mark.parametrize("S", [1, 2, 5, 10, 20, 50, 100, 250, 500, 999])
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_spacings_for_the_paper_setting_are_distinct(S, spacing):
-    ts = timesteps(1000, S, spacing)
+    ts = timesteps(1000, S, spacing, alpha_bars("cosine", 1000))
     assert len(set(ts.tolist())) == S
 
 
@@ -126,6 +126,18 @@ def test_section_strings_follow_improved_diffusion():
     assert timesteps(300, 45, "10,15,20").shape == (45,)
     # Uneven split: 10 = 4 + 3 + 3; sections of one step take the first timestep of the section.
     assert sorted(timesteps(10, None, "1,1,1").tolist()) == [0, 4, 7]
+
+
+def test_logsnr_spacing_is_even_in_log_snr():
+    ab = alpha_bars("linear", 1000)
+    ts = timesteps(1000, 10, "logsnr", ab)
+    assert ts[0] == 999 and ts[-1] == 0
+    log_snr = 0.5 * torch.log(ab[ts] / (1 - ab[ts]))
+    gaps = torch.diff(log_snr)
+    # Nearest integer timesteps: even gaps up to the rounding of t near 0, where lambda is steep.
+    assert float(gaps[:-2].std() / gaps[:-2].mean()) < 0.05
+    with pytest.raises(ValueError, match="needs the schedule's alpha_bars"):
+        timesteps(1000, 10, "logsnr")
 
 
 def test_ddim_section_strings_use_an_integer_stride():
