@@ -147,6 +147,10 @@ ClipOpt = Annotated[
     bool | None, typer.Option("--clip-x0/--no-clip-x0", help="Clamp predicted x_0 to [-1, 1] (default: config).")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+CompileOpt = Annotated[
+    bool,
+    typer.Option("--compile", help="torch.compile the model: faster per step after a build of a minute or more."),
+]
 
 
 def _device(choice: Device) -> str:
@@ -244,6 +248,7 @@ def sample(
     precision: PrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
+    compile_model: CompileOpt = False,
 ) -> None:
     """Sample images from a checkpoint with DDIM or DDPM."""
     from ddim_cli import generate as g
@@ -253,7 +258,9 @@ def sample(
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
-        make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
+        make_eps = g.noise_model(
+            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=compile_model
+        )
         first_seed = loaded.config.sample.seed if seed is None else seed
         if latents is not None:
             x_T = load_latents(latents, loaded.image_shape)
@@ -309,6 +316,7 @@ def invert(
     precision: PrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
+    compile_model: CompileOpt = False,
 ) -> None:
     """Invert real images to latents with deterministic DDIM, reconstruct them, and report the error.
 
@@ -335,7 +343,9 @@ def invert(
             typer.echo(f"note: {note}", err=True)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
-        make_eps = g.noise_model(loaded, class_label=class_label, guidance=guidance, precision=precision.value)
+        make_eps = g.noise_model(
+            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=compile_model
+        )
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
             latents = g.invert_images(loaded, make_eps, originals, spec, batch_size=batch_size, progress=bar.update)
@@ -465,6 +475,7 @@ def compare(
     precision: PrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
+    compile_model: CompileOpt = False,
 ) -> None:
     """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and plots.
 
@@ -491,7 +502,7 @@ def compare(
         )
         for spec in specs:
             spec.check(loaded.alpha_bars)
-        make_eps = g.noise_model(loaded, precision=precision.value)
+        make_eps = g.noise_model(loaded, precision=precision.value, compile=compile_model)
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None

@@ -106,7 +106,7 @@ def run_comparison(
 ) -> list[CompareRow]:
     """Sample ``n`` images per row; with ``samples_dir``, ``count`` images per row are kept there as
     PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was."""
-    _warm_up(loaded, make_eps)  # one-time kernel set-up must not be billed to the first row
+    _warm_up(loaded, make_eps, min(batch_size, max(n, count or 0)))  # one-time set-up is no row's cost
     rows = []
     for spec in specs:
         if samples_dir is None:
@@ -162,10 +162,14 @@ def add_fid(rows: list[CompareRow], samples_dir: Path, reference, extract, batch
         row.paper_fid = paper_fid(preset, row.spec)
 
 
-def _warm_up(loaded: LoadedModel, make_eps: Callable[[int], EpsModel]) -> None:
+def _warm_up(loaded: LoadedModel, make_eps: Callable[[int], EpsModel], batch: int) -> None:
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
-        make_eps(1)(torch.zeros(1, *loaded.image_shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+        x, t = (
+            torch.zeros(batch, *loaded.image_shape, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+        make_eps(batch)(x, t)
 
 
 def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:

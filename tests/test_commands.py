@@ -131,6 +131,12 @@ def test_dpm_solver_sampler_uses_logsnr_spacing(run_dir, tmp_path):
     assert bad.exit_code == 2 and "--eta applies to --sampler ddim only" in bad.output
 
 
+def test_compiled_model_gives_the_same_images(run_dir, tmp_path):
+    ok("sample", run_dir, "--n", 2, "--npz", tmp_path / "e.npz", "--out", tmp_path / "e.png")
+    ok("sample", run_dir, "--n", 2, "--compile", "--npz", tmp_path / "c.npz", "--out", tmp_path / "c.png")
+    assert np.abs(npz(tmp_path / "e.npz").astype(int) - npz(tmp_path / "c.npz").astype(int)).max() <= 1
+
+
 def test_ddpm_sampler_defaults_to_every_training_step(run_dir, tmp_path):
     result = ok("sample", run_dir, "--sampler", "ddpm", "--variance", "beta", "--n", 1, "--out", tmp_path / "d.png")
     assert "ddpm S=50 var=beta" in result.output

@@ -1,0 +1,298 @@
+"""Benchmark ddim-cli against diffusers on the same weights: sampling, training, memory.
+
+    python scripts/bench.py                    # CPU: small and CIFAR-10 models, a few minutes
+    python scripts/bench.py --compile          # also our U-Net under torch.compile (slow to build on CPU)
+    python scripts/bench.py --device cuda --batch 256 --compile --bf16 --channels-last
+
+Both sides get the same weights (a random diffusers UNet2DModel of the DDPM family, converted),
+the same x_T, batch and DDIM steps; runs alternate in one process and the median of several is
+reported. Needs the `bench` extra (diffusers): pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddim_cli.config import config_from_dict
+from ddim_cli.convert import _config_from_diffusers, _rename_diffusers
+from ddim_cli.sampling import sample
+from ddim_cli.schedule import alpha_bars, timesteps
+from ddim_cli.train import _optimizer
+from ddim_cli.unet import UNet
+
+ARCHITECTURES = {
+    "cifar10": dict(  # the DDPM CIFAR-10 model, 35.7M parameters
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "small": dict(
+        sample_size=32,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+DDPM_FAMILY = dict(
+    in_channels=3,
+    out_channels=3,
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    attention_head_dim=None,
+    act_fn="silu",
+    dropout=0.1,
+)
+
+
+def build(name: str, device: torch.device) -> tuple[UNet2DModel, UNet]:
+    torch.manual_seed(0)
+    theirs = UNet2DModel(**DDPM_FAMILY, **ARCHITECTURES[name])
+    config = _config_from_diffusers(json.loads(json.dumps(dict(theirs.config))), None, name)
+    ours = UNet(config.unet_config())
+    ours.load_state_dict(_rename_diffusers(theirs.state_dict(), len(ARCHITECTURES[name]["block_out_channels"])))
+    return theirs.to(device), ours.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_alternating(functions: dict[str, Callable[[], object]], repeats: int, device) -> dict[str, float]:
+    """Run each function once to warm up, then ``repeats`` rounds in turn; median seconds each."""
+    for f in functions.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, f in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            f()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM)
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def diffusers_ddim(unet: UNet2DModel, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """What DDIMPipeline does (eta 0, no clipping): the scheduler loop around the UNet."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
+    scheduler.set_timesteps(steps)
+    x = x_T
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def bench_sampling(name: str, args, device: torch.device) -> dict:
+    theirs, ours = build(name, device)
+    theirs.eval(), ours.eval()
+    ab = alpha_bars("linear", 1000)
+    ts = timesteps(1000, args.steps, "uniform")
+    x_T = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    fast = ours.to(memory_format=torch.channels_last) if args.channels_last else ours
+    compile_seconds = None
+    if args.compile:
+        torch._inductor.config.freezing = device.type == "cpu"  # prepacked weights for CPU inference
+        fast = torch.compile(fast)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast:
+            fast(x_T, ts[:1].expand(len(x_T)).to(device))
+        compile_seconds = time.perf_counter() - start
+
+    def ours_run():
+        with torch.no_grad(), autocast:
+            return sample(lambda x, t: fast(x, t).float(), x_T, ab, ts)
+
+    def theirs_run():
+        with torch.no_grad():
+            return diffusers_ddim(theirs, x_T, args.steps)
+
+    seconds = median_alternating({"ours": ours_run, "diffusers": theirs_run}, args.repeats, device)
+    ours_out, their_out = ours_run(), theirs_run()
+
+    # The sampling loop's own cost: the same loop around a model that costs nothing.
+    eps = torch.zeros_like(x_T)
+    loop = median_alternating({"loop": lambda: sample(lambda x, t: eps, x_T, ab, ts)}, args.repeats, device)["loop"]
+
+    memory = {}
+    for steps in (args.steps, 4 * args.steps):
+        reset_peak(device)
+        with torch.no_grad(), autocast:
+            sample(lambda x, t: fast(x, t).float(), x_T, ab, timesteps(1000, steps, "uniform"))
+        memory[steps] = peak_mib(device)
+    return {
+        "model": name,
+        "parameters_M": sum(p.numel() for p in ours.parameters()) / 1e6,
+        "batch": args.batch,
+        "steps": args.steps,
+        "ours_s": seconds["ours"],
+        "diffusers_s": seconds["diffusers"],
+        "ratio": seconds["ours"] / seconds["diffusers"],
+        "ours_images_per_s": args.batch / seconds["ours"],
+        "diffusers_images_per_s": args.batch / seconds["diffusers"],
+        "ours_s_per_eval": seconds["ours"] / args.steps,
+        "loop_overhead_pct": 100 * loop / seconds["ours"],
+        "max_abs_diff": float((ours_out - their_out).abs().max()),
+        "mean_abs_diff": float((ours_out - their_out).abs().mean()),
+        "peak_mib_by_steps": memory,
+        "compile_s": compile_seconds,
+    }
+
+
+def bench_training(name: str, args, device: torch.device) -> dict:
+    theirs, ours = build(name, device)
+    theirs.train(), ours.train()
+    batch = args.train_batch
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    noise = torch.randn_like(x)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    fast = ours.to(memory_format=torch.channels_last) if args.channels_last else ours
+    if args.compile:
+        torch._inductor.config.freezing = False
+        fast = torch.compile(fast)
+    # Each side's optimizer as its training code builds it: ours from `ddim train`, diffusers'
+    # examples' torch.optim.AdamW with its defaults (weight decay 0 here, so it is Adam).
+    optimizers = {
+        "ours": _optimizer(ours, config_from_dict({"train": {"lr": 2e-4}})),
+        "diffusers": torch.optim.AdamW(theirs.parameters(), 2e-4, weight_decay=0.0),
+    }
+
+    def step(model_call, optimizer):
+        with autocast:
+            loss = torch.nn.functional.mse_loss(model_call().float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    functions = {
+        "ours": lambda: step(lambda: fast(x, t), optimizers["ours"]),
+        "diffusers": lambda: step(lambda: theirs(x, t).sample, optimizers["diffusers"]),
+    }
+    seconds = median_alternating(functions, args.repeats, device)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.mse_loss(ours(x, t), noise).backward()
+    flops = counter.get_total_flops()
+    reset_peak(device)
+    functions["ours"]()
+    return {
+        "model": name,
+        "batch": batch,
+        "ours_images_per_s": batch / seconds["ours"],
+        "diffusers_images_per_s": batch / seconds["diffusers"],
+        "ratio": seconds["ours"] / seconds["diffusers"],
+        "train_flops_per_image_G": flops / batch / 1e9,
+        "ours_tflops": flops / seconds["ours"] / 1e12,
+        "peak_mib": peak_mib(device),
+    }
+
+
+def forward_gflops(name: str) -> float:
+    _, ours = build(name, torch.device("cpu"))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ours(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="small,cifar10", help="comma-separated: small, cifar10")
+    parser.add_argument("--batch", type=int, default=8, help="sampling batch")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="our U-Net under torch.compile")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for our U-Net")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-training", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    setup = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "dtype": "bf16 autocast (ours)" if args.bf16 else "fp32",
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+    }
+    print(" | ".join(f"{k}: {v}" for k, v in setup.items()))
+    results = {"setup": setup, "sampling": [], "training": [], "forward_gflops": {}}
+    print(
+        "\n| sampling | params | batch x steps | ours s | diffusers s | ours/diffusers | ours img/s | s/eval | loop overhead | max / mean abs diff | peak MiB (S, 4S) | compile s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        results["forward_gflops"][name] = forward_gflops(name)
+        r = bench_sampling(name, args, device)
+        results["sampling"].append(r)
+        peaks = ", ".join(f"{v:.0f}" for v in r["peak_mib_by_steps"].values())
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+        print(
+            f"| {name} | {r['parameters_M']:.1f}M | {r['batch']} x {r['steps']} | {r['ours_s']:.3f} | {r['diffusers_s']:.3f} | "
+            f"{r['ratio']:.3f} | {r['ours_images_per_s']:.2f} | {r['ours_s_per_eval']:.4f} | {r['loop_overhead_pct']:.2f}% | "
+            f"{r['max_abs_diff']:.1e} / {r['mean_abs_diff']:.1e} | {peaks} | {compile_s} |"
+        )
+    if not args.no_training:
+        print(
+            "\n| training | batch | ours img/s | diffusers img/s | ours/diffusers (time) | GFLOP/image (fwd+bwd) | ours TFLOP/s | peak MiB |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for name in args.models.split(","):
+            r = bench_training(name, args, device)
+            results["training"].append(r)
+            print(
+                f"| {name} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} | {r['ratio']:.3f} | "
+                f"{r['train_flops_per_image_G']:.1f} | {r['ours_tflops']:.3f} | {r['peak_mib']:.0f} |"
+            )
+    print(
+        "\nforward GFLOP per 32x32 image (torch.utils.flop_counter): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in results["forward_gflops"].items())
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
