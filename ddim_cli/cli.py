@@ -391,19 +391,20 @@ DataRootOpt = Annotated[
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download a named reference dataset.")]
 
 
-def _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress):
+def _statistics(f, opened, extract, progress, desc: str):
+    """Statistics of a source opened with ``fid.open_source`` (a statistics file is used as it is)."""
     from tqdm import tqdm
 
-    path = Path(reference)
-    if path.suffix == ".npz" and path.is_file() and (stats := f.load_statistics(path)) is not None:
-        return stats
-    batches = f.source_batches(reference, batch_size, data_root=data_root, download=download)  # fails early
-    with tqdm(disable=not progress, unit="img", desc="reference statistics") as bar:
-        stats = f.statistics(batches, extract, progress=bar.update)
-    if save_stats is not None:
-        f.save_statistics(stats, save_stats)
-        typer.echo(f"wrote reference statistics to {save_stats}", err=True)
-    return stats
+    if isinstance(opened, dict):
+        return opened
+    with tqdm(disable=not progress, unit="img", desc=desc) as bar:
+        return f.statistics(opened, extract, progress=bar.update)
+
+
+def _save_stats(f, stats, path: Path | None) -> None:
+    if path is not None:
+        f.save_statistics(stats, path)
+        typer.echo(f"wrote reference statistics to {path}", err=True)
 
 
 @app.command(name="fid")
@@ -424,10 +425,13 @@ def fid_command(
     """Frechet Inception Distance between samples and a reference (torch-fidelity, TF-compatible)."""
     from ddim_cli import fid as f
 
-    try:
+    try:  # both inputs are checked before the Inception weights are fetched
+        opened_samples = f.open_source(samples, batch_size)
+        opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
         extract = f.inception_extractor(inception_weights, _device(device))
-        reference_stats = _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress)
-        sample_stats = f.reference_statistics(samples, extract, batch_size)
+        reference_stats = _statistics(f, opened_reference, extract, progress, "reference statistics")
+        _save_stats(f, reference_stats, save_stats)
+        sample_stats = _statistics(f, opened_samples, extract, progress, "sample statistics")
         value = f.frechet_distance(sample_stats, reference_stats)
     except f.FIDError as error:
         _fail(str(error))
@@ -509,8 +513,10 @@ def compare(
         if fid:
             from ddim_cli import fid as f
 
+            opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
             extract = f.inception_extractor(inception_weights, _device(device))
-            _reference = _reference_stats(f, reference, extract, batch_size, data_root, download, save_stats, progress)
+            _reference = _statistics(f, opened_reference, extract, progress, "reference statistics")
+            _save_stats(f, _reference, save_stats)
         per_row = max(n, fid)
         total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
         with _bar(total, progress, f"compare {len(specs)} samplers") as bar:

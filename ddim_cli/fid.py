@@ -32,6 +32,7 @@ class FIDError(RuntimeError):
 
 def inception_extractor(weights: Path | None = None, device: str | torch.device = "cpu") -> FeatureExtractor:
     """torch-fidelity's ``inception-v3-compat`` 2048-d features (TF FID's pool3 layer)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as URL_INCEPTION
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights is not None:
@@ -43,9 +44,15 @@ def inception_extractor(weights: Path | None = None, device: str | torch.device 
             raise FIDError(
                 f"{weights} is not an Inception state dict of tensors: {str(error).splitlines()[0]}"
             ) from None
-    model = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
-    ).to(device)
+    try:
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
+        ).to(device)
+    except (OSError, RuntimeError) as error:  # no network (URLError is an OSError), a broken download
+        raise FIDError(
+            f"could not get the Inception weights ({str(error).splitlines()[0]}); download {URL_INCEPTION} "
+            "once and pass it with --inception-weights PATH"
+        ) from None
 
     def extract(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -159,13 +166,21 @@ def _dataset_batches(name: str, batch_size: int, root: Path, download: bool) -> 
     return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
 
 
-def reference_statistics(
-    reference: str | Path, extract: FeatureExtractor, batch_size: int, *, data_root=None, download=False, progress=None
-) -> Statistics:
-    """Statistics of a reference: a statistics ``.npz`` as it is, anything else computed."""
-    path = Path(reference)
+def open_source(
+    source: str | Path, batch_size: int, *, data_root: Path | None = None, download: bool = False
+) -> Statistics | Iterator[np.ndarray]:
+    """A statistics ``.npz`` as its statistics; anything else as checked, ready image batches."""
+    path = Path(source)
     if path.suffix == ".npz" and path.is_file():
         stats = load_statistics(path)
         if stats is not None:
             return stats
-    return statistics(source_batches(reference, batch_size, data_root=data_root, download=download), extract, progress)
+    return source_batches(source, batch_size, data_root=data_root, download=download)
+
+
+def reference_statistics(
+    reference: str | Path, extract: FeatureExtractor, batch_size: int, *, data_root=None, download=False, progress=None
+) -> Statistics:
+    """Statistics of a reference: a statistics ``.npz`` as it is, anything else computed."""
+    opened = open_source(reference, batch_size, data_root=data_root, download=download)
+    return opened if isinstance(opened, dict) else statistics(opened, extract, progress)

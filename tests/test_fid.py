@@ -190,3 +190,22 @@ def test_local_inception_weights_work_offline(tmp_path, monkeypatch):
     (tmp_path / "evil.pth").write_bytes(b"not a tensor file")
     with pytest.raises(fid.FIDError, match="not an Inception state dict"):
         fid.inception_extractor(tmp_path / "evil.pth")
+
+
+def test_no_network_for_the_weights_is_a_clear_error(monkeypatch):
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
+    with pytest.raises(fid.FIDError, match="--inception-weights PATH"):
+        fid.inception_extractor()
+
+
+def test_fid_checks_its_inputs_before_fetching_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "inception_extractor", lambda *a, **k: pytest.fail("weights fetched before the check"))
+    result = CliRunner().invoke(app, ["fid", str(tmp_path / "none"), "cifar10", "--no-progress"])
+    assert result.exit_code == 1 and "is not a folder of images" in result.output
