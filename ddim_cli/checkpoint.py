@@ -73,9 +73,14 @@ def write_weights(
 ) -> None:
     """The self-contained ``.safetensors`` checkpoint: weights, EMA weights, config and step."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Copies: safetensors refuses tensors that share memory (e.g. the same weights as model and EMA).
-    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.items()}
-    tensors |= {f"ema.{k}": v.detach().cpu().clone() for k, v in ema.items()}
+
+    # Contiguous copies: safetensors refuses tensors that share memory (e.g. the same weights as
+    # model and EMA) and strided ones (channels_last weights).
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+    tensors = {f"model.{k}": stored(v) for k, v in model.items()}
+    tensors |= {f"ema.{k}": stored(v) for k, v in ema.items()}
     metadata = {"format": FORMAT, "step": str(step), "config": config.to_yaml()}
     _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

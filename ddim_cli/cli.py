@@ -112,6 +112,7 @@ class Variance(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -141,16 +142,36 @@ GuidanceOpt = Annotated[
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: config's sample.seed).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks CUDA when available.")]
-PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Model precision: fp32, or bf16 autocast.")]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option("--precision", help="Model precision: fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 on CPU)."),
+]
 EmaOpt = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
 ClipOpt = Annotated[
     bool | None, typer.Option("--clip-x0/--no-clip-x0", help="Clamp predicted x_0 to [-1, 1] (default: config).")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
-CompileOpt = Annotated[
-    bool,
-    typer.Option("--compile", help="torch.compile the model: faster per step after a build of a minute or more."),
+InvertPrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="Model precision: fp32 (default here: inversion is only as exact as eps), bf16 autocast, or auto.",
+    ),
 ]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the model: faster per step after a build of a minute or more "
+        "(default: on for CUDA, off for CPU).",
+        show_default=False,
+    ),
+]
+
+
+def _auto(switch: bool | None) -> bool | str:
+    """An unset --flag/--no-flag is the library's "auto"."""
+    return "auto" if switch is None else switch
 
 
 def _device(choice: Device) -> str:
@@ -245,10 +266,10 @@ def sample(
         Path | None, typer.Option("--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.")
     ] = None,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = Precision.auto,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = None,
 ) -> None:
     """Sample images from a checkpoint with DDIM or DDPM."""
     from ddim_cli import generate as g
@@ -259,7 +280,7 @@ def sample(
         loaded = _load(checkpoint, ema, device)
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
         make_eps = g.noise_model(
-            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=compile_model
+            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=_auto(compile_model)
         )
         first_seed = loaded.config.sample.seed if seed is None else seed
         if latents is not None:
@@ -313,10 +334,10 @@ def invert(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's invert/).")] = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: InvertPrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = None,
 ) -> None:
     """Invert real images to latents with deterministic DDIM, reconstruct them, and report the error.
 
@@ -344,7 +365,7 @@ def invert(
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         make_eps = g.noise_model(
-            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=compile_model
+            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=_auto(compile_model)
         )
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
@@ -476,10 +497,10 @@ def compare(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = Precision.auto,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = None,
 ) -> None:
     """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and plots.
 
@@ -506,7 +527,7 @@ def compare(
         )
         for spec in specs:
             spec.check(loaded.alpha_bars)
-        make_eps = g.noise_model(loaded, precision=precision.value, compile=compile_model)
+        make_eps = g.noise_model(loaded, precision=precision.value, compile=_auto(compile_model))
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None

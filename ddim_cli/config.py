@@ -68,8 +68,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of the weights, used for sampling
     label_dropout: float = 0.0  # drop class labels to the null label with this probability
     seed: int = 0  # seeds data order, noise, timesteps, augmentation and dropout
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CUDA)
-    compile: bool = False  # torch.compile the model
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast; auto: bf16 on CUDA, fp32 on CPU
+    compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto: on CUDA only
     log_every: int = 50  # steps between metrics.jsonl lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
     sample_every: int = 1000  # steps between EMA sample grids (0 disables)
@@ -273,8 +273,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is Literal:
         choices = typing.get_args(kind)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not True here
+            shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+            raise ConfigError(f"{key}: expected one of {shown}, got {value!r}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -128,6 +129,9 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
         model = UNet(config.unet_config()).to(device_)
+    layout = torch.channels_last if use_channels_last(device_, config.data.image_size, training=True) else None
+    if layout is not None:
+        model.to(memory_format=layout)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = _optimizer(model, config)
     start = 0
@@ -140,16 +144,19 @@ def train(
     _barrier(world)
 
     net = DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
+    compiled = resolve_compile(cfg.compile, device_)
+    if compiled:
         net = torch.compile(net)
     ab = alpha_bars(config.diffusion.schedule, config.diffusion.num_timesteps, **config.schedule_params())
     sqrt_ab, sqrt_one_minus_ab = ab.sqrt().float().to(device_), (1 - ab).sqrt().float().to(device_)
-    autocast = torch.autocast(device_.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    precision = resolve_precision(cfg.precision, device_)
+    fast_path = [precision] + ["channels_last"] * (layout is not None) + ["compiled"] * compiled
 
     log = _RunLog(run_dir, enabled=rank == 0)
     log.message(
-        f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world}; "
-        f"{len(dataset)} images; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world} "
+        f"({', '.join(fast_path)}); {len(dataset)} images; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     if resume:
         log.truncate_metrics(after=start)
@@ -175,7 +182,9 @@ def train(
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
+            if layout is not None:
+                x_t = x_t.contiguous(memory_format=layout)
+            with autocast(precision, device_):
                 prediction = net(x_t, t, labels) if num_classes is not None else net(x_t, t)
             loss = F.mse_loss(prediction.float(), noise)
             optimizer.zero_grad(set_to_none=True)

@@ -63,11 +63,15 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+        # In-place where autograd allows it (about 3% of a CPU forward): a convolution's backward
+        # needs its input, not its output, so the adds may overwrite conv outputs; SiLU's
+        # backward needs its input, so it overwrites the GroupNorm output only without autograd.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h += self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        h += x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return h
 
 
 class AttnBlock(nn.Module):
@@ -90,7 +94,9 @@ class AttnBlock(nn.Module):
 
         # SDPA's default scale 1/sqrt(c) is the DDPM code's w_ * int(c) ** -0.5.
         attended = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
-        return x + self.proj_out(attended.transpose(2, 3).reshape(b, c, h, w))
+        out = self.proj_out(attended.transpose(2, 3).reshape(b, c, h, w))
+        out += x
+        return out
 
 
 class Downsample(nn.Module):

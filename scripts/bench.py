@@ -1,8 +1,12 @@
 """Benchmark ddim-cli against diffusers on the same weights: sampling, training, memory.
 
     python scripts/bench.py                    # CPU: small and CIFAR-10 models, a few minutes
-    python scripts/bench.py --compile          # also our U-Net under torch.compile (slow to build on CPU)
-    python scripts/bench.py --device cuda --batch 256 --compile --bf16 --channels-last
+    python scripts/bench.py --compile          # our U-Net under torch.compile (slow to build on CPU)
+    python scripts/bench.py --device cuda --batch 256 --train-batch 128
+
+Our side runs as `ddim sample` and `ddim train` do by default (ddim_cli.acceleration's "auto":
+on CUDA bf16 autocast, channels_last and torch.compile; on CPU fp32, eager, channels_last for
+32x32 inference); --precision, --[no-]compile and --[no-]channels-last override that.
 
 Both sides get the same weights (a random diffusers UNet2DModel of the DDPM family, converted),
 the same x_T, batch and DDIM steps; runs alternate in one process and the median of several is
@@ -23,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.config import config_from_dict
 from ddim_cli.convert import _config_from_diffusers, _rename_diffusers
 from ddim_cli.sampling import sample
@@ -127,20 +132,21 @@ def bench_sampling(name: str, args, device: torch.device) -> dict:
     ab = alpha_bars("linear", 1000)
     ts = timesteps(1000, args.steps, "uniform")
     x_T = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    fast = ours.to(memory_format=torch.channels_last) if args.channels_last else ours
+    fast, precision = accelerated(ours, args, device, training=False)
     compile_seconds = None
-    if args.compile:
-        torch._inductor.config.freezing = device.type == "cpu"  # prepacked weights for CPU inference
-        fast = torch.compile(fast)
+    if fast is not ours:
         start = time.perf_counter()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(precision, device):
             fast(x_T, ts[:1].expand(len(x_T)).to(device))
         compile_seconds = time.perf_counter() - start
 
+    def eps_model(x, t):  # as generate.noise_model builds it
+        with autocast(precision, device):
+            return fast(x, t).to(dtype=x.dtype, memory_format=torch.contiguous_format)
+
     def ours_run():
-        with torch.no_grad(), autocast:
-            return sample(lambda x, t: fast(x, t).float(), x_T, ab, ts)
+        with torch.no_grad():
+            return sample(eps_model, x_T, ab, ts)
 
     def theirs_run():
         with torch.no_grad():
@@ -156,8 +162,8 @@ def bench_sampling(name: str, args, device: torch.device) -> dict:
     memory = {}
     for steps in (args.steps, 4 * args.steps):
         reset_peak(device)
-        with torch.no_grad(), autocast:
-            sample(lambda x, t: fast(x, t).float(), x_T, ab, timesteps(1000, steps, "uniform"))
+        with torch.no_grad():
+            sample(eps_model, x_T, ab, timesteps(1000, steps, "uniform"))
         memory[steps] = peak_mib(device)
     return {
         "model": name,
@@ -185,11 +191,8 @@ def bench_training(name: str, args, device: torch.device) -> dict:
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     noise = torch.randn_like(x)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    fast = ours.to(memory_format=torch.channels_last) if args.channels_last else ours
-    if args.compile:
-        torch._inductor.config.freezing = False
-        fast = torch.compile(fast)
+    fast, precision = accelerated(ours, args, device, training=True)
+    x_ours = x.contiguous(memory_format=torch.channels_last) if is_channels_last(ours) else x
     # Each side's optimizer as its training code builds it: ours from `ddim train`, diffusers'
     # examples' torch.optim.AdamW with its defaults (weight decay 0 here, so it is Adam).
     optimizers = {
@@ -198,14 +201,14 @@ def bench_training(name: str, args, device: torch.device) -> dict:
     }
 
     def step(model_call, optimizer):
-        with autocast:
+        with autocast(precision, device):
             loss = torch.nn.functional.mse_loss(model_call().float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     functions = {
-        "ours": lambda: step(lambda: fast(x, t), optimizers["ours"]),
+        "ours": lambda: step(lambda: fast(x_ours, t), optimizers["ours"]),
         "diffusers": lambda: step(lambda: theirs(x, t).sample, optimizers["diffusers"]),
     }
     seconds = median_alternating(functions, args.repeats, device)
@@ -226,6 +229,45 @@ def bench_training(name: str, args, device: torch.device) -> dict:
     }
 
 
+def accelerated(ours: UNet, args, device: torch.device, *, training: bool) -> tuple[torch.nn.Module, str]:
+    """Our U-Net as ddim train/sample run it: layout (in place), compiled or not, and precision."""
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = use_channels_last(device, 32, training=training)
+    if channels_last:
+        ours.to(memory_format=torch.channels_last)
+    fast = ours
+    if resolve_compile("auto" if args.compile is None else args.compile, device):
+        torch._inductor.config.freezing = device.type == "cpu" and not training  # prepacked CPU weights
+        fast = torch.compile(ours)
+    return fast, resolve_precision(args.precision, device)
+
+
+def describe_ours(args, device: torch.device) -> str:
+    compiled = resolve_compile("auto" if args.compile is None else args.compile, device)
+    layouts = [
+        f"{'NHWC' if use_channels_last(device, 32, training=training) else 'NCHW'} {what}"
+        for what, training in (("sampling", False), ("training", True))
+    ]
+    if args.channels_last is not None:
+        layouts = ["NHWC" if args.channels_last else "NCHW"]
+    return ", ".join([resolve_precision(args.precision, device), "compiled" if compiled else "eager", *layouts])
+
+
+def peak_bf16_tflops(args, device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak of known GPUs (vendor data sheets), or --peak-tflops."""
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    known = {"H200": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "A100": 312.0, "L4": 121.0}
+    return next((peak for key, peak in known.items() if key in name), None)
+
+
+def is_channels_last(model: torch.nn.Module) -> bool:
+    weight = model.conv_in.weight
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def forward_gflops(name: str) -> float:
     _, ours = build(name, torch.device("cpu"))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -241,9 +283,10 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="our U-Net under torch.compile")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for our U-Net")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours (default: auto)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours (default: auto)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="ours (default: auto)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for training %% of peak")
     parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -253,9 +296,8 @@ def main() -> None:
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
-        "dtype": "bf16 autocast (ours)" if args.bf16 else "fp32",
-        "compile": args.compile,
-        "channels_last": args.channels_last,
+        "ours": describe_ours(args, device),
+        "diffusers": "fp32, eager, NCHW",
     }
     print(" | ".join(f"{k}: {v}" for k, v in setup.items()))
     results = {"setup": setup, "sampling": [], "training": [], "forward_gflops": {}}
@@ -276,15 +318,17 @@ def main() -> None:
         )
     if not args.no_training:
         print(
-            "\n| training | batch | ours img/s | diffusers img/s | ours/diffusers (time) | GFLOP/image (fwd+bwd) | ours TFLOP/s | peak MiB |"
+            "\n| training | batch | ours img/s | diffusers img/s | ours/diffusers (time) | GFLOP/image (fwd+bwd) | ours TFLOP/s | % of bf16 peak | peak MiB |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
+        peak = peak_bf16_tflops(args, device)
         for name in args.models.split(","):
             r = bench_training(name, args, device)
             results["training"].append(r)
+            of_peak = "" if peak is None else f"{100 * r['ours_tflops'] / peak:.1f}%"
             print(
                 f"| {name} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} | {r['ratio']:.3f} | "
-                f"{r['train_flops_per_image_G']:.1f} | {r['ours_tflops']:.3f} | {r['peak_mib']:.0f} |"
+                f"{r['train_flops_per_image_G']:.1f} | {r['ours_tflops']:.3f} | {of_peak} | {r['peak_mib']:.0f} |"
             )
     print(
         "\nforward GFLOP per 32x32 image (torch.utils.flop_counter): "

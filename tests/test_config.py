@@ -62,7 +62,8 @@ def write(tmp_path, text):
         ("trian:\n  steps: 4\n", "unknown key 'trian' (did you mean 'train'?)"),
         ("train:\n  batch_size: many\n", "train.batch_size: expected an integer, got 'many'"),
         ("train:\n  lr: -1\n", "train.lr: must be > 0"),
-        ("train:\n  precision: fp16\n", "train.precision: expected one of fp32, bf16"),
+        ("train:\n  precision: fp16\n", "train.precision: expected one of auto, fp32, bf16, got 'fp16'"),
+        ("train:\n  compile: 1\n", "train.compile: expected one of auto, true, false, got 1"),
         ("model:\n  ch_mult: 2\n", "model.ch_mult: expected a list"),
         ("model:\n  ch: 48\n", "multiple of 32"),
         ("data:\n  image_size: 18\n", "data.image_size: 18 must be divisible by 2**2"),
@@ -110,7 +111,7 @@ def test_overrides_are_typed_by_the_field(tmp_path):
         ("train=4", "train is a section"),
         ("train.steps.x=4", "train.steps is not a section"),
         ("nonsense", "must look like section.key=value"),
-        ("train.compile=yes please", "train.compile: expected true or false"),
+        ("train.compile=yes please", "train.compile: expected one of auto, true, false, got 'yes please'"),
     ],
 )
 def test_bad_overrides_raise(tmp_path, override, message):
