@@ -344,6 +344,12 @@ def _restore(run_dir: Path, model, ema, optimizer) -> int:
         raise CheckpointError(f"{latest} does not fit the config: {str(error).splitlines()[0]}") from None
     state = load_training_state(latest)
     optimizer.load_state_dict(state["optimizer"])
+    # Adam's moments must share their parameter's memory layout: the fused kernel walks both in
+    # memory order, so moments saved in NCHW and resumed in channels_last would be mixed up.
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                moments[key] = torch.empty_like(param).copy_(value)
     return int(state["step"])
 
 

@@ -72,30 +72,30 @@ def test_auto_layout_on_cpu_follows_the_image_size(tmp_path, image_size, nhwc):
     assert weight.is_contiguous() != nhwc
 
 
-def test_training_in_channels_last_writes_plain_checkpoints_and_resumes(tmp_path, monkeypatch):
-    """The CUDA training layout, run on the CPU: checkpoints must hold contiguous tensors."""
+def test_training_in_channels_last_writes_plain_checkpoints_and_resumes_across_layouts(tmp_path, monkeypatch):
+    """The CUDA training layout, run on the CPU: a run started in NCHW (say on a CPU) and resumed
+    in channels_last must go on as if it had never stopped, and write contiguous checkpoints."""
     raw = small_config(8)
     raw["data"]["channels"] = 1
     raw["model"]["dropout"] = 0.0  # dropout masks are drawn in memory order, so they differ by layout
-    raw["train"] = {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "sample_every": 2, "log_every": 1}
+    raw["train"] = {"steps": 4, "batch_size": 8, "lr": 0.01, "checkpoint_every": 2, "sample_every": 2, "log_every": 1}
     raw["sample"] = {"steps": 3, "n": 4}
     half = json.loads(json.dumps(raw))
     half["train"]["steps"] = 2
-    plain = train(config_from_dict(raw), tmp_path / "plain", device="cpu", progress=False)
+    straight = train(config_from_dict(raw), tmp_path / "straight", device="cpu", progress=False)
+    train(config_from_dict(half), tmp_path / "resumed", device="cpu", progress=False)
 
     monkeypatch.setattr("ddim_cli.train.use_channels_last", lambda *args, **kwargs: True)
-    train(config_from_dict(half), tmp_path / "nhwc", device="cpu", progress=False)
-    resumed = train(config_from_dict(raw), tmp_path / "nhwc", resume=True, device="cpu", progress=False)
+    resumed = train(config_from_dict(raw), tmp_path / "resumed", resume=True, device="cpu", progress=False)
 
-    assert "(fp32, channels_last)" in (tmp_path / "nhwc" / "train.log").read_text()
-    a, b = load_file(plain.checkpoint), load_file(resumed.checkpoint)
+    assert "(fp32, channels_last)" in (tmp_path / "resumed" / "train.log").read_text()
+    a, b = load_file(straight.checkpoint), load_file(resumed.checkpoint)
     assert a.keys() == b.keys() and all(v.is_contiguous() for v in b.values())
-    # Same seeds and data: NHWC training follows the NCHW run up to float rounding (Adam turns
-    # rounding-level gradient differences into lr-sized ones for near-zero gradients, so the
-    # losses are the comparison, not the weights).
+    # Losses, not weights: Adam turns rounding-level gradient differences into lr-sized steps
+    # for near-zero gradients. Adam's moments in the wrong layout would change step 4's loss.
     losses = [
         [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        for run in ("plain", "nhwc")
+        for run in ("straight", "resumed")
     ]
     assert len(losses[0]) == len(losses[1]) == 4
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
