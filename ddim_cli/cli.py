@@ -97,6 +97,10 @@ def train(
         raise typer.Exit(code=130) from None
     except (TrainingError, CheckpointError) as error:
         _fail(str(error))
+    except Exception as error:
+        again = "" if resume is not None else " --overwrite"  # the failed start left its log there
+        _fail_if_compile_error(error, f"run again with --set train.compile=false{again}")
+        raise
     typer.echo(f"trained to step {result.step}; latest checkpoint: {result.checkpoint}")
 
 
@@ -195,6 +199,19 @@ def _user_errors():
         _fail(str(error))
     except ValueError as error:  # the library's checks of steps, eta, spacing, ...
         _fail(str(error), code=2)
+    except Exception as error:
+        _fail_if_compile_error(error, "run again with --no-compile")
+        raise
+
+
+def _fail_if_compile_error(error: Exception, remedy: str) -> None:
+    """torch.compile is on by default on CUDA; a machine without its toolchain (Triton, a C
+    compiler) fails inside it. Say so in one line instead of dynamo's long traceback."""
+    module = type(error).__module__
+    if module.startswith(("torch._dynamo", "torch._inductor")):
+        cause = error.__cause__ or getattr(error, "inner_exception", None) or error
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        _fail(f"torch.compile failed ({type(cause).__name__}: {first_line}); {remedy}")
 
 
 def _load(checkpoint: Path | None, ema: bool, device: Device):

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -135,6 +136,39 @@ def test_compiled_model_gives_the_same_images(run_dir, tmp_path):
     ok("sample", run_dir, "--n", 2, "--no-compile", "--npz", tmp_path / "e.npz", "--out", tmp_path / "e.png")
     ok("sample", run_dir, "--n", 2, "--compile", "--npz", tmp_path / "c.npz", "--out", tmp_path / "c.png")
     assert np.abs(npz(tmp_path / "e.npz").astype(int) - npz(tmp_path / "c.npz").astype(int)).max() <= 1
+
+
+def _broken_compile(monkeypatch):
+    """torch.compile as it fails on a machine without Triton or a C compiler."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("no working C compiler found"), None)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile)
+
+
+def test_a_failing_compile_is_one_line_naming_the_way_out(run_dir, tmp_path, monkeypatch):
+    _broken_compile(monkeypatch)
+    result = ddim("sample", run_dir, "--n", 1, "--compile", "--out", tmp_path / "c.png")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: torch.compile failed (RuntimeError: no working C compiler found); run again with --no-compile"
+    ]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    result = ddim("train", config, "--run-dir", tmp_path / "run", "--set", "train.compile=true")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: torch.compile failed (RuntimeError: no working C compiler found); "
+        "run again with --set train.compile=false --overwrite"
+    ]
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+    monkeypatch.undo()  # a working torch.compile; the suggested command then trains
+    ok("train", config, "--run-dir", tmp_path / "run", "--set", "train.compile=false", "--overwrite")
 
 
 def test_ddpm_sampler_defaults_to_every_training_step(run_dir, tmp_path):
