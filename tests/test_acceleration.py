@@ -99,3 +99,15 @@ def test_training_in_channels_last_writes_plain_checkpoints_and_resumes_across_l
     ]
     assert len(losses[0]) == len(losses[1]) == 4
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_the_cuda_fast_path_composes_on_the_cpu(tmp_path):
+    """bf16 autocast + channels_last + torch.compile together, as CUDA runs them by default."""
+    path = checkpoint(tmp_path, 32)
+    exact = noise_model(load_model(path), precision="fp32", channels_last=False, compile=False)(2)
+    fast = noise_model(load_model(path), precision="bf16", channels_last=True, compile=True)(2)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 700])
+    with torch.no_grad():
+        a, b = exact(x, t), fast(x, t)
+    assert b.dtype == torch.float32 and b.is_contiguous()
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # bf16's rounding, not a different function
