@@ -140,8 +140,30 @@ SkipOpt = Annotated[
     ),
 ]
 ClassOpt = Annotated[int | None, typer.Option("--class", help="Class label, for class-conditional checkpoints.")]
+ClassesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--class",
+        metavar="K[,K...]",
+        help="Class labels, cycled over the images (--class 3,7: 3, 7, 3, ...). Default for a "
+        "class-conditional model: each image's class is drawn from its own seed.",
+        show_default=False,
+    ),
+]
+UnconditionalOpt = Annotated[
+    bool, typer.Option("--unconditional", help="Sample a class-conditional model with the null label (no class).")
+]
 GuidanceOpt = Annotated[
     float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance w: eps = (1+w) eps(y) - w eps(null).")
+]
+SampleGuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance",
+        min=0.0,
+        help="Classifier-free guidance w: out = (1+w) out(y) - w out(null) (default: the config's sample.guidance).",
+        show_default=False,
+    ),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: config's sample.seed).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
@@ -245,6 +267,25 @@ def _spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x
     return spec
 
 
+def _classes(text: str | None) -> list[int] | None:
+    return None if text is None else _number_list(text, int, "--class")
+
+
+def _labels_and_guidance(loaded, generators, classes: str | None, unconditional: bool, guidance: float | None):
+    """Per-image class labels (None: the null label) and the guidance w, as `sample` and `compare`
+    choose them; an explicit --guidance that cannot apply is an error, the config's is dropped."""
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.generate import class_labels
+
+    labels = class_labels(loaded, generators, classes=_classes(classes), unconditional=unconditional)
+    if labels is None:
+        if guidance:
+            why = "--unconditional samples with the null label" if unconditional else "this model is unconditional"
+            raise CheckpointError(f"--guidance needs class labels; {why}")
+        return None, 0.0
+    return labels, loaded.config.sample.guidance if guidance is None else guidance
+
+
 def _bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -273,8 +314,9 @@ def sample(
         typer.Option("--latents", help="Start from these x_T (.npy, float32, (N, C, H, W)), e.g. from invert."),
     ] = None,
     save_latents: Annotated[Path | None, typer.Option("--save-latents", help="Write the x_T used (.npy).")] = None,
-    class_label: ClassOpt = None,
-    guidance: GuidanceOpt = 0.0,
+    classes: ClassesOpt = None,
+    unconditional: UnconditionalOpt = False,
+    guidance: SampleGuidanceOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Grid PNG (default: in the run's samples/).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Also write each image as its own PNG here.")
@@ -288,30 +330,37 @@ def sample(
     progress: ProgressOpt = True,
     compile_model: CompileOpt = None,
 ) -> None:
-    """Sample images from a checkpoint with DDIM or DDPM."""
+    """Sample images from a checkpoint with DDIM, DPM-Solver++ or DDPM.
+
+    A class-conditional model draws each image's class from that image's seed (so the classes are
+    balanced and an image does not depend on the batch), guided by the config's sample.guidance;
+    --class picks classes, --unconditional uses the null label.
+    """
     from ddim_cli import generate as g
     from ddim_cli.images import load_latents, save_grid, save_npz, save_pngs, to_uint8
     from ddim_cli.images import save_latents as write_latents
+    from ddim_cli.seeding import seeded_noise
 
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
-        make_eps = g.noise_model(
-            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=_auto(compile_model)
-        )
         first_seed = loaded.config.sample.seed if seed is None else seed
         if latents is not None:
             x_T = load_latents(latents, loaded.image_shape)
             if n is not None and n != len(x_T):
                 raise ValueError(f"--n {n} does not match the {len(x_T)} latents in {latents}")
             generators = [__import__("torch").Generator().manual_seed(first_seed + i) for i in range(len(x_T))]
+            for generator in generators:  # the first draw of each seed is its x_T, given here instead
+                __import__("torch").randn(loaded.image_shape, generator=generator)
         else:
             count = loaded.config.sample.n if n is None else n
-            x_T, generators = g.seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
+            x_T, generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
+        labels, w = _labels_and_guidance(loaded, generators, classes, unconditional, guidance)
+        make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
             images, seconds = g.generate(
-                loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=bar.update
+                loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=bar.update
             )
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
         grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
@@ -326,8 +375,34 @@ def sample(
         if save_latents is not None:
             write_latents(x_T, save_latents)
             written.append(str(save_latents))
-    typer.echo(f"{len(images)} images with {spec.label} from {loaded.checkpoint} in {seconds:.4f} s/image")
+    if labels is None:
+        conditioning = " (null label)" if loaded.config.model.num_classes else ""
+    else:
+        conditioning = f" (classes {_class_summary(labels)}, guidance {w:g})"
+    typer.echo(
+        f"{len(images)} images with {spec.label}{conditioning} from {loaded.checkpoint} in {seconds:.4f} s/image"
+    )
     typer.echo("wrote " + ", ".join(written))
+
+
+def _invert_labels(loaded, class_label: int | None, guidance: float, count: int):
+    """``--class K`` for every image to invert, or None (the null label); checked like sample's."""
+    import torch
+
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.generate import check_classes
+
+    if class_label is None:
+        if guidance:
+            raise CheckpointError("--guidance needs --class K (the null label cannot be guided)")
+        return None
+    check_classes(loaded, [class_label])
+    return torch.full((count,), class_label, dtype=torch.long)
+
+
+def _class_summary(labels) -> str:
+    counts = labels.bincount().tolist()
+    return ", ".join(f"{k}: {c}" for k, c in enumerate(counts) if c)
 
 
 @app.command()
@@ -381,14 +456,17 @@ def invert(
             typer.echo(f"note: {note}", err=True)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
-        make_eps = g.noise_model(
-            loaded, class_label=class_label, guidance=guidance, precision=precision.value, compile=_auto(compile_model)
-        )
+        labels = _invert_labels(loaded, class_label, guidance, len(originals))
+        make_eps = g.noise_model(loaded, guidance=guidance, precision=precision.value, compile=_auto(compile_model))
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
-            latents = g.invert_images(loaded, make_eps, originals, spec, batch_size=batch_size, progress=bar.update)
+            latents = g.invert_images(
+                loaded, make_eps, originals, spec, labels=labels, batch_size=batch_size, progress=bar.update
+            )
             unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
-            recon, _ = g.generate(loaded, make_eps, spec, latents, unused, batch_size=batch_size, progress=bar.update)
+            recon, _ = g.generate(
+                loaded, make_eps, spec, latents, unused, labels=labels, batch_size=batch_size, progress=bar.update
+            )
         metrics = g.reconstruction_metrics(originals, recon)
 
         directory = out or loaded.run_dir / "invert"
@@ -401,7 +479,8 @@ def invert(
             alphas = torch.linspace(0, 1, interpolate)
             frames_T = g.slerp(latents[0], latents[1], alphas)
             unused = [torch.Generator() for _ in frames_T]
-            frames, _ = g.generate(loaded, make_eps, spec, frames_T, unused, batch_size=batch_size)
+            frame_labels = None if labels is None else labels[:1].expand(len(frames_T))
+            frames, _ = g.generate(loaded, make_eps, spec, frames_T, unused, labels=frame_labels, batch_size=batch_size)
             save_grid(frames, directory / "interpolation.png", nrow=interpolate)
     for path, (mse, psnr) in zip(images_in, metrics, strict=True):
         typer.echo(f"{path}: MSE {mse:.6f} per dimension, PSNR {psnr:.2f} dB")
@@ -500,6 +579,9 @@ def compare(
         typer.Option("--dpm-solver/--no-dpm-solver", help="Add DPM-Solver++(2M) rows (logsnr spacing) per step count."),
     ] = True,
     clip_x0: ClipOpt = None,
+    classes: ClassesOpt = None,
+    unconditional: UnconditionalOpt = False,
+    guidance: SampleGuidanceOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
     seed: SeedOpt = None,
     batch_size: BatchOpt = 64,
@@ -526,6 +608,7 @@ def compare(
     """
     from ddim_cli import compare as c
     from ddim_cli import generate as g
+    from ddim_cli.seeding import seeded_noise
 
     step_counts = _number_list(steps, int, "--steps")
     etas = _number_list(eta, float, "--eta")
@@ -544,7 +627,12 @@ def compare(
         )
         for spec in specs:
             spec.check(loaded.alpha_bars)
-        make_eps = g.noise_model(loaded, precision=precision.value, compile=_auto(compile_model))
+        # Checked on the first images; every row and batch draws its classes the same way.
+        first_seed = cfg.sample.seed if seed is None else seed
+        _, w = _labels_and_guidance(
+            loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
+        )
+        make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None
@@ -563,11 +651,13 @@ def compare(
                 make_eps,
                 specs,
                 n=n,
-                seed=cfg.sample.seed if seed is None else seed,
+                seed=first_seed,
                 batch_size=batch_size,
                 progress=bar.update,
                 samples_dir=samples_dir,
                 count=fid or None,
+                classes=_classes(classes),
+                unconditional=unconditional,
             )
         if fid:
             c.add_fid(rows, samples_dir, _reference, extract, batch_size, preset=cfg.name)

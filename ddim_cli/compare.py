@@ -1,7 +1,8 @@
 """The DDPM-vs-DDIM experiment of the DDIM paper: the same noise through several samplers.
 
-Every row starts from the same x_T (and, for stochastic samplers, the same noise stream), so the
-differences between rows are the samplers'. Results are a labelled grid, a table (Markdown and
+Every row starts from the same x_T, the same classes (for a class-conditional model, drawn per
+image from its seed as ``ddim sample`` does, unless given) and, for stochastic samplers, the same
+noise stream, so the differences between rows are the samplers'. Results are a labelled grid, a table (Markdown and
 CSV; one dict per row, so further columns such as FID slot in) and a plot of time against steps.
 """
 
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ddim_cli.fid import frechet_distance, source_batches, statistics
-from ddim_cli.generate import LoadedModel, SamplerSpec, generate, seeded_noise
+from ddim_cli.generate import LoadedModel, MakeEps, SamplerSpec, class_labels, generate
 from ddim_cli.images import load_images, save_labelled_rows, save_pngs
-from ddim_cli.sampling import EpsModel
+from ddim_cli.seeding import seeded_noise
 
 # The DDIM paper's Table 1 (FID of 50k samples; rows eta = 0, 0.2, 0.5, 1 and sigma-hat, i.e. DDPM
 # with variance beta; columns S = 10, 20, 50, 100, 1000). The CelebA sigma-hat row is not included.
@@ -94,7 +95,7 @@ def comparison_specs(
 
 def run_comparison(
     loaded: LoadedModel,
-    make_eps: Callable[[int], EpsModel],
+    make_eps: MakeEps,
     specs: list[SamplerSpec],
     *,
     n: int,
@@ -103,6 +104,8 @@ def run_comparison(
     progress: Callable[[int], None] | None = None,
     samples_dir: Path | None = None,
     count: int | None = None,
+    classes: list[int] | None = None,
+    unconditional: bool = False,
 ) -> list[CompareRow]:
     """Sample ``n`` images per row; with ``samples_dir``, ``count`` images per row are kept there as
     PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was."""
@@ -111,12 +114,15 @@ def run_comparison(
     for spec in specs:
         if samples_dir is None:
             x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))  # the same for every row
+            labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional)
             images, seconds = generate(
-                loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=progress
+                loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress
             )
         else:
             folder = samples_dir / spec.slug
-            seconds = fill_sample_folder(loaded, make_eps, spec, folder, max(count or 0, n), seed, batch_size, progress)
+            seconds = fill_sample_folder(
+                loaded, make_eps, spec, folder, max(count or 0, n), seed, batch_size, progress, classes, unconditional
+            )
             images = load_images(
                 sorted(folder.glob("*.png"))[:n], loaded.config.data.image_size, loaded.config.data.channels
             )[0]
@@ -126,13 +132,15 @@ def run_comparison(
 
 def fill_sample_folder(
     loaded: LoadedModel,
-    make_eps: Callable[[int], EpsModel],
+    make_eps: MakeEps,
     spec: SamplerSpec,
     folder: Path,
     count: int,
     seed: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    classes: list[int] | None = None,
+    unconditional: bool = False,
 ) -> float:
     """Make ``folder`` hold images 0..count-1 of ``spec`` (image i from seed + i), reusing those
     already there; returns the seconds per image, measured now or when they were made."""
@@ -147,7 +155,12 @@ def fill_sample_folder(
     for start in range(done, count, batch_size):
         seeds = list(range(seed + start, seed + min(count, start + batch_size)))
         x_T, generators = seeded_noise(loaded.image_shape, seeds)
-        images, seconds = generate(loaded, make_eps, spec, x_T, generators, batch_size=batch_size, progress=progress)
+        # Image i is cycled to classes[i % len(classes)] wherever its batch starts.
+        shifted = classes[start % len(classes) :] + classes[: start % len(classes)] if classes else classes
+        labels = class_labels(loaded, generators, classes=shifted, unconditional=unconditional)
+        images, seconds = generate(
+            loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress
+        )
         save_pngs(images, folder, first_index=start)
         timing = {"images": timing["images"] + len(seeds), "seconds": timing["seconds"] + seconds * len(seeds)}
         timing_file.write_text(json.dumps(timing))
@@ -162,14 +175,15 @@ def add_fid(rows: list[CompareRow], samples_dir: Path, reference, extract, batch
         row.paper_fid = paper_fid(preset, row.spec)
 
 
-def _warm_up(loaded: LoadedModel, make_eps: Callable[[int], EpsModel], batch: int) -> None:
+def _warm_up(loaded: LoadedModel, make_eps: MakeEps, batch: int) -> None:
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         x, t = (
             torch.zeros(batch, *loaded.image_shape, device=device),
             torch.zeros(batch, dtype=torch.long, device=device),
         )
-        make_eps(batch)(x, t)
+        labels = None if loaded.config.model.num_classes is None else torch.zeros(batch, dtype=torch.long)
+        make_eps(labels)(x, t)
 
 
 def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:

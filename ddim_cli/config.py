@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
-from ddim_cli.schedule import SCHEDULE_KINDS, SPACINGS
+from ddim_cli.schedule import SCHEDULE_KINDS, SPACINGS, alpha_bars, rescale_zero_terminal_snr
 from ddim_cli.unet import UNetConfig, check_config
 
 
@@ -46,6 +47,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in ResNet blocks
     resamp_with_conv: bool = True  # learned convs in down/upsampling
     num_classes: int | None = None  # class-conditional (classifier-free guidance) with this many classes
+    prediction: Literal["eps", "x0", "v"] = "eps"  # what the network outputs: noise, data, or v (Salimans & Ho)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class DiffusionConfig:
     num_timesteps: int = 1000  # T, the number of training timesteps
     beta_start: float = 1e-4  # first beta (linear, quadratic, sigmoid)
     beta_end: float = 0.02  # last beta (linear, quadratic, sigmoid)
+    rescale_zero_terminal_snr: bool = False  # Lin et al. 2023: alpha_bar[T-1] = 0 (needs x0 or v prediction)
 
 
 @dataclass
@@ -62,17 +65,22 @@ class TrainConfig:
     batch_size: int = 64  # global batch (split evenly across ranks)
     lr: float = 2e-4  # peak learning rate
     warmup: int = 0  # linear learning-rate warmup steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to 0
     optimizer: Literal["adam", "adamw"] = "adam"  # Adam as in DDPM, or AdamW
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     ema_decay: float = 0.9999  # EMA of the weights, used for sampling
     label_dropout: float = 0.0  # drop class labels to the null label with this probability
+    loss_weighting: Literal["none", "min_snr"] = "none"  # per-timestep MSE weights: none, or Min-SNR-gamma
+    min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma weighting (Hang et al. 2023)
     seed: int = 0  # seeds data order, noise, timesteps, augmentation and dropout
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast; auto: bf16 on CUDA, fp32 on CPU
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto: on CUDA only
     log_every: int = 50  # steps between metrics.jsonl lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
     sample_every: int = 1000  # steps between EMA sample grids (0 disables)
+    fid_every: int = 0  # steps between FIDs of EMA samples against the training set (0 disables)
+    fid_samples: int = 1000  # samples per FID during training (sample.steps DDIM steps each)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
 
 
@@ -84,6 +92,7 @@ class SampleConfig:
     n: int = 64  # images in a grid
     seed: int = 0  # image i uses seed + i
     clip_x0: bool = True  # clamp predicted x_0 to [-1, 1]
+    guidance: float = 0.0  # classifier-free guidance w for class-conditional sampling (0: the plain conditional model)
 
 
 @dataclass
@@ -96,14 +105,19 @@ class Config:
     name: str = "run"  # the run's name (defaults to the config file's stem)
 
     def unet_config(self) -> UNetConfig:
-        return UNetConfig(
-            **dataclasses.asdict(self.model), in_channels=self.data.channels, resolution=self.data.image_size
-        )
+        network = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "prediction"}
+        return UNetConfig(**network, in_channels=self.data.channels, resolution=self.data.image_size)
 
     def schedule_params(self) -> dict[str, float]:
         if self.diffusion.schedule == "cosine":
             return {}
         return {"beta_start": self.diffusion.beta_start, "beta_end": self.diffusion.beta_end}
+
+    def alpha_bars(self) -> torch.Tensor:
+        """The model's float64 ``alpha_bar`` table, zero-terminal-SNR rescaled if configured."""
+        d = self.diffusion
+        table = alpha_bars(d.schedule, d.num_timesteps, **self.schedule_params())
+        return rescale_zero_terminal_snr(table) if d.rescale_zero_terminal_snr else table
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -187,6 +201,19 @@ def validate(config: Config) -> None:
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 disables)")
+    need(t.fid_every >= 0, "train.fid_every", "must be >= 0 (0 disables)")
+    need(t.fid_samples >= 2, "train.fid_samples", f"must be >= 2, got {t.fid_samples}")
+    need(t.min_snr_gamma > 0, "train.min_snr_gamma", f"must be > 0, got {t.min_snr_gamma}")
+    need(
+        not config.diffusion.rescale_zero_terminal_snr or m.prediction in ("x0", "v"),
+        "diffusion.rescale_zero_terminal_snr",
+        "needs model.prediction v or x0 (an eps model cannot recover x0 from pure noise)",
+    )
+    need(
+        not config.diffusion.rescale_zero_terminal_snr or config.diffusion.num_timesteps >= 2,
+        "diffusion.rescale_zero_terminal_snr",
+        "needs diffusion.num_timesteps >= 2",
+    )
     need(t.warmup >= 0, "train.warmup", "must be >= 0")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
@@ -204,6 +231,12 @@ def validate(config: Config) -> None:
         f"must be from 1 to diffusion.num_timesteps={config.diffusion.num_timesteps}, got {s.steps}",
     )
     need(s.eta >= 0, "sample.eta", f"must be >= 0, got {s.eta}")
+    need(s.guidance >= 0, "sample.guidance", f"must be >= 0, got {s.guidance}")
+    need(
+        s.guidance == 0 or m.num_classes is not None,
+        "sample.guidance",
+        "needs a class-conditional model (set model.num_classes)",
+    )
     need(s.n >= 1, "sample.n", f"must be >= 1, got {s.n}")
     need(
         s.skip in SPACINGS or "," in s.skip or s.skip.startswith("ddim") or s.skip.isdigit(),

@@ -48,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lsun-church": _LSUN,
     "lsun-cat": _LSUN,
 }
+_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
 
@@ -219,7 +220,10 @@ def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | Non
     need(unet.get("class_embed_type") is None and unet.get("num_class_embeds") is None, "class embeddings")
     need(unet.get("time_embedding_dim") in (None, 4 * channels[0]), "time_embedding_dim other than 4 x channels")
     need(unet.get("attn_norm_num_groups") in (None, 32), "attn_norm_num_groups")
-    need(unet.get("out_channels", 3) == unet.get("in_channels", 3), "out_channels != in_channels (not eps prediction)")
+    need(
+        unet.get("out_channels", 3) == unet.get("in_channels", 3),
+        "out_channels != in_channels (a learned variance or another output)",
+    )
     need(all(c % channels[0] == 0 for c in channels), f"block_out_channels {channels} not multiples of the first")
     need(set(down) <= {"DownBlock2D", "AttnDownBlock2D"}, f"down_block_types {down}")
     need(set(up) <= {"UpBlock2D", "AttnUpBlock2D"}, f"up_block_types {up}")
@@ -251,6 +255,7 @@ def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | Non
             "attn_resolutions": [size // 2**level for level, a in enumerate(has_attention) if a],
             "dropout": unet.get("dropout", 0.0),
             "resamp_with_conv": True,
+            "prediction": _prediction_from_scheduler(scheduler),
         },
         "diffusion": _diffusion_from_scheduler(scheduler),
         "sample": {"steps": 100, "clip_x0": bool((scheduler or {}).get("clip_sample", True))},
@@ -266,8 +271,6 @@ def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any
         return {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     if scheduler.get("trained_betas") is not None:
         raise ConversionError("scheduler_config.json has trained_betas; only named beta schedules convert")
-    if scheduler.get("prediction_type", "epsilon") != "epsilon":
-        raise ConversionError(f"prediction_type {scheduler['prediction_type']!r}: only epsilon prediction converts")
     kind = scheduler.get("beta_schedule", "linear")
     if kind not in _DIFFUSERS_SCHEDULES:
         raise ConversionError(f"beta_schedule {kind!r} is not supported ({', '.join(_DIFFUSERS_SCHEDULES)} are)")
@@ -276,7 +279,16 @@ def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any
         "num_timesteps": scheduler.get("num_train_timesteps", 1000),
         "beta_start": scheduler.get("beta_start", 1e-4),
         "beta_end": scheduler.get("beta_end", 0.02),
+        "rescale_zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
     }
+
+
+def _prediction_from_scheduler(scheduler: dict[str, Any] | None) -> str:
+    """diffusers' ``prediction_type`` as our ``model.prediction`` (epsilon without a scheduler)."""
+    kind = (scheduler or {}).get("prediction_type", "epsilon")
+    if kind not in _DIFFUSERS_PREDICTIONS:
+        raise ConversionError(f"prediction_type {kind!r} is not supported ({', '.join(_DIFFUSERS_PREDICTIONS)} are)")
+    return _DIFFUSERS_PREDICTIONS[kind]
 
 
 _RESNET = {

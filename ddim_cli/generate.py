@@ -1,8 +1,9 @@
 """What ``ddim sample``, ``invert`` and ``compare`` do, as functions over a loaded checkpoint.
 
-Randomness follows EDM's per-seed convention: image ``i`` gets its own generator seeded with
-``seed + i``; its x_T is the first draw and any sampler noise the following ones. An image is
-therefore the same whatever the batch size, the number of images or the device it is drawn on.
+Randomness follows EDM's per-seed convention (:mod:`ddim_cli.seeding`): image ``i`` gets its own
+generator seeded with ``seed + i``; its x_T is the first draw, its class (for a class-conditional
+model) the second, and any sampler noise the following ones. An image is therefore the same
+whatever the batch size, the number of images or the device it is drawn on.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpo
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.sampling import EpsModel, invert, plan, sample
-from ddim_cli.schedule import SPACINGS, alpha_bars, timesteps
+from ddim_cli.schedule import SPACINGS, timesteps
+from ddim_cli.seeding import cycle_classes, draw_classes
 from ddim_cli.unet import UNet
 
 Progress = Callable[[int], None]  # called with the number of (image x step) units just done
+MakeEps = Callable[[torch.Tensor | None], EpsModel]  # per-image class labels (None: unconditional) -> model
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,11 @@ class LoadedModel:
 
     @cached_property
     def alpha_bars(self) -> torch.Tensor:
-        d = self.config.diffusion
-        return alpha_bars(d.schedule, d.num_timesteps, **self.config.schedule_params())
+        return self.config.alpha_bars()
+
+    @property
+    def prediction(self) -> str:
+        return self.config.model.prediction
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -119,34 +125,64 @@ def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str =
     return LoadedModel(model.to(device).eval(), checkpoint.config, Path(path), checkpoint.step)
 
 
+def check_classes(loaded: LoadedModel, classes: list[int] | None) -> None:
+    """Raise a one-line CheckpointError unless the model takes every label in ``classes``."""
+    num_classes = loaded.config.model.num_classes
+    if classes and num_classes is None:
+        raise CheckpointError("--class needs a class-conditional model; this one is unconditional")
+    for label in classes or []:
+        if not 0 <= label < num_classes:
+            raise CheckpointError(f"--class {label} is out of range; this model has classes 0..{num_classes - 1}")
+
+
+def class_labels(
+    loaded: LoadedModel,
+    generators: list[torch.Generator],
+    *,
+    classes: list[int] | None = None,
+    unconditional: bool = False,
+) -> torch.Tensor | None:
+    """The class of each image, as ``ddim sample`` chooses it; None means the null label.
+
+    For a class-conditional model every image's generator yields a class right after its x_T
+    (always, so that its noise stream does not depend on the choice below); it is used unless
+    ``classes`` is given (cycled over the images) or ``unconditional`` asks for the null label.
+    An unconditional model takes neither ``classes`` nor any draw.
+    """
+    check_classes(loaded, classes)
+    num_classes = loaded.config.model.num_classes
+    if num_classes is None:
+        return None
+    if classes and unconditional:
+        raise CheckpointError("--class and --unconditional exclude each other")
+    drawn = draw_classes(generators, num_classes)
+    if unconditional:
+        return None
+    return cycle_classes(classes, len(generators)) if classes else drawn
+
+
 def noise_model(
     loaded: LoadedModel,
     *,
-    class_label: int | None = None,
     guidance: float = 0.0,
     precision: Precision = "auto",
     compile: Switch = "auto",
     channels_last: Switch = "auto",
-) -> Callable[[int], EpsModel]:
-    """``make(batch) -> eps_model`` for the checkpoint: class conditioning, guidance, and the
+) -> MakeEps:
+    """``make(labels) -> eps_model`` for the checkpoint: class conditioning (``labels``: one class
+    per image of the batch, or None for the null label), classifier-free guidance ``w``, and the
     device's fast path (``auto``: bf16 autocast, ``channels_last`` and ``torch.compile`` on CUDA;
     fp32 on CPU, ``channels_last`` from 32x32 up; see :mod:`ddim_cli.acceleration`).
 
-    ``channels_last`` converts ``loaded.model``'s weights in place. ``compile`` on CPU uses
-    inductor's freezing, which prepacks the convolution weights: about 16% faster per evaluation
-    on the CIFAR-10 model after a build of about a minute; each new batch size builds again.
-    A class-conditional model without ``class_label`` samples unconditionally (the null label).
+    The model's output is returned as it is: noise, data or v, as ``loaded.prediction`` says;
+    guidance combines any of the three alike. ``channels_last`` converts ``loaded.model``'s
+    weights in place. ``compile`` on CPU uses inductor's freezing, which prepacks the convolution
+    weights: about 16% faster per evaluation on the CIFAR-10 model after a build of about a
+    minute; each new batch size builds again.
     """
     num_classes = loaded.config.model.num_classes
-    if num_classes is None and class_label is not None:
-        raise CheckpointError("--class needs a class-conditional model; this one is unconditional")
-    if class_label is None and guidance:
-        raise CheckpointError(
-            "--guidance needs --class K"
-            + ("" if num_classes else " and a class-conditional model; this one is unconditional")
-        )
-    if class_label is not None and not 0 <= class_label < num_classes:
-        raise CheckpointError(f"--class {class_label} is out of range; this model has classes 0..{num_classes - 1}")
+    if guidance and num_classes is None:
+        raise CheckpointError("--guidance needs a class-conditional model; this one is unconditional")
     model = loaded.model
     device = next(model.parameters()).device
     if channels_last == "auto":
@@ -164,39 +200,36 @@ def noise_model(
             # The sampler's state stays in the standard layout whatever the model's is.
             return model(x, t, y).to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
-    def make(batch: int) -> EpsModel:
-        if class_label is None:
+    def make(labels: torch.Tensor | None) -> EpsModel:
+        if labels is None:
+            if guidance:
+                raise CheckpointError("--guidance needs class labels; the null label cannot be guided")
             return with_precision
-        labels = torch.full((batch,), class_label, dtype=torch.long)
         return classifier_free_guidance(with_precision, labels, guidance, null_label=num_classes)
 
     return make
 
 
-def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """x_T for each seed (first draw of its own CPU generator) and the generators to continue with."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
-
-
 def generate(
     loaded: LoadedModel,
-    make_eps: Callable[[int], EpsModel],
+    make_eps: MakeEps,
     spec: SamplerSpec,
     x_T: torch.Tensor,
     generators: list[torch.Generator],
     *,
+    labels: torch.Tensor | None = None,
     batch_size: int,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Sample every x_T in batches; returns the images (CPU, [-1, 1]) and seconds per image."""
+    """Sample every x_T (image i with ``labels[i]``, or the null label) in batches; returns the
+    images (CPU, [-1, 1]) and seconds per image."""
     ab = loaded.alpha_bars
     ts = spec.timesteps(ab)
     eta = spec.eta if spec.method == "ddim" else 0.0
 
     def run(first: int, batch: torch.Tensor) -> torch.Tensor:
         return sample(
-            make_eps(len(batch)),
+            make_eps(_slice(labels, first, len(batch))),
             batch,
             ab,
             ts,
@@ -204,6 +237,7 @@ def generate(
             eta=eta,
             variance=spec.variance,
             clip_x0=spec.clip_x0,
+            prediction=loaded.prediction,
             generator=generators[first : first + len(batch)],
             callback=_counter(progress, len(batch)),
         )
@@ -215,10 +249,11 @@ def generate(
 
 def invert_images(
     loaded: LoadedModel,
-    make_eps: Callable[[int], EpsModel],
+    make_eps: MakeEps,
     images: torch.Tensor,
     spec: SamplerSpec,
     *,
+    labels: torch.Tensor | None = None,
     batch_size: int,
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -227,9 +262,20 @@ def invert_images(
     ts = spec.timesteps(ab)
 
     def run(first: int, batch: torch.Tensor) -> torch.Tensor:
-        return invert(make_eps(len(batch)), batch, ab, ts, callback=_counter(progress, len(batch)))
+        return invert(
+            make_eps(_slice(labels, first, len(batch))),
+            batch,
+            ab,
+            ts,
+            prediction=loaded.prediction,
+            callback=_counter(progress, len(batch)),
+        )
 
     return _in_batches(loaded, images, batch_size, run)
+
+
+def _slice(labels: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:
+    return None if labels is None else labels[first : first + count]
 
 
 def _in_batches(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, run) -> torch.Tensor:

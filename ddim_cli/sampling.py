@@ -24,7 +24,11 @@ method is a table of ``(a, b, c, sigma)`` per step, computed once in float64:
   shrink.
 
 ``eps_model(x, t)`` is any callable returning a tensor shaped like ``x``; ``t`` is a LongTensor of
-*training* timesteps, shape ``(N,)``. Randomness comes only from the ``generator`` passed in.
+*training* timesteps, shape ``(N,)``. Its output is the noise by default; ``prediction="x0"`` or
+``"v"`` says it predicts the data or the velocity instead, and each step converts it to
+``(x0_hat, eps)`` (:mod:`ddim_cli.parameterization`), so every method works with every target.
+The schedule may end at ``alpha_bar = 0`` (zero terminal SNR) for the ``x0`` and ``v`` targets.
+Randomness comes only from the ``generator`` passed in.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ddim_cli.parameterization import check_prediction, x0_and_eps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -55,6 +61,7 @@ class _Step:
     c: float
     sigma: float
     d: float = 0.0
+    model_alpha_bar: float | None = None  # alpha_bar of model_t where it differs from alpha_bar (inversion)
 
 
 @torch.no_grad()
@@ -68,6 +75,7 @@ def sample(
     eta: float = 0.0,
     variance: str = "posterior",
     clip_x0: bool = False,
+    prediction: str = "eps",
     generator: Generator = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -78,13 +86,20 @@ def sample(
     ``method="ddim"`` takes any ``eta >= 0`` for which Eq. 12 is defined; ``method="ddpm"`` takes
     ``variance="posterior"`` (beta-tilde) or ``"beta"``; ``method="dpm++2m"`` is deterministic.
     ``clip_x0`` clamps ``x0_hat`` to [-1, 1] before it is used (the model's own eps is kept in
-    the DDIM direction term, as in diffusers).
+    the DDIM direction term, as in diffusers). ``prediction``: what ``eps_model`` returns, ``eps``,
+    ``x0`` or ``v``; a schedule ending at ``alpha_bar = 0`` needs ``x0`` or ``v``.
     ``generator``: one ``torch.Generator`` for the batch, or one per image so that an image does
     not depend on the batch it is drawn in; noise is drawn on the generator's device. ``callback(i,
     t, x, x0_hat)`` is called after step ``i`` (at timestep ``t``) with the new state.
     """
+    check_prediction(prediction)
     steps = plan(alpha_bars, timesteps, method=method, eta=eta, variance=variance)
-    return _run(eps_model, x_T, steps, clip_x0, generator, callback)
+    if prediction == "eps" and steps[0].alpha_bar == 0:
+        raise ValueError(
+            f"timestep {steps[0].model_t} has alpha_bar = 0 (zero terminal SNR), where an eps-prediction "
+            "model cannot recover x0; use a v or x0 model, or timesteps that skip it"
+        )
+    return _run(eps_model, x_T, steps, clip_x0, prediction, generator, callback)
 
 
 def plan(
@@ -121,20 +136,24 @@ def invert(
     timesteps: torch.Tensor,
     *,
     clip_x0: bool = False,
+    prediction: str = "eps",
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: map data ``x_0`` to the latent at ``timesteps[0]``.
 
     ``timesteps`` is the same strictly decreasing sequence given to :func:`sample`, which with
-    ``eta=0`` maps the result back to (approximately) ``x_0``.
+    ``eta=0`` maps the result back to (approximately) ``x_0``. Whatever the ``prediction``, the
+    model's output is turned into the noise estimate at the timestep it was evaluated at, so a
+    perfect model inverts identically as an eps, x0 or v predictor.
     """
+    check_prediction(prediction)
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
     # Walk the sampling steps backwards: from alpha_bar_prev (1 for the data) up to alpha_bar_t.
     steps = [
-        _Step(int(t), from_ab, math.sqrt(to_ab), math.sqrt(1.0 - to_ab), 0.0, 0.0)
+        _Step(int(t), from_ab, math.sqrt(to_ab), math.sqrt(1.0 - to_ab), 0.0, 0.0, model_alpha_bar=to_ab)
         for t, to_ab, from_ab in zip(timesteps.tolist()[::-1], ab_t.tolist()[::-1], ab_prev.tolist()[::-1], strict=True)
     ]
-    return _run(eps_model, x_0, steps, clip_x0, None, callback)
+    return _run(eps_model, x_0, steps, clip_x0, prediction, None, callback)
 
 
 def _run(
@@ -142,6 +161,7 @@ def _run(
     x: torch.Tensor,
     steps: list[_Step],
     clip_x0: bool,
+    prediction: str,
     generator: Generator,
     callback: Callback | None,
 ) -> torch.Tensor:
@@ -151,10 +171,14 @@ def _run(
     model_t = torch.tensor([s.model_t for s in steps], dtype=torch.long, device=x.device)
     x0_prev = None
     for i, step in enumerate(steps):
-        eps = eps_model(x, model_t[i].expand(batch))
-        if eps.shape != x.shape:
-            raise ValueError(f"eps_model returned shape {tuple(eps.shape)} for input shape {tuple(x.shape)}")
-        x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)
+        output = eps_model(x, model_t[i].expand(batch))
+        if output.shape != x.shape:
+            raise ValueError(f"eps_model returned shape {tuple(output.shape)} for input shape {tuple(x.shape)}")
+        if step.model_alpha_bar is None:
+            x0_hat, eps = x0_and_eps(output, x, step.alpha_bar, prediction)
+        else:  # inversion: the noise the model sees at model_t, then x0_hat at the current point (Eq. 9)
+            eps = x0_and_eps(output, x, step.model_alpha_bar, prediction)[1]
+            x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
         x_next = step.a * x0_hat + step.b * eps
@@ -175,8 +199,10 @@ def _step_alpha_bars(alpha_bars: torch.Tensor, timesteps: torch.Tensor) -> tuple
     if not isinstance(alpha_bars, torch.Tensor) or alpha_bars.dim() != 1 or len(alpha_bars) == 0:
         raise ValueError("alpha_bars must be a non-empty 1-D tensor")
     table = alpha_bars.detach().to("cpu", torch.float64)
-    if not bool(((table > 0) & (table < 1)).all()) or bool((table[1:] >= table[:-1]).any()):
-        raise ValueError("alpha_bars must be strictly decreasing and lie in (0, 1)")
+    # The last entry may be 0: a zero-terminal-SNR schedule (Lin et al. 2023) ends in pure noise.
+    in_range = bool((table[:-1] > 0).all()) and 0 <= float(table[-1]) and bool((table < 1).all())
+    if not in_range or bool((table[1:] >= table[:-1]).any()):
+        raise ValueError("alpha_bars must be strictly decreasing and lie in (0, 1) (the last may be 0)")
     if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or len(timesteps) == 0:
         raise ValueError("timesteps must be a non-empty 1-D tensor")
     if torch.is_floating_point(timesteps) or timesteps.dtype == torch.bool:

@@ -74,6 +74,23 @@ def alpha_bars(kind: str, num_timesteps: int, **params: float) -> torch.Tensor:
     return torch.cumprod(1.0 - betas(kind, num_timesteps, **params), dim=0)
 
 
+def rescale_zero_terminal_snr(alpha_bars: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1: shift and scale ``sqrt(alpha_bar)`` so that it keeps its first
+    value and ends at exactly 0, i.e. the last timestep is pure noise (zero SNR) as at inference.
+
+    ``sqrt_ab <- (sqrt_ab - sqrt_ab[-1]) * sqrt_ab[0] / (sqrt_ab[0] - sqrt_ab[-1])``. The model can
+    then no longer be an eps predictor (x0 = (x_T - eps) / 0); train it with ``v`` or ``x0``
+    prediction, and sample with a spacing that visits ``T - 1`` (``trailing``, ``linspace`` or
+    ``logsnr``; ``uniform`` never starts from pure noise).
+    """
+    root = alpha_bars.to(torch.float64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    if not first > last:
+        raise ValueError("rescale_zero_terminal_snr needs a strictly decreasing alpha_bar table")
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
 def timesteps(
     num_timesteps: int, steps: int | None, spacing: str = "uniform", alpha_bars: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -120,10 +137,14 @@ def timesteps(
         if alpha_bars is None or len(alpha_bars) != T:
             raise ValueError(f"spacing 'logsnr' needs the schedule's alpha_bars (T={T})")
         ab = alpha_bars.detach().to("cpu", torch.float64)
-        log_snr = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
-        targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), S, dtype=torch.float64)
+        log_snr = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t; -inf at a zero-SNR last step
+        zero_terminal = T > 1 and bool(ab[-1] == 0)
+        last = float(log_snr[-2] if zero_terminal else log_snr[-1])
+        targets = torch.linspace(float(log_snr[0]), last, S, dtype=torch.float64)
         nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)  # non-decreasing in t
         kept = _make_distinct(nearest.tolist(), T)
+        if zero_terminal:  # lambda = -inf cannot be spaced evenly: start from pure noise itself
+            kept[-1] = T - 1
     return torch.tensor(sorted(kept, reverse=True), dtype=torch.long)
 
 

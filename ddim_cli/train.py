@@ -1,8 +1,10 @@
-"""The DDPM training loop (Ho et al. 2020, Algorithm 1): eps-MSE at uniformly drawn timesteps.
+"""The DDPM training loop (Ho et al. 2020, Algorithm 1): the MSE of the network's prediction at
+uniformly drawn timesteps. The target is ``model.prediction`` (eps, x0 or v) and the per-example
+weights ``train.loss_weighting`` (none, or Min-SNR-gamma); see :mod:`ddim_cli.parameterization`.
 
-Adam/AdamW with linear warmup, gradient clipping, an EMA of the weights, optional label dropout
-for classifier-free guidance, bf16 autocast and torch.compile on CUDA, and DistributedDataParallel
-under ``torchrun`` (only rank 0 writes).
+Adam/AdamW with linear warmup and an optional cosine decay, gradient clipping, an EMA of the
+weights, optional label dropout for classifier-free guidance, bf16 autocast and torch.compile on
+CUDA, and DistributedDataParallel under ``torchrun`` (only rank 0 writes).
 
 Reproducibility: the initial weights, and every random draw of step ``k`` on rank ``r`` (data
 order, augmentation, label dropout, timesteps, noise, dropout masks) come from seeds derived from
@@ -27,10 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
@@ -44,11 +44,13 @@ from ddim_cli.checkpoint import (
 )
 from ddim_cli.config import Config
 from ddim_cli.data import NO_LABEL, DataError, build_dataset
-from ddim_cli.sampling import sample
-from ddim_cli.schedule import SPACINGS, alpha_bars, timesteps
+from ddim_cli.fid import FeatureExtractor
+from ddim_cli.monitor import TrainingFID, plot_metrics, save_sample_grid
+from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.unet import UNet
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
+RUN_GLOBS = ("fid-reference-*.npz",)  # cached statistics of the training set
 RUN_DIRS = ("checkpoints", "samples")
 
 
@@ -88,6 +90,9 @@ def _clear_run(run_dir: Path) -> None:
     """Remove our own files from a run directory (for --overwrite); anything else stays."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for pattern in RUN_GLOBS:
+        for file in run_dir.glob(pattern):
+            file.unlink()
     for name in RUN_DIRS:
         for file in (run_dir / name).glob("*"):
             if file.is_file():
@@ -102,8 +107,12 @@ def train(
     overwrite: bool = False,
     device: str = "auto",
     progress: bool = True,
+    fid_extractor: FeatureExtractor | None = None,
 ) -> TrainResult:
     """Train a new run in ``run_dir`` (``overwrite`` replaces an existing one) or resume it.
+
+    ``fid_extractor`` replaces torch-fidelity's Inception for ``train.fid_every`` (tests use a
+    small one); its statistics are cached under its ``__name__``.
 
     Everything that can fail on the user's input (run directory, dataset) is checked before
     anything in ``run_dir`` is written or removed.
@@ -147,12 +156,17 @@ def train(
     compiled = resolve_compile(cfg.compile, device_)
     if compiled:
         net = torch.compile(net)
-    ab = alpha_bars(config.diffusion.schedule, config.diffusion.num_timesteps, **config.schedule_params())
+    ab = config.alpha_bars()
+    ab_device = ab.float().to(device_)
     sqrt_ab, sqrt_one_minus_ab = ab.sqrt().float().to(device_), (1 - ab).sqrt().float().to(device_)
     precision = resolve_precision(cfg.precision, device_)
     fast_path = [precision] + ["channels_last"] * (layout is not None) + ["compiled"] * compiled
 
     log = _RunLog(run_dir, enabled=rank == 0)
+    fid = None
+    if cfg.fid_every and rank == 0:
+        name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
+        fid = TrainingFID(run_dir, dataset, config, fid_extractor, name, device_)
     log.message(
         f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world} "
         f"({', '.join(fast_path)}); {len(dataset)} images; "
@@ -179,14 +193,18 @@ def train(
             view = (-1,) + (1,) * (x0.dim() - 1)
             x_t = sqrt_ab[t].view(view) * x0 + sqrt_one_minus_ab[t].view(view) * noise  # q(x_t | x_0), Eq. 4
 
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+            lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if layout is not None:
                 x_t = x_t.contiguous(memory_format=layout)
             with autocast(precision, device_):
                 prediction = net(x_t, t, labels) if num_classes is not None else net(x_t, t)
-            loss = F.mse_loss(prediction.float(), noise)
+            ab_t = ab_device[t].view(view)
+            target = training_target(x0, noise, ab_t, config.model.prediction)
+            per_example = (prediction.float() - target).pow(2).flatten(1).mean(1)
+            weights = loss_weights(ab_t.flatten(), config.model.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
+            loss = (weights * per_example).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -215,9 +233,16 @@ def train(
                 window_start, window_steps = time.perf_counter(), 0
 
             if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
+                save_sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
+            if fid is not None and (step % cfg.fid_every == 0 or step == cfg.steps):
+                value = fid.measure(ema, ab, device_)
+                if value is not None:
+                    log.metrics(step=step, fid=value)
+                    log.message(f"step {step}: FID {value:.3f} ({cfg.fid_samples} EMA samples vs the training set)")
             if at_checkpoint or stopping:
                 checkpoint = _save(run_dir, step, config, model, ema, optimizer, rank, log, len(dataset))
+                if rank == 0:
+                    plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
             if stopping:
                 bar.close()
                 _barrier(world)
@@ -232,6 +257,17 @@ def train(
 def _seed(seed: int, step: int, rank: int, purpose: str) -> int:
     digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer
+
+
+def learning_rate(cfg, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup over ``cfg.warmup``
+    steps, then constant or a cosine decay that reaches 0 after ``cfg.steps``."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -296,24 +332,6 @@ def _ignore_sigint(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; workers must outlive it while the main process
     # finishes its step and writes a checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@torch.no_grad()
-def _sample_grid(ema: torch.nn.Module, config: Config, ab: torch.Tensor, path: Path, device: torch.device) -> None:
-    """A grid from the EMA weights with fixed seeds (image i from seed + i), to watch progress."""
-    s, n = config.sample, config.sample.n
-    generators = [torch.Generator().manual_seed(s.seed + i) for i in range(n)]
-    shape = (config.data.channels, config.data.image_size, config.data.image_size)
-    x_T = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    num_classes = config.model.num_classes
-
-    def eps_model(x, t):  # class-conditional models show classes 0, 1, 2, ... row by row
-        return ema(x, t, torch.arange(len(x), device=device) % num_classes) if num_classes else ema(x, t)
-
-    steps = timesteps(config.diffusion.num_timesteps, s.steps if s.skip in SPACINGS else None, s.skip, ab)
-    images = sample(eps_model, x_T, ab, steps, eta=s.eta, clip_x0=s.clip_x0, generator=generators)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(n))))
 
 
 def _save(run_dir, step, config, model, ema, optimizer, rank, log, dataset_size: int) -> Path | None:

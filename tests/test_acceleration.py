@@ -52,8 +52,8 @@ def checkpoint(tmp_path, image_size: int):
 def test_channels_last_gives_the_standard_layouts_numbers(tmp_path):
     path = checkpoint(tmp_path, 32)
     nchw, nhwc = load_model(path), load_model(path)
-    eps_nchw = noise_model(nchw, channels_last=False, compile=False)(2)
-    eps_nhwc = noise_model(nhwc, channels_last=True, compile=False)(2)
+    eps_nchw = noise_model(nchw, channels_last=False, compile=False)(None)
+    eps_nhwc = noise_model(nhwc, channels_last=True, compile=False)(None)
     conv = nhwc.model.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
@@ -104,8 +104,8 @@ def test_training_in_channels_last_writes_plain_checkpoints_and_resumes_across_l
 def test_the_cuda_fast_path_composes_on_the_cpu(tmp_path):
     """bf16 autocast + channels_last + torch.compile together, as CUDA runs them by default."""
     path = checkpoint(tmp_path, 32)
-    exact = noise_model(load_model(path), precision="fp32", channels_last=False, compile=False)(2)
-    fast = noise_model(load_model(path), precision="bf16", channels_last=True, compile=True)(2)
+    exact = noise_model(load_model(path), precision="fp32", channels_last=False, compile=False)(None)
+    fast = noise_model(load_model(path), precision="bf16", channels_last=True, compile=True)(None)
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 700])
     with torch.no_grad():
         a, b = exact(x, t), fast(x, t)

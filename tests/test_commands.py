@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from ddim_cli.checkpoint import save_checkpoint
 from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
-from ddim_cli.generate import SamplerSpec, generate, load_model, noise_model, seeded_noise
-from ddim_cli.images import load_images
+from ddim_cli.generate import SamplerSpec, generate, load_model, noise_model
+from ddim_cli.images import load_images, to_uint8
+from ddim_cli.seeding import seeded_noise
 from ddim_cli.train import train
 
 TINY = {
@@ -200,15 +201,78 @@ def test_latents_round_trip_through_files(run_dir, tmp_path):
 
 def test_class_and_guidance(conditional_run, run_dir, tmp_path):
     ok("sample", conditional_run, "--class", 3, "--guidance", 2, "--n", 2, "--out", tmp_path / "g.png")
-    for args, message in [
-        ((conditional_run, "--class", 10), "--class 10 is out of range; this model has classes 0..9"),
-        ((conditional_run, "--guidance", 1), "--guidance needs --class K"),
-        ((run_dir, "--class", 1), "needs a class-conditional model"),
-        ((run_dir, "--class", 1, "--guidance", 1), "needs a class-conditional model"),
+    for args, code, message in [
+        ((conditional_run, "--class", 10), 1, "--class 10 is out of range; this model has classes 0..9"),
+        ((conditional_run, "--unconditional", "--guidance", 1), 1, "--unconditional samples with the null label"),
+        ((conditional_run, "--unconditional", "--class", 2), 1, "exclude each other"),
+        ((conditional_run, "--class", "3,x"), 2, "--class takes comma-separated numbers"),
+        ((run_dir, "--class", 1), 1, "needs a class-conditional model"),
+        ((run_dir, "--class", 1, "--guidance", 1), 1, "needs a class-conditional model"),
+        ((run_dir, "--guidance", 1), 1, "this model is unconditional"),
     ]:
         result = ddim("sample", *args, "--n", 1, "--out", tmp_path / "x.png")
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == code and message in result.output, result.output
+        assert "Traceback" not in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    raw = json.loads(json.dumps(TINY))
+    raw["model"]["num_classes"] = 10
+    raw["sample"]["guidance"] = 1.5
+    path = tmp_path_factory.mktemp("runs") / "guided"
+    train(config_from_dict(raw), path, device="cpu", progress=False)
+    return path
+
+
+def test_default_sampling_draws_each_images_class_from_its_seed_with_the_configs_guidance(guided_run, tmp_path):
+    from ddim_cli.seeding import draw_classes
+
+    n, seed = 12, 7
+    _, generators = seeded_noise((1, 8, 8), list(range(seed, seed + n)))
+    drawn = draw_classes(generators, 10).tolist()  # the second draw of each image's own generator
+    assert len(set(drawn)) > 3
+    default = ok("sample", guided_run, "--n", n, "--seed", seed, "--batch-size", 5, "--npz", tmp_path / "d.npz")
+    assert "guidance 1.5" in default.output
+    explicit = ("--class", ",".join(map(str, drawn)), "--guidance", 1.5, "--seed", seed)
+    ok("sample", guided_run, "--n", n, *explicit, "--npz", tmp_path / "e.npz")
+    assert np.array_equal(npz(tmp_path / "d.npz"), npz(tmp_path / "e.npz"))  # independent of the batch, too
+    ok("sample", guided_run, "--n", n, "--seed", seed, "--guidance", 0, "--npz", tmp_path / "w0.npz")
+    assert not np.array_equal(npz(tmp_path / "d.npz"), npz(tmp_path / "w0.npz"))
+    # The first image's class and noise come from its own seed: it is the same alone.
+    ok("sample", guided_run, "--n", 1, "--seed", seed, "--npz", tmp_path / "one.npz")
+    assert np.array_equal(npz(tmp_path / "one.npz")[0], npz(tmp_path / "d.npz")[0])
+
+
+def test_class_lists_cycle_and_unconditional_uses_the_null_label(guided_run, tmp_path):
+    ok("sample", guided_run, "--n", 4, "--class", "3,7", "--npz", tmp_path / "cycle.npz")
+    ok("sample", guided_run, "--n", 4, "--class", 3, "--npz", tmp_path / "three.npz")
+    ok("sample", guided_run, "--n", 4, "--class", 7, "--npz", tmp_path / "seven.npz")
+    cycle, three, seven = npz(tmp_path / "cycle.npz"), npz(tmp_path / "three.npz"), npz(tmp_path / "seven.npz")
+    assert np.array_equal(cycle[0::2], three[0::2]) and np.array_equal(cycle[1::2], seven[1::2])
+    result = ok("sample", guided_run, "--n", 3, "--unconditional", "--npz", tmp_path / "null.npz")
+    assert "(null label)" in result.output
+    loaded = load_model(guided_run / "checkpoints" / "step-0000002.safetensors")
+    x_T, generators = seeded_noise(loaded.image_shape, [0, 1, 2])
+    spec = SamplerSpec("ddim", 5, 0.0)
+    expected, _ = generate(loaded, noise_model(loaded), spec, x_T, generators, labels=None, batch_size=3)
+    assert np.array_equal(npz(tmp_path / "null.npz"), to_uint8(expected))
+
+
+def test_training_grids_and_compare_follow_the_default_rule(guided_run, tmp_path):
+    from ddim_cli.compare import run_comparison
+    from ddim_cli.monitor import sample_ema
+
+    ok("sample", guided_run, "--n", 5, "--seed", 2, "--npz", tmp_path / "d.npz")
+    loaded = load_model(guided_run / "checkpoints" / "step-0000002.safetensors")
+    grid_images = sample_ema(loaded.model, loaded.config, loaded.alpha_bars, [2, 3, 4, 5, 6], torch.device("cpu"))
+    assert np.array_equal(to_uint8(grid_images), npz(tmp_path / "d.npz"))
+    make_eps = noise_model(loaded, guidance=loaded.config.sample.guidance)
+    rows = run_comparison(loaded, make_eps, [SamplerSpec("ddim", 5, 0.0)], n=5, seed=2, batch_size=2)
+    assert np.array_equal(to_uint8(rows[0].images), npz(tmp_path / "d.npz"))
+    compared = ok("compare", guided_run, "--steps", 5, "--eta", 0, "--n", 5, "--seed", 2, "--out", tmp_path / "c")
+    assert "wrote" in compared.output
 
 
 @pytest.mark.parametrize(

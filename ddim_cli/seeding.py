@@ -1,0 +1,25 @@
+"""Per-image randomness, after NVlabs/edm's generator: image ``i`` owns a CPU generator seeded with
+``seed + i``, and draws from it, in order, its ``x_T``, then (for a class-conditional model) its
+class, then any sampler noise. An image is therefore the same whatever the batch size, the number
+of images or the device, and changing only the class of an image keeps its noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each seed (first draw of its own CPU generator) and the generators to continue with."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+
+
+def draw_classes(generators: list[torch.Generator], num_classes: int) -> torch.Tensor:
+    """One class per image, uniform over ``0 .. num_classes - 1``, from that image's generator."""
+    return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in generators])
+
+
+def cycle_classes(classes: list[int], count: int) -> torch.Tensor:
+    """``classes`` repeated to ``count`` images: image ``i`` gets ``classes[i % len(classes)]``."""
+    return torch.tensor([classes[i % len(classes)] for i in range(count)], dtype=torch.long)
