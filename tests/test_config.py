@@ -45,6 +45,11 @@ def test_the_documented_train_keys_exist():
         "sample_every",
         "keep_checkpoints",
         "precision",
+        "loss_weighting",
+        "min_snr_gamma",
+        "lr_schedule",
+        "fid_every",
+        "fid_samples",
     ]:
         assert hasattr(train, key)
 
@@ -70,6 +75,14 @@ def write(tmp_path, text):
         ("train: 5\n", "train: expected a mapping"),
         ("sample:\n  steps: 2000\n", "sample.steps: must be from 1 to diffusion.num_timesteps=1000"),
         ("- a\n- b\n", "top level must be a mapping"),
+        ("model:\n  prediction: noise\n", "model.prediction: expected one of eps, x0, v, got 'noise'"),
+        ("diffusion:\n  rescale_zero_terminal_snr: true\n", "needs model.prediction v or x0"),
+        ("train:\n  loss_weighting: snr\n", "train.loss_weighting: expected one of none, min_snr"),
+        ("train:\n  min_snr_gamma: 0\n", "train.min_snr_gamma: must be > 0"),
+        ("train:\n  lr_schedule: linear\n", "train.lr_schedule: expected one of constant, cosine"),
+        ("train:\n  fid_samples: 1\n", "train.fid_samples: must be >= 2"),
+        ("sample:\n  guidance: 2\n", "sample.guidance: needs a class-conditional model"),
+        ("sample:\n  guidance: -1\n", "sample.guidance: must be >= 0"),
     ],
 )
 def test_bad_configs_give_one_line_errors_naming_the_key(tmp_path, text, message):

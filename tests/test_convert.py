@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
-from oracles import gaussian_eps_model  # noqa: E402
+from oracles import gaussian_eps_model, gaussian_model  # noqa: E402
 from typer.testing import CliRunner
 
 from ddim_cli.cli import app  # noqa: E402
@@ -90,11 +90,20 @@ def test_architectures_outside_the_family_are_refused_by_name(tmp_path, override
         convert(tmp_path / "unet", tmp_path / "x.safetensors")
 
 
-def test_non_epsilon_schedulers_are_refused(tmp_path):
-    theirs = random_diffusers_unet()
-    DDPMPipeline(unet=theirs, scheduler=DDPMScheduler(prediction_type="v_prediction")).save_pretrained(tmp_path / "p")
-    with pytest.raises(ConversionError, match="only epsilon prediction"):
-        convert(tmp_path / "p", tmp_path / "x.safetensors")
+@pytest.mark.parametrize(
+    ("prediction_type", "ours", "zero_snr"),
+    [("v_prediction", "v", True), ("sample", "x0", False), ("epsilon", "eps", False)],
+)
+def test_a_pipelines_prediction_type_and_zero_snr_schedule_convert(tmp_path, prediction_type, ours, zero_snr):
+    scheduler = DDPMScheduler(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    DDPMPipeline(unet=random_diffusers_unet(), scheduler=scheduler).save_pretrained(tmp_path / "p")
+    loaded = load_model(convert(tmp_path / "p", tmp_path / "x.safetensors"))
+    assert loaded.config.model.prediction == ours
+    assert loaded.config.diffusion.rescale_zero_terminal_snr == zero_snr
+    torch.testing.assert_close(loaded.alpha_bars.float(), scheduler.alphas_cumprod, rtol=1e-4, atol=1e-7)
+    (tmp_path / "p" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "flow"}))
+    with pytest.raises(ConversionError, match="prediction_type 'flow' is not supported"):
+        convert(tmp_path / "p", tmp_path / "y.safetensors")
 
 
 TINY_YAML = """
@@ -241,3 +250,30 @@ def test_converted_weights_and_our_sampler_give_diffusers_images(tmp_path):
     # where theirs divides and DDPM's code multiplies) and 1/sqrt(alpha_bar) of the first steps
     # amplifies them: about 1e-4 on values of order 1 after 10 steps of an untrained network.
     assert (ours - expected).abs().max() < 5e-4
+
+
+@pytest.mark.parametrize(("prediction", "their_type"), [("v", "v_prediction"), ("x0", "sample")])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_v_and_x0_sampling_matches_diffusers_step_for_step(prediction, their_type, zero_snr):
+    # diffusers' DDIMScheduler with prediction_type v/sample, trailing spacing and, optionally, the
+    # zero-terminal-SNR rescale (its first step then starts from pure noise, alpha_bar = 0).
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        prediction_type=their_type,
+        rescale_betas_zero_snr=zero_snr,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.tolist() == timesteps(1000, 10, "trailing").tolist()
+    their_table = scheduler.alphas_cumprod.double()
+    assert (their_table[-1] == 0) == zero_snr
+    oracle = gaussian_model(0.3, 0.6, their_table, prediction)
+    x_T = 1.5 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    x = x_T.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(oracle(x, t.expand(len(x)).long()), t, x, eta=0.0).prev_sample
+    ours = sample(oracle, x_T, their_table, timesteps(1000, 10, "trailing"), prediction=prediction)
+    torch.testing.assert_close(ours, x, rtol=0, atol=2e-6)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import socket
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -254,3 +256,73 @@ def test_two_gloo_ranks_stay_identical_and_only_rank_0_writes(tmp_path):
     checkpoint = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert all(torch.equal(checkpoint.model[k], rank0[k]) for k in rank0)
     assert [m["step"] for m in metrics(tmp_path / "run")] == [2, 4]  # one writer, one line per log step
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_zero():
+    from ddim_cli.train import learning_rate
+
+    cfg = tiny_config(train={"steps": 102, "warmup": 2, "lr": 1e-3, "lr_schedule": "cosine"}).train
+    rates = [learning_rate(cfg, step) for step in range(102)]
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])
+    assert rates[52] == pytest.approx(5e-4)  # half-way through the decay: lr (1 + cos(pi/2)) / 2
+    assert rates[101] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:], strict=False))
+    constant = tiny_config(train={"warmup": 2}).train
+    assert [learning_rate(constant, s) for s in range(4)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def small_extractor(images):
+    x = images.float() / 255
+    return torch.cat([x.mean((2, 3)), x.std((2, 3)), torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)], 1)
+
+
+def test_fid_during_training_is_logged_plotted_and_its_reference_cached(tmp_path):
+    config = tiny_config(train={"fid_every": 3, "fid_samples": 16}, model={"num_classes": 10})
+    train(config, tmp_path / "run", device="cpu", progress=False, fid_extractor=small_extractor)
+    fids = [m for m in metrics(tmp_path / "run") if "fid" in m]
+    assert [m["step"] for m in fids] == [3, 6] and all(m["fid"] > 0 for m in fids)
+    cache = tmp_path / "run" / "fid-reference-small_extractor.npz"
+    assert cache.exists() and int(np.load(cache)["count"]) == 1797
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    # The FID is that of the EMA samples `ddim sample` draws by default, against the training set.
+    from ddim_cli.fid import frechet_distance, statistics
+    from ddim_cli.generate import load_model
+    from ddim_cli.images import to_uint8
+    from ddim_cli.monitor import sample_ema
+
+    loaded = load_model(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    images = sample_ema(loaded.model, config, config.alpha_bars(), list(range(16)), torch.device("cpu"))
+    expected = frechet_distance(statistics(iter([to_uint8(images)]), small_extractor), dict(np.load(cache)))
+    assert fids[-1]["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_without_inception_weights_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    import ddim_cli.fid as fid
+
+    def no_network(*args, **kwargs):
+        raise fid.FIDError("could not get the Inception weights (no network)")
+
+    monkeypatch.setattr(fid, "inception_extractor", no_network)
+    with pytest.warns(UserWarning, match="FID is skipped") as caught:
+        result = run(tiny_config(train={"fid_every": 2, "fid_samples": 4}), tmp_path / "run")
+    assert result.step == 6 and len([w for w in caught if "FID" in str(w.message)]) == 1
+    assert not any("fid" in m for m in metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_a_zero_snr_v_or_x0_model_trains_and_samples_from_pure_noise(tmp_path, prediction):
+    from typer.testing import CliRunner
+
+    from ddim_cli.cli import app
+
+    config = tiny_config(
+        model={"prediction": prediction},
+        diffusion={"rescale_zero_terminal_snr": True},
+        train={"loss_weighting": "min_snr", "sample_every": 0},
+        sample={"skip": "trailing"},
+    )
+    result = run(config, tmp_path / "run")
+    assert load_checkpoint(result.checkpoint).config.model.prediction == prediction
+    assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+    out = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--n", "2", "--no-progress"])
+    assert out.exit_code == 0, out.output
