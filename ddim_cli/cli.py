@@ -440,6 +440,7 @@ def invert(
     import torch
 
     from ddim_cli import generate as g
+    from ddim_cli.data import resize_mode
     from ddim_cli.images import load_images, save_grid, save_latents
 
     checkpoint, images_in = (
@@ -451,7 +452,8 @@ def invert(
         _fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
-        originals, notes = load_images(images_in, loaded.config.data.image_size, loaded.config.data.channels)
+        data = loaded.config.data
+        originals, notes = load_images(images_in, data.image_size, data.channels, resize_mode(data))
         for note in notes:
             typer.echo(f"note: {note}", err=True)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.

@@ -32,6 +32,8 @@ class DataConfig:
     root: str = "data"  # where torchvision datasets live (or the image folder for `folder`)
     download: bool = False  # let torchvision download cifar10/mnist into `root`
     image_size: int = 16  # images are resized to image_size x image_size
+    # How images are resized: nearest, bilinear or bicubic; auto is bilinear for digits, bicubic otherwise.
+    interpolation: Literal["auto", "nearest", "bilinear", "bicubic"] = "auto"
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips during training
     strict: bool = False  # folder: fail on an unreadable file instead of skipping it

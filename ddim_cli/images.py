@@ -91,12 +91,15 @@ def load_latents(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def load_images(paths: list[Path], image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+def load_images(
+    paths: list[Path], image_size: int, channels: int, resize: str = "bicubic"
+) -> tuple[torch.Tensor, list[str]]:
     """Read images into [-1, 1], converted and resized (short side, then center crop) for the model.
 
+    ``resize``: nearest, bilinear or bicubic; use the model's own (``data.resize_mode(config.data)``).
     Returns the batch and one note per image that had to be converted or resized.
     """
-    transform = image_transform(image_size, channels)
+    transform = image_transform(image_size, channels, resize)
     mode = "L" if channels == 1 else "RGB"
     images, notes = [], []
     for path in paths:

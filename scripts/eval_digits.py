@@ -10,6 +10,11 @@ Reported per sample set:
   in_class    fraction classified as the asked class (when the classes asked for are known)
   pca_fd      Fréchet distance of 20-d PCA features against the 1297 fitting digits
 
+For a checkpoint, the "held-out as trained" row scores the held-out digits as the model was trained
+on them (upscaled with its data.interpolation) through the same 16x16 -> 8x8 downscale: about the
+best a perfect model of that data could score. Bilinear upscaling blurs: its floor is a PCA-FD of about
+130; nearest-neighbour upscaling is lossless (the held-out row's 13).
+
 Usage:
   python scripts/eval_digits.py runs/digits                       # the held-out row, then:
       # default sampling, --unconditional, and --class k for every k (50 each), 50 DDIM steps
@@ -48,6 +53,7 @@ class DigitJudge:
         self.classifier = LogisticRegression(max_iter=5000, C=0.1).fit(x[fit], digits.target[fit])
         self.pca = PCA(n_components=20, random_state=0).fit(x[fit])
         self.reference = self._gaussian(x[fit])
+        self.held_out_index = held
         self.held_out, self.held_out_labels = x[held], digits.target[held]
 
     def _gaussian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rows.append((args.source.name, judge.score(to_digit_scale(images))))
     else:
+        from ddim_cli.data import DigitsDataset
+        from ddim_cli.generate import load_model, resolve_checkpoint
+
+        config = load_model(resolve_checkpoint(args.source)[0]).config
+        trained_on = DigitsDataset(config.data)
+        held = judge.held_out_index
+        rows.append(
+            ("held-out as trained", judge.score(to_digit_scale(trained_on.images[held]), judge.held_out_labels))
+        )
         for steps in [int(s) for s in args.steps.split(",")]:
             for mode in args.modes.split(","):
                 images, asked = sample_checkpoint(args.source, mode, steps, args.n, args.seed, args.guidance)

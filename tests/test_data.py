@@ -20,6 +20,25 @@ def test_digits_are_the_real_offline_set_in_range():
     assert build_dataset(DataConfig(dataset="digits", image_size=8, channels=3))[5][0].shape == (3, 8, 8)
 
 
+def test_nearest_upscaling_of_the_digits_is_lossless_and_bilinear_blurs():
+    from sklearn.datasets import load_digits
+
+    originals = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 8 - 1  # 0..16 -> [-1, 1]
+    nearest = build_dataset(DataConfig(dataset="digits", image_size=16, interpolation="nearest"))
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(nearest.images, 2), originals, rtol=0, atol=1e-6)
+    assert torch.equal(nearest.images[:, :, ::2, ::2], nearest.images[:, :, 1::2, 1::2])  # 2x2 blocks
+    # auto is bilinear for the digits (what checkpoints without the key were trained on): averaging
+    # each 2x2 block of bilinear x2 gives [1/8, 3/4, 1/8] along each axis, not the digit.
+    auto = build_dataset(DataConfig(dataset="digits", image_size=16))
+    bilinear = build_dataset(DataConfig(dataset="digits", image_size=16, interpolation="bilinear"))
+    assert torch.equal(auto.images, bilinear.images)
+    kernel = torch.tensor([1 / 8, 3 / 4, 1 / 8])
+    blur = (kernel[:, None] * kernel[None, :]).view(1, 1, 3, 3)
+    inner = torch.nn.functional.conv2d(originals, blur)  # away from the border (edge padding differs)
+    averaged = torch.nn.functional.avg_pool2d(bilinear.images, 2)[:, :, 1:-1, 1:-1]
+    torch.testing.assert_close(averaged, inner, rtol=0, atol=1e-5)
+
+
 def make_folder(root, sizes=((40, 30, "RGB"), (20, 20, "L"), (33, 50, "RGBA"))):
     root.mkdir(parents=True, exist_ok=True)
     for i, (w, h, mode) in enumerate(sizes):
