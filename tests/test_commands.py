@@ -447,3 +447,21 @@ def test_compare_rejects_bad_lists(run_dir):
     assert ddim("compare", run_dir, "--steps", "10,x").exit_code == 2
     result = ddim("compare", run_dir, "--steps", "100")
     assert result.exit_code == 2 and "from 1 to 50" in result.output
+
+
+def test_compare_sample_folders_cycle_classes_by_image_index_across_batches(guided_run, tmp_path):
+    from ddim_cli.compare import fill_sample_folder
+    from ddim_cli.seeding import cycle_classes
+
+    loaded = load_model(guided_run / "checkpoints" / "step-0000002.safetensors")
+    make_eps = noise_model(loaded, guidance=1.5)
+    spec = SamplerSpec("ddim", 5, 0.0)
+    fill_sample_folder(loaded, make_eps, spec, tmp_path / "rows", 5, 10, 2, classes=[3, 7, 1])
+    written = load_images(sorted((tmp_path / "rows").glob("*.png")), 8, 1)[0]
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(10, 15)))
+    labels = cycle_classes([3, 7, 1], 5)
+    expected, _ = generate(loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=5)
+    # Batches of 2 and of 5 round differently in float32; a wrong class would differ by far more.
+    assert np.abs(to_uint8(written).astype(int) - to_uint8(expected).astype(int)).max() <= 2
+    wrong, _ = generate(loaded, make_eps, spec, x_T, generators, labels=cycle_classes([7, 1, 3], 5), batch_size=5)
+    assert np.abs(to_uint8(written).astype(int) - to_uint8(wrong).astype(int)).max() > 20
