@@ -332,9 +332,9 @@ def sample(
 ) -> None:
     """Sample images from a checkpoint with DDIM, DPM-Solver++ or DDPM.
 
-    A class-conditional model draws each image's class from that image's seed (so the classes are
-    balanced and an image does not depend on the batch), guided by the config's sample.guidance;
-    --class picks classes, --unconditional uses the null label.
+    A class-conditional model draws each image's class, uniformly, from that image's own seed (so
+    every class comes about equally often and an image does not depend on the batch), guided by the
+    config's sample.guidance; --class picks classes, --unconditional uses the null label.
     """
     from ddim_cli import generate as g
     from ddim_cli.images import load_latents, save_grid, save_npz, save_pngs, to_uint8
