@@ -349,9 +349,8 @@ def sample(
             x_T = load_latents(latents, loaded.image_shape)
             if n is not None and n != len(x_T):
                 raise ValueError(f"--n {n} does not match the {len(x_T)} latents in {latents}")
-            generators = [__import__("torch").Generator().manual_seed(first_seed + i) for i in range(len(x_T))]
-            for generator in generators:  # the first draw of each seed is its x_T, given here instead
-                __import__("torch").randn(loaded.image_shape, generator=generator)
+            # Each seed's first draw is its x_T, given here instead; its class and noise follow.
+            generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + len(x_T))))[1]
         else:
             count = loaded.config.sample.n if n is None else n
             x_T, generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
