@@ -21,7 +21,7 @@ from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, 
 from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, load_checkpoint
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
-from ddim_cli.sampling import EpsModel, invert, plan, sample
+from ddim_cli.sampling import EpsModel, FixedPointStep, invert, plan, sample
 from ddim_cli.schedule import SPACINGS, timesteps
 from ddim_cli.seeding import cycle_classes, draw_classes
 from ddim_cli.unet import UNet
@@ -255,9 +255,15 @@ def invert_images(
     *,
     labels: torch.Tensor | None = None,
     batch_size: int,
+    exact: bool = False,
+    max_iter: int = 10,
+    tol: float = 1e-3,
+    report: list[FixedPointStep] | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM inversion of images in [-1, 1] to latents at the first sampling timestep."""
+    """Deterministic DDIM inversion of images in [-1, 1] to latents at the first sampling timestep;
+    ``exact`` solves each step by fixed-point iteration (:func:`ddim_cli.sampling.invert`), and
+    ``report`` collects each batch's steps."""
     ab = loaded.alpha_bars
     ts = spec.timesteps(ab)
 
@@ -268,6 +274,10 @@ def invert_images(
             ab,
             ts,
             prediction=loaded.prediction,
+            exact=exact,
+            max_iter=max_iter,
+            tol=tol,
+            report=report,
             callback=_counter(progress, len(batch)),
         )
 

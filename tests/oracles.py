@@ -52,3 +52,22 @@ def ode_solution(x_t: torch.Tensor, alpha_bar_t: float, mu: float, s: float) -> 
     """The exact end point at alpha_bar = 1 of the DDIM ODE started from x_t at alpha_bar_t."""
     sigma2 = (1 - alpha_bar_t) / alpha_bar_t
     return mu + (x_t / math.sqrt(alpha_bar_t) - mu) * s / math.sqrt(s**2 + sigma2)
+
+
+def mixture_eps_model(means: tuple[float, ...], s: float, alpha_bars: torch.Tensor):
+    """The exact noise prediction when every coordinate is an equal mixture of N(m, s^2), m in
+    ``means``: nonlinear in ``x_t``, unlike a single Gaussian. Given component k, ``x_t`` is
+    N(sqrt(ab) m_k, v) with ``v = ab s^2 + 1 - ab``; so ``E[eps | x_t] = sum_k w_k sqrt(1 - ab)
+    (x_t - sqrt(ab) m_k) / v`` with posterior weights ``w_k`` proportional to ``exp(-(x_t -
+    sqrt(ab) m_k)^2 / (2 v))``."""
+    table = alpha_bars.to(torch.float64)
+    centres = torch.tensor(means, dtype=torch.float64)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = table.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)), 1)
+        var = ab * s**2 + 1 - ab
+        offsets = x.unsqueeze(-1) - torch.sqrt(ab) * centres.to(x)
+        weights = torch.softmax(-offsets.pow(2) / (2 * var), dim=-1)
+        return (weights * torch.sqrt(1 - ab) * offsets / var).sum(-1)
+
+    return eps_model

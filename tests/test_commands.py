@@ -366,6 +366,24 @@ def test_invert_writes_latents_grid_metrics_and_reconstructs_through_sample(run_
         assert float(row["mse"]) == pytest.approx(float(value), abs=2e-3)  # uint8 rounding of the npz
 
 
+def mean_csv_mse(path):
+    with open(path) as handle:
+        return float(np.mean([float(row["mse"]) for row in csv.DictReader(handle)]))
+
+
+def test_invert_exact_reconstructs_to_the_tolerance_and_reports_its_iterations(run_dir, tmp_path):
+    images = digit_pngs(tmp_path)
+    ok("invert", run_dir, *images, "--steps", 5, "--out", tmp_path / "plain")
+    result = ok("invert", run_dir, *images, "--steps", 5, "--exact", "--tol", "1e-5", "--out", tmp_path / "exact")
+    assert "exact inversion: " in result.output and "model calls per step" in result.output
+    plain, exact = mean_csv_mse(tmp_path / "plain" / "metrics.csv"), mean_csv_mse(tmp_path / "exact" / "metrics.csv")
+    assert exact < 1e-6 < plain / 100
+    capped = ok("invert", run_dir, *images, "--steps", 5, "--exact", "--max-iter", 1, "--tol", "1e-12")
+    assert "stopped at --max-iter 1" in capped.output
+    bad = ddim("invert", run_dir, *images, "--exact", "--tol", 0)
+    assert bad.exit_code == 2 and "--tol must be > 0" in bad.output
+
+
 def test_invert_then_sample_reconstructs_with_an_exact_noise_model(tmp_path):
     """With the Gaussian oracle instead of a trained net, inversion is tight (library-level check)."""
     from oracles import gaussian_eps_model

@@ -3,9 +3,10 @@ import weakref
 
 import pytest
 import torch
-from oracles import gaussian_eps_model, ode_solution
+from oracles import gaussian_eps_model, mixture_eps_model, ode_solution
 
 from ddim_cli import alpha_bars, classifier_free_guidance, invert, sample, timesteps
+from ddim_cli.sampling import FixedPointStep
 
 F64 = torch.float64
 AB = alpha_bars("linear", 1000)
@@ -163,6 +164,53 @@ def test_invert_follows_the_ode_forward():
     x0 = MU + S * gaussian_noise(500, 2)
     latent = invert(eps_model, x0, AB, timesteps(1000, 1000))
     torch.testing.assert_close(ode_solution(latent, AB[999].item(), MU, S), x0, rtol=0, atol=0.01)
+
+
+# --- Exact (fixed-point) inversion ----------------------------------------------------------------
+def mixture_round_trip(steps: int, **kwargs) -> tuple[float, list[FixedPointStep]]:
+    eps_model = mixture_eps_model((-0.6, 0.6), 0.1, AB)
+    x0 = 0.6 * torch.sign(gaussian_noise(300, 7)) + 0.1 * gaussian_noise(300, 8)
+    ts = timesteps(1000, steps)
+    report: list[FixedPointStep] = []
+    latent = invert(eps_model, x0, AB, ts, report=report, **kwargs)
+    return (sample(eps_model, latent, AB, ts) - x0).pow(2).mean().item(), report
+
+
+def test_exact_inversion_error_goes_to_the_tolerance_not_the_step_size():
+    plain = {steps: mixture_round_trip(steps)[0] for steps in (10, 100)}
+    assert plain[10] > 1e-3 and plain[10] > 10 * plain[100]  # plain inversion: an error of the step size
+    errors = {}
+    for tol in (1e-3, 1e-6, 1e-9):
+        errors[tol], report = mixture_round_trip(10, exact=True, tol=tol, max_iter=50)
+        assert [step.timestep for step in report] == timesteps(1000, 10).flip(0).tolist()
+        assert all(2 <= step.model_calls <= 51 and step.residual <= tol for step in report)
+        assert errors[tol] < 100 * tol**2  # the error of z is of the order of tol, the MSE of tol^2
+    assert errors[1e-9] < 1e-16 < plain[10] / 1e12
+
+
+def test_exact_inversion_stops_at_max_iter_and_reports_the_residual():
+    _, report = mixture_round_trip(10, exact=True, tol=1e-14, max_iter=2)
+    assert all(step.model_calls == 3 for step in report)
+    assert max(step.residual for step in report) > 1e-14
+
+
+def test_exact_inversion_of_an_image_does_not_depend_on_its_batch():
+    eps_model = mixture_eps_model((-0.6, 0.6), 0.1, AB)
+    x0 = 0.6 * torch.sign(gaussian_noise(8, 1, dim=4)) + 0.1 * gaussian_noise(8, 2, dim=4)
+    x0[0] = 0.0  # a point far from the data needs more iterations than the others
+    ts = timesteps(1000, 10)
+    batch = invert(eps_model, x0, AB, ts, exact=True)
+    alone = torch.cat([invert(eps_model, x0[i : i + 1], AB, ts, exact=True) for i in range(8)])
+    assert torch.equal(batch, alone)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"clip_x0": True}, "clip_x0=False"), ({"max_iter": 0}, "max_iter"), ({"tol": 0.0}, "tol")],
+)
+def test_exact_inversion_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        invert(constant_eps, torch.ones(2, 1, dtype=F64), AB, timesteps(1000, 3), exact=True, **kwargs)
 
 
 # --- DPM-Solver++(2M) ---------------------------------------------------------------------------
