@@ -327,6 +327,15 @@ def sample(
         typer.Option("--latents", help="Start from these x_T (.npy, float32, (N, C, H, W)), e.g. from invert."),
     ] = None,
     save_latents: Annotated[Path | None, typer.Option("--save-latents", help="Write the x_T used (.npy).")] = None,
+    null_embeddings: Annotated[
+        Path | None,
+        typer.Option(
+            "--null-embeddings",
+            help="With --latents from `ddim invert --null-text`: guide each step with its fitted null embedding "
+            "(DDIM, eta 0, no clipping unless asked), which reproduces the reconstruction; the file's classes "
+            "and guidance unless --class / --guidance say otherwise (another class edits the image).",
+        ),
+    ] = None,
     classes: ClassesOpt = None,
     unconditional: UnconditionalOpt = False,
     guidance: SampleGuidanceOpt = None,
@@ -349,11 +358,21 @@ def sample(
     every class comes about equally often and an image does not depend on the batch), guided by the
     config's sample.guidance; --class picks classes, --unconditional uses the null label.
     """
+    from time import perf_counter
+
     from ddim_cli import generate as g
     from ddim_cli.images import load_latents, save_grid, save_npz, save_pngs, to_uint8
     from ddim_cli.images import save_latents as write_latents
     from ddim_cli.seeding import seeded_noise
 
+    if null_embeddings is not None:
+        if latents is None:
+            _fail("--null-embeddings needs --latents (both written by ddim invert --null-text)", code=2)
+        if sampler != Sampler.ddim or eta:
+            _fail("--null-embeddings were fitted for deterministic DDIM; drop --sampler / --eta", code=2)
+        if unconditional:
+            _fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
+        clip_x0 = False if clip_x0 is None else clip_x0
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
@@ -367,13 +386,22 @@ def sample(
         else:
             count = loaded.config.sample.n if n is None else n
             x_T, generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
-        labels, w = _labels_and_guidance(loaded, generators, classes, unconditional, guidance)
-        make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
         steps_run = len(spec.timesteps(loaded.alpha_bars))
-        with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
-            images, seconds = g.generate(
-                loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=bar.update
-            )
+        if null_embeddings is not None:
+            fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, len(x_T), classes, guidance)
+            start = perf_counter()
+            with _bar(len(x_T) * steps_run, progress, spec.label + " null-text") as bar:
+                images = g.sample_null_text(
+                    loaded, x_T, labels, fitted, spec, guidance=w, batch_size=batch_size, progress=bar.update
+                )
+            seconds = (perf_counter() - start) / len(x_T)
+        else:
+            labels, w = _labels_and_guidance(loaded, generators, classes, unconditional, guidance)
+            make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
+            with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
+                images, seconds = g.generate(
+                    loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=bar.update
+                )
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
         grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
         save_grid(images, grid)
@@ -395,6 +423,32 @@ def sample(
         f"{len(images)} images with {spec.label}{conditioning} from {loaded.checkpoint} in {seconds:.4f} s/image"
     )
     typer.echo("wrote " + ", ".join(written))
+
+
+def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None, guidance: float | None):
+    """The fitted embeddings of ``ddim invert --null-text``, checked against this run, with the
+    labels (the file's, or --class cycled) and guidance (the file's, or --guidance) to use."""
+    import torch
+
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.generate import check_classes
+    from ddim_cli.images import load_null_embeddings
+    from ddim_cli.seeding import cycle_classes
+
+    fitted, fitted_steps, labels, fitted_guidance = load_null_embeddings(path)
+    wanted = spec.timesteps(loaded.alpha_bars)
+    if not torch.equal(fitted_steps, wanted.cpu()):
+        raise CheckpointError(
+            f"{path} was fitted on {len(fitted_steps)} timesteps ({fitted_steps[0]}..{fitted_steps[-1]}), not the "
+            f"{len(wanted)} of --steps {spec.steps} --skip {spec.skip}; pass the --steps and --skip given to invert"
+        )
+    if fitted.shape[1] != count:
+        raise CheckpointError(f"{path} holds null embeddings for {fitted.shape[1]} images, the latents are {count}")
+    wanted_classes = _classes(classes)
+    check_classes(loaded, wanted_classes or labels.tolist())
+    if wanted_classes:
+        labels = cycle_classes(wanted_classes, count)
+    return fitted, labels, fitted_guidance if guidance is None else guidance
 
 
 def _invert_labels(loaded, class_label: int | None, guidance: float, count: int):
@@ -446,6 +500,27 @@ def invert(
     exact: ExactOpt = False,
     max_iter: MaxIterOpt = 10,
     tol: TolOpt = 1e-3,
+    null_text: Annotated[
+        bool,
+        typer.Option(
+            "--null-text",
+            help="With --class K --guidance W: null-text inversion (Mokady et al. 2022), fitting the null "
+            "label's embedding per step so that guided sampling reconstructs the image; writes "
+            "null_embeddings.safetensors for `ddim sample --null-embeddings`.",
+        ),
+    ] = False,
+    inner_steps: Annotated[
+        int, typer.Option("--inner-steps", min=0, help="--null-text: most Adam iterations per step.")
+    ] = 10,
+    null_lr: Annotated[
+        float, typer.Option("--null-lr", min=0.0, help="--null-text: Adam learning rate on the null embedding.")
+    ] = 0.1,
+    early_stop: Annotated[
+        float,
+        typer.Option(
+            "--early-stop", min=0.0, help="--null-text: a step stops once its per-dimension loss is below this."
+        ),
+    ] = 1e-5,
     interpolate: Annotated[
         int,
         typer.Option("--interpolate", min=0, help="With two images: decode N frames slerped between their latents."),
@@ -469,7 +544,7 @@ def invert(
 
     from ddim_cli import generate as g
     from ddim_cli.data import resize_mode
-    from ddim_cli.images import load_images, save_grid, save_latents
+    from ddim_cli.images import load_images, save_grid, save_latents, save_null_embeddings
 
     checkpoint, images_in = (
         (paths[0], paths[1:]) if paths[0].is_dir() or paths[0].suffix == ".safetensors" else (None, paths)
@@ -480,6 +555,10 @@ def invert(
         _fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
     if not tol > 0:
         _fail(f"--tol must be > 0, got {tol:g}", code=2)
+    if null_text and (class_label is None or not guidance):
+        _fail("--null-text needs --class K and --guidance W > 0 (unguided inversion is faithful as it is)", code=2)
+    if null_text and interpolate:
+        _fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
         data = loaded.config.data
@@ -491,25 +570,39 @@ def invert(
         labels = _invert_labels(loaded, class_label, guidance, len(originals))
         make_eps = g.noise_model(loaded, guidance=guidance, precision=precision.value, compile=_auto(compile_model))
         steps_run = len(spec.timesteps(loaded.alpha_bars))
+        report: list = []
+        fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report}
         with _bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
-            report: list = []
-            latents = g.invert_images(
-                loaded,
-                make_eps,
-                originals,
-                spec,
-                labels=labels,
-                batch_size=batch_size,
-                exact=exact,
-                max_iter=max_iter,
-                tol=tol,
-                report=report,
-                progress=bar.update,
-            )
-            unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
-            recon, _ = g.generate(
-                loaded, make_eps, spec, latents, unused, labels=labels, batch_size=batch_size, progress=bar.update
-            )
+            if null_text:
+                fitted = g.invert_null_text(
+                    loaded,
+                    originals,
+                    spec,
+                    labels,
+                    guidance=guidance,
+                    batch_size=batch_size,
+                    inner_steps=inner_steps,
+                    lr=null_lr,
+                    early_stop=early_stop,
+                    progress=bar.update,
+                    **fixed_point,
+                )
+                latents, recon = fitted.latent, fitted.reconstruction
+            else:
+                latents = g.invert_images(
+                    loaded,
+                    make_eps,
+                    originals,
+                    spec,
+                    labels=labels,
+                    batch_size=batch_size,
+                    progress=bar.update,
+                    **fixed_point,
+                )
+                unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
+                recon, _ = g.generate(
+                    loaded, make_eps, spec, latents, unused, labels=labels, batch_size=batch_size, progress=bar.update
+                )
         metrics = g.reconstruction_metrics(originals, recon)
 
         directory = out or loaded.run_dir / "invert"
@@ -518,7 +611,14 @@ def invert(
         save_grid(torch.cat([originals, recon.clamp(-1, 1), latent_view]), directory / "grid.png", nrow=len(originals))
         lines = ["image,mse,psnr_db"] + [f"{p},{m:.6g},{q:.3f}" for p, (m, q) in zip(images_in, metrics, strict=True)]
         (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
+        written = ["latents.npy", "grid.png", "metrics.csv"]
+        if null_text:
+            save_null_embeddings(
+                directory / "null_embeddings.safetensors", fitted.null_embeddings, fitted.timesteps, labels, guidance
+            )
+            written.append("null_embeddings.safetensors")
         if interpolate:
+            written.append("interpolation.png")
             alphas = torch.linspace(0, 1, interpolate)
             frames_T = g.slerp(latents[0], latents[1], alphas)
             unused = [torch.Generator() for _ in frames_T]
@@ -534,8 +634,15 @@ def invert(
             f"exact inversion: {calls:.1f} model calls per step on average (plain: 1); "
             + _summary_of_iterations(report, tol, max_iter)
         )
+    if null_text:
+        typer.echo(
+            f"null-text inversion at guidance {guidance:g}: largest step loss {float(fitted.step_losses.max()):.3g} "
+            f"(early stop {early_stop:g}); reproduce with: ddim sample {loaded.checkpoint} --latents "
+            f"{directory}/latents.npy --null-embeddings {directory}/null_embeddings.safetensors --steps {spec.steps} "
+            f"--skip {spec.skip} --no-clip-x0"
+        )
     typer.echo(f"inverted {len(originals)} image(s) with {spec.label} from {loaded.checkpoint}; mean MSE {mean:.4g}")
-    typer.echo(f"wrote {directory}/ (latents.npy, grid.png, metrics.csv{', interpolation.png' if interpolate else ''})")
+    typer.echo(f"wrote {directory}/ ({', '.join(written)})")
 
 
 ReferenceOpt = Annotated[

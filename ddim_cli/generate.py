@@ -21,6 +21,7 @@ from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, 
 from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, load_checkpoint
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
 from ddim_cli.sampling import EpsModel, FixedPointStep, invert, plan, sample
 from ddim_cli.schedule import SPACINGS, timesteps
 from ddim_cli.seeding import cycle_classes, draw_classes
@@ -282,6 +283,106 @@ def invert_images(
         )
 
     return _in_batches(loaded, images, batch_size, run)
+
+
+def embedding_model(loaded: LoadedModel):
+    """``(model(x, t, e), embed(labels), null_vector)`` of a class-conditional checkpoint: the U-Net
+    conditioned on label embeddings, for null-text inversion (fp32, eager, gradients allowed)."""
+    unet = loaded.model
+    if loaded.config.model.num_classes is None:
+        raise CheckpointError("null-text inversion needs a class-conditional model; this one is unconditional")
+
+    def model(x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, label_embedding=embedding)
+
+    def embed(labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return unet.label_emb(labels.to(unet.label_emb.weight.device))
+
+    return model, embed, unet.label_emb.weight[loaded.config.model.num_classes].detach()
+
+
+def invert_null_text(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    spec: SamplerSpec,
+    labels: torch.Tensor,
+    *,
+    guidance: float,
+    batch_size: int,
+    exact: bool = False,
+    max_iter: int = 10,
+    tol: float = 1e-3,
+    inner_steps: int = 10,
+    lr: float = 0.1,
+    early_stop: float = 1e-5,
+    report: list[FixedPointStep] | None = None,
+    progress: Progress | None = None,
+) -> NullTextInversion:
+    """:func:`ddim_cli.null_text.null_text_inversion` of images in [-1, 1] (one class each), in
+    batches; the result's tensors are on the CPU."""
+    model, embed, null = embedding_model(loaded)
+    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.alpha_bars)
+    device = null.device
+    parts = []
+    for first in range(0, len(images), batch_size):
+        batch = images[first : first + batch_size].to(device)
+        count = len(batch)
+        result = null_text_inversion(
+            model,
+            batch,
+            embed(labels[first : first + len(batch)]),
+            null,
+            ab,
+            ts,
+            guidance=guidance,
+            prediction=loaded.prediction,
+            exact=exact,
+            max_iter=max_iter,
+            tol=tol,
+            inner_steps=inner_steps,
+            lr=lr,
+            early_stop=early_stop,
+            report=report,
+            progress=None if progress is None else (lambda done, count=count: progress(done * count)),
+        )
+        parts.append(result)
+    return NullTextInversion(
+        torch.cat([r.latent.cpu() for r in parts]),
+        ts,
+        torch.cat([r.null_embeddings.cpu() for r in parts], dim=1),
+        torch.cat([r.reconstruction.cpu() for r in parts]),
+        torch.cat([r.step_losses.cpu() for r in parts], dim=1),
+    )
+
+
+def sample_null_text(
+    loaded: LoadedModel,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    null_embeddings: torch.Tensor,
+    spec: SamplerSpec,
+    *,
+    guidance: float,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM from ``latents`` with each step's fitted null embedding (S, N, D), guided
+    towards ``labels``: the reconstruction of a null-text inversion, or an edit with other labels."""
+    model, embed, _ = embedding_model(loaded)
+    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.alpha_bars)
+
+    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+        eps_model = null_text_guidance(
+            model,
+            embed(labels[first : first + len(batch)]),
+            null_embeddings[:, first : first + len(batch)],
+            ts,
+            guidance,
+        )
+        return sample(eps_model, batch, ab, ts, prediction=loaded.prediction, callback=_counter(progress, len(batch)))
+
+    return _in_batches(loaded, latents, batch_size, run)
 
 
 def _slice(labels: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:

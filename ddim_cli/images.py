@@ -91,6 +91,37 @@ def load_latents(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
+def save_null_embeddings(
+    path: Path, null_embeddings: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor, guidance: float
+) -> None:
+    """Null-text inversion's per-step embeddings (S, N, D) with what they were fitted for."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "null_embeddings": null_embeddings.detach().float().cpu().contiguous(),
+        "timesteps": timesteps.detach().long().cpu().contiguous(),
+        "labels": labels.detach().long().cpu().contiguous(),
+    }
+    save_file(tensors, str(path), metadata={"guidance": repr(float(guidance))})
+
+
+def load_null_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(null_embeddings, timesteps, labels, guidance)`` as :func:`save_null_embeddings` wrote them."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            guidance = float((handle.metadata() or {})["guidance"])
+        embeddings, timesteps, labels = tensors["null_embeddings"], tensors["timesteps"], tensors["labels"]
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise ImageFileError(f"cannot read null embeddings {path} (from ddim invert --null-text): {error}") from None
+    if embeddings.dim() != 3 or embeddings.shape[:2] != (len(timesteps), len(labels)):
+        raise ImageFileError(f"null embeddings {path} have shape {tuple(embeddings.shape)}, not (steps, images, dim)")
+    return embeddings, timesteps, labels, guidance
+
+
 def load_images(
     paths: list[Path], image_size: int, channels: int, resize: str = "bicubic"
 ) -> tuple[torch.Tensor, list[str]]:

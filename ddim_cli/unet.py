@@ -189,16 +189,29 @@ class UNet(nn.Module):
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.out_ch or config.in_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        label_embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``label_embedding`` (N, 4 ch), instead of ``y``, conditions on any vector in the space of
+        ``label_emb``'s rows; null-text inversion optimises the null label's that way."""
         # The embedding is computed in float32 (as in DDPM) and handed on in the weights' dtype.
         emb = timestep_embedding(t, self.config.ch).to(self.temb.dense[0].weight.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](emb)))
-        if self.label_emb is not None:
+        if self.label_emb is None:
+            if y is not None or label_embedding is not None:
+                raise ValueError("labels were given to an unconditional model (num_classes is None)")
+        elif label_embedding is not None:
+            if y is not None:
+                raise ValueError("give labels y or a label_embedding, not both")
+            temb = temb + label_embedding.to(temb.dtype)
+        else:
             if y is None:
                 y = torch.full_like(t, self.config.num_classes, dtype=torch.long)
             temb = temb + self.label_emb(y)
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional model (num_classes is None)")
 
         hs = [self.conv_in(x)]
         for level, stage in enumerate(self.down):

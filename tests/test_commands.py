@@ -384,6 +384,73 @@ def test_invert_exact_reconstructs_to_the_tolerance_and_reports_its_iterations(r
     assert bad.exit_code == 2 and "--tol must be > 0" in bad.output
 
 
+def test_invert_null_text_writes_embeddings_that_sample_reproduces(conditional_run, tmp_path):
+    images = digit_pngs(tmp_path)
+    common = ("--class", 1, "--guidance", 3, "--steps", 3)
+    result = ok(
+        "invert", conditional_run, *images, *common, "--null-text", "--inner-steps", 5, "--out", tmp_path / "nt"
+    )
+    assert "null-text inversion at guidance 3" in result.output and "--null-embeddings" in result.output
+    embeddings = tmp_path / "nt" / "null_embeddings.safetensors"
+    ok(
+        "sample",
+        conditional_run,
+        "--latents",
+        tmp_path / "nt" / "latents.npy",
+        "--null-embeddings",
+        embeddings,
+        "--steps",
+        3,
+        "--npz",
+        tmp_path / "r.npz",
+        "--out",
+        tmp_path / "r.png",
+    )
+    # The grid's second row holds invert's reconstructions (8x8 images, 2-pixel padding).
+    grid = np.asarray(Image.open(tmp_path / "nt" / "grid.png").convert("L")).astype(int)
+    shown = np.stack([grid[12:20, 2 + 10 * i : 10 + 10 * i] for i in range(2)])
+    assert np.abs(npz(tmp_path / "r.npz")[..., 0].astype(int) - shown).max() <= 1
+    from ddim_cli.images import load_null_embeddings
+
+    fitted, fitted_steps, labels, guidance = load_null_embeddings(embeddings)
+    assert fitted.shape[:2] == (3, 2) and labels.tolist() == [1, 1] and guidance == 3.0
+    assert (
+        fitted_steps.tolist()
+        == SamplerSpec(steps=3)
+        .timesteps(load_model(conditional_run / "checkpoints" / "step-0000002.safetensors").alpha_bars)
+        .tolist()
+    )
+
+    wrong_steps = ddim(
+        "sample", conditional_run, "--latents", tmp_path / "nt" / "latents.npy", "--null-embeddings", embeddings
+    )
+    assert wrong_steps.exit_code == 1 and "pass the --steps and --skip given to invert" in wrong_steps.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--class", 1, "--null-text"), "--null-text needs --class K and --guidance W > 0"),
+        (("--guidance", 2, "--null-text"), "--null-text needs --class K and --guidance W > 0"),
+        (("--class", 1, "--guidance", 2, "--null-text", "--interpolate", 3), "drop --null-text"),
+    ],
+)
+def test_invert_null_text_bad_options_are_one_line_errors(conditional_run, tmp_path, args, message):
+    result = ddim("invert", conditional_run, *digit_pngs(tmp_path), *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_sample_null_embeddings_needs_latents_and_a_readable_file(conditional_run, tmp_path):
+    result = ddim("sample", conditional_run, "--null-embeddings", tmp_path / "e.safetensors")
+    assert result.exit_code == 2 and "--null-embeddings needs --latents" in result.output
+    np.save(tmp_path / "z.npy", np.zeros((2, 1, 8, 8), np.float32))
+    (tmp_path / "e.safetensors").write_text("not a safetensors file")
+    result = ddim(
+        "sample", conditional_run, "--latents", tmp_path / "z.npy", "--null-embeddings", tmp_path / "e.safetensors"
+    )
+    assert result.exit_code == 1 and "cannot read null embeddings" in result.output
+
+
 def test_invert_then_sample_reconstructs_with_an_exact_noise_model(tmp_path):
     """With the Gaussian oracle instead of a trained net, inversion is tight (library-level check)."""
     from oracles import gaussian_eps_model
