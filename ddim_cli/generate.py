@@ -20,6 +20,7 @@ import torch
 from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, load_checkpoint
 from ddim_cli.config import Config
+from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
 from ddim_cli.sampling import EpsModel, FixedPointStep, invert, plan, sample
@@ -383,6 +384,81 @@ def sample_null_text(
         return sample(eps_model, batch, ab, ts, prediction=loaded.prediction, callback=_counter(progress, len(batch)))
 
     return _in_batches(loaded, latents, batch_size, run)
+
+
+EDIT_METHODS = ("ddib", "sdedit")
+
+
+def edit_images(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    spec: SamplerSpec,
+    to_labels: torch.Tensor,
+    *,
+    from_labels: torch.Tensor | None = None,
+    method: str = "ddib",
+    guidance: float = 0.0,
+    strength: float = 0.6,
+    noise: torch.Tensor | None = None,
+    exact: bool = True,
+    null_text: bool = False,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1] turned into ``to_labels``' classes (:mod:`ddim_cli.editing`).
+
+    ``ddib``: invert under ``from_labels`` (None: the null label), unguided, exactly if ``exact``;
+    decode under the target with guidance ``w``. With ``null_text`` the inversion is null-text
+    inversion under ``from_labels`` at guidance ``w``, and the decoding keeps its per-step null
+    embeddings (the null-text recipe for editing). ``sdedit``: diffuse with ``noise`` to
+    ``strength * T`` and denoise under the target with guidance ``w`` (clipping as ``spec``).
+    """
+    if method not in EDIT_METHODS:
+        raise ValueError(f"unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}")
+    if loaded.config.model.num_classes is None:
+        raise CheckpointError("editing to a class needs a class-conditional model; this one is unconditional")
+    check_classes(loaded, to_labels.tolist() + ([] if from_labels is None else from_labels.tolist()))
+    ab, ts = loaded.alpha_bars, spec.timesteps(loaded.alpha_bars)
+    if method == "sdedit":
+        if noise is None:
+            raise ValueError("sdedit needs the noise to diffuse with")
+        sdedit_timesteps(ts, len(ab), strength)  # checks strength before any work
+    if null_text:
+        if method != "ddib" or from_labels is None or not guidance:
+            raise CheckpointError("null-text editing needs the ddib method, --from-class J and --guidance W > 0")
+        fitted = invert_null_text(
+            loaded, images, spec, from_labels, guidance=guidance, batch_size=batch_size, exact=exact
+        )
+        edited = sample_null_text(
+            loaded, fitted.latent, to_labels, fitted.null_embeddings, spec, guidance=guidance, batch_size=batch_size
+        )
+        if progress is not None:
+            progress(len(images))
+        return edited
+    make_eps = noise_model(loaded, guidance=guidance, precision="fp32")
+    unguided = noise_model(loaded, precision="fp32")
+
+    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+        target = make_eps(to_labels[first : first + len(batch)])
+        if method == "sdedit":
+            edited = sdedit(
+                target,
+                batch,
+                noise[first : first + len(batch)],
+                ab,
+                ts,
+                strength=strength,
+                prediction=loaded.prediction,
+                clip_x0=spec.clip_x0,
+            )
+        else:
+            source = unguided(_slice(from_labels, first, len(batch)))
+            edited = ddib(source, target, batch, ab, ts, prediction=loaded.prediction, exact=exact)[0]
+        if progress is not None:
+            progress(len(batch))
+        return edited
+
+    return _in_batches(loaded, images, batch_size, run)
 
 
 def _slice(labels: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:

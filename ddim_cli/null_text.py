@@ -144,8 +144,8 @@ def _fit_null_embedding(
             active &= per_image.detach() >= early_stop
             if not bool(active.any()):
                 break
-            optimizer.zero_grad(set_to_none=True)
-            per_image[active].sum().backward()
+            # Gradients for the embedding alone: the network's weights get none (and keep none).
+            (embedding.grad,) = torch.autograd.grad(per_image[active].sum(), [embedding])
         kept = embedding.detach().clone()
         optimizer.step()
         with torch.no_grad():

@@ -366,9 +366,13 @@ def test_invert_writes_latents_grid_metrics_and_reconstructs_through_sample(run_
         assert float(row["mse"]) == pytest.approx(float(value), abs=2e-3)  # uint8 rounding of the npz
 
 
-def mean_csv_mse(path):
+def mean_csv_mse_of(path, column):
     with open(path) as handle:
-        return float(np.mean([float(row["mse"]) for row in csv.DictReader(handle)]))
+        return float(np.mean([float(row[column]) for row in csv.DictReader(handle)]))
+
+
+def mean_csv_mse(path):
+    return mean_csv_mse_of(path, "mse")
 
 
 def test_invert_exact_reconstructs_to_the_tolerance_and_reports_its_iterations(run_dir, tmp_path):
@@ -386,7 +390,7 @@ def test_invert_exact_reconstructs_to_the_tolerance_and_reports_its_iterations(r
 
 def test_invert_null_text_writes_embeddings_that_sample_reproduces(conditional_run, tmp_path):
     images = digit_pngs(tmp_path)
-    common = ("--class", 1, "--guidance", 3, "--steps", 3)
+    common = ("--class", "1,2", "--guidance", 3, "--steps", 3)  # each image its own class
     result = ok(
         "invert", conditional_run, *images, *common, "--null-text", "--inner-steps", 5, "--out", tmp_path / "nt"
     )
@@ -413,7 +417,7 @@ def test_invert_null_text_writes_embeddings_that_sample_reproduces(conditional_r
     from ddim_cli.images import load_null_embeddings
 
     fitted, fitted_steps, labels, guidance = load_null_embeddings(embeddings)
-    assert fitted.shape[:2] == (3, 2) and labels.tolist() == [1, 1] and guidance == 3.0
+    assert fitted.shape[:2] == (3, 2) and labels.tolist() == [1, 2] and guidance == 3.0
     assert (
         fitted_steps.tolist()
         == SamplerSpec(steps=3)
@@ -449,6 +453,87 @@ def test_sample_null_embeddings_needs_latents_and_a_readable_file(conditional_ru
         "sample", conditional_run, "--latents", tmp_path / "z.npy", "--null-embeddings", tmp_path / "e.safetensors"
     )
     assert result.exit_code == 1 and "cannot read null embeddings" in result.output
+
+
+def test_edit_writes_grid_pngs_csv_and_npz_in_input_order(conditional_run, tmp_path):
+    images = digit_pngs(tmp_path, 3)
+    out = tmp_path / "edit"
+    result = ok(
+        "edit", conditional_run, *images, "--to-class", 7, "--steps", 3, "--out", out, "--npz", tmp_path / "e.npz"
+    )
+    assert "edited 3 image(s) to class 7 with ddib + exact inversion" in result.output
+    assert Image.open(out / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # originals above edits
+    assert sorted(p.name for p in (out / "edited").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    with open(out / "distances.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["image"], r["from_class"], r["to_class"]) for r in rows] == [(str(p), "null", "7") for p in images]
+    edits = npz(tmp_path / "e.npz")
+    assert edits.shape == (3, 8, 8, 1) and edits.dtype == np.uint8
+    assert np.array_equal(edits[1, ..., 0], np.asarray(Image.open(out / "edited" / "000001.png")))
+    originals, _ = load_images(images, 8, 1)
+    mse = (torch.from_numpy(edits).permute(0, 3, 1, 2).float() / 127.5 - 1 - originals).pow(2).flatten(1).mean(1)
+    for row, value in zip(rows, mse, strict=True):
+        assert float(row["mse_to_source"]) == pytest.approx(float(value), abs=2e-3)
+
+
+def test_edit_to_its_own_class_gives_the_image_back(conditional_run, tmp_path):
+    images = digit_pngs(tmp_path)
+    args = ("--from-class", 2, "--to-class", 2, "--guidance", 0, "--steps", 4, "--out", tmp_path / "same")
+    ok("edit", conditional_run, *images, *args)
+    assert mean_csv_mse_of(tmp_path / "same" / "distances.csv", "mse_to_source") < 1e-4
+
+
+def test_edit_sdedit_is_seeded_and_strength_sets_the_distance(conditional_run, tmp_path):
+    images = digit_pngs(tmp_path)
+    mse = {}
+    for strength in ("0.1", "1"):
+        for run in ("a", "b"):
+            out = tmp_path / f"{strength}{run}"
+            ok(
+                "edit",
+                conditional_run,
+                *images,
+                "--to-class",
+                5,
+                "--method",
+                "sdedit",
+                "--strength",
+                strength,
+                "--out",
+                out,
+            )
+            mse[strength + run] = mean_csv_mse_of(out / "distances.csv", "mse_to_source")
+    assert mse["0.1a"] == mse["0.1b"] and mse["1a"] == mse["1b"]
+    assert mse["0.1a"] < mse["1a"]
+
+
+@pytest.mark.parametrize(
+    "fixture, args, code, message",
+    [
+        ("run_dir", ("--to-class", 1), 1, "needs a class-conditional model"),
+        ("conditional_run", ("--to-class", 10), 1, "--to-class 10 is out of range"),
+        ("conditional_run", ("--to-class", 1, "--from-class", -1), 1, "--from-class -1 is out of range"),
+        (
+            "conditional_run",
+            ("--to-class", 1, "--from-class", 2, "--null-text", "--guidance", 0),
+            2,
+            "--null-text needs",
+        ),
+        ("conditional_run", ("--to-class", 1, "--null-text", "--guidance", 2), 2, "--from-class J"),
+        (
+            "conditional_run",
+            ("--to-class", 1, "--method", "sdedit", "--strength", 0),
+            2,
+            "--strength must lie in (0, 1]",
+        ),
+        ("conditional_run", ("--to-class", 1, "--method", "sdedit", "--strength", 1.5), 2, "(0, 1]"),
+    ],
+)
+def test_edit_bad_input_is_a_one_line_error(request, tmp_path, fixture, args, code, message):
+    run = request.getfixturevalue(fixture)
+    result = ddim("edit", run, *digit_pngs(tmp_path, 1), *args, "--out", tmp_path / "edit")
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "edit").exists()
 
 
 def test_invert_then_sample_reconstructs_with_an_exact_noise_model(tmp_path):

@@ -87,3 +87,24 @@ def test_bad_options_raise(setup, kwargs, message):
     options = {"guidance": W, **kwargs}
     with pytest.raises(ValueError, match=message):
         null_text_inversion(model, x0, unet.label_emb(labels), unet.label_emb.weight[2], AB, TS, **options)
+
+
+def test_the_network_weights_get_no_gradients():
+    torch.manual_seed(0)
+    config = UNetConfig(
+        ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), in_channels=1, resolution=4, num_classes=2
+    )
+    unet = UNet(config).eval().double()  # weights still require grad, as a loaded checkpoint's do
+    x0 = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    null_text_inversion(
+        lambda x, t, e: unet(x, t, label_embedding=e),
+        x0,
+        unet.label_emb(torch.tensor([1])),
+        unet.label_emb.weight[2],
+        AB,
+        timesteps(50, 2),
+        guidance=W,
+        inner_steps=2,
+        early_stop=0.0,
+    )
+    assert all(parameter.grad is None for parameter in unet.parameters())
