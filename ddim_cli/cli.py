@@ -491,16 +491,42 @@ def _class_summary(labels) -> str:
     return ", ".join(f"{k}: {c}" for k, c in enumerate(counts) if c)
 
 
+CheckpointAndImagesArg = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="[CHECKPOINT] IMAGE...",
+        help="A checkpoint file or run directory (optional; default: the most recent run), then images.",
+        show_default=False,
+    ),
+]
+
+
+def _checkpoint_and_images(paths: list[Path], verb: str) -> tuple[Path | None, list[Path]]:
+    """Split ``[CHECKPOINT] IMAGE...``: the first path is the checkpoint if it is a run directory
+    or a .safetensors file."""
+    checkpoint, images = (
+        (paths[0], paths[1:]) if paths[0].is_dir() or paths[0].suffix == ".safetensors" else (None, paths)
+    )
+    if not images:
+        _fail(f"give at least one image to {verb}", code=2)
+    return checkpoint, images
+
+
+def _load_inputs(loaded, images: list[Path]):
+    """The images as the model was trained on them (channels, size, resize mode), noting changes."""
+    from ddim_cli.data import resize_mode
+    from ddim_cli.images import load_images
+
+    data = loaded.config.data
+    originals, notes = load_images(images, data.image_size, data.channels, resize_mode(data))
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    return originals
+
+
 @app.command()
 def invert(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="[CHECKPOINT] IMAGE...",
-            help="A checkpoint file or run directory (optional; default: the most recent run), then images.",
-            show_default=False,
-        ),
-    ],
+    paths: CheckpointAndImagesArg,
     steps: StepsOpt = None,
     skip: SkipOpt = None,
     class_label: InvertClassesOpt = None,
@@ -551,14 +577,9 @@ def invert(
     import torch
 
     from ddim_cli import generate as g
-    from ddim_cli.data import resize_mode
-    from ddim_cli.images import load_images, save_grid, save_latents, save_null_embeddings
+    from ddim_cli.images import save_grid, save_latents, save_null_embeddings
 
-    checkpoint, images_in = (
-        (paths[0], paths[1:]) if paths[0].is_dir() or paths[0].suffix == ".safetensors" else (None, paths)
-    )
-    if not images_in:
-        _fail("give at least one image to invert", code=2)
+    checkpoint, images_in = _checkpoint_and_images(paths, "invert")
     if interpolate and len(images_in) != 2:
         _fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
     if not tol > 0:
@@ -569,10 +590,7 @@ def invert(
         _fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
     with _user_errors():
         loaded = _load(checkpoint, ema, device)
-        data = loaded.config.data
-        originals, notes = load_images(images_in, data.image_size, data.channels, resize_mode(data))
-        for note in notes:
-            typer.echo(f"note: {note}", err=True)
+        originals = _load_inputs(loaded, images_in)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         labels = _invert_labels(loaded, class_label, guidance, len(originals))
@@ -660,14 +678,7 @@ class EditMethod(str, Enum):
 
 @app.command()
 def edit(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="[CHECKPOINT] IMAGE...",
-            help="A checkpoint file or run directory (optional; default: the most recent run), then images.",
-            show_default=False,
-        ),
-    ],
+    paths: CheckpointAndImagesArg,
     to_class: Annotated[int, typer.Option("--to-class", help="The class to turn every image into.")],
     from_class: Annotated[
         int | None,
@@ -715,15 +726,10 @@ def edit(
     """
     from ddim_cli import generate as g
     from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.data import resize_mode
-    from ddim_cli.images import load_images, save_grid, save_npz, save_pngs, to_uint8
+    from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
     from ddim_cli.seeding import seeded_noise
 
-    checkpoint, images_in = (
-        (paths[0], paths[1:]) if paths[0].is_dir() or paths[0].suffix == ".safetensors" else (None, paths)
-    )
-    if not images_in:
-        _fail("give at least one image to edit", code=2)
+    checkpoint, images_in = _checkpoint_and_images(paths, "edit")
     if method == EditMethod.sdedit and not 0 < strength <= 1:
         _fail(f"--strength must lie in (0, 1], got {strength:g}", code=2)
     if null_text and (method != EditMethod.ddib or from_class is None or guidance == 0):
@@ -741,10 +747,7 @@ def edit(
         w = loaded.config.sample.guidance if guidance is None else guidance
         if null_text and not w:
             raise CheckpointError("--null-text needs --guidance W > 0 (this config's sample.guidance is 0)")
-        data = loaded.config.data
-        originals, notes = load_images(images_in, data.image_size, data.channels, resize_mode(data))
-        for note in notes:
-            typer.echo(f"note: {note}", err=True)
+        originals = _load_inputs(loaded, images_in)
         count = len(originals)
         ddib_spec = method == EditMethod.ddib
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False if ddib_spec else None)
