@@ -540,7 +540,7 @@ def invert(
             "--null-text",
             help="With --class K --guidance W: null-text inversion (Mokady et al. 2022), fitting the null "
             "label's embedding per step so that guided sampling reconstructs the image; writes "
-            "null_embeddings.safetensors for `ddim sample --null-embeddings`.",
+            "null_embeddings.safetensors for `ddim sample --null-embeddings` (runs in fp32, eager).",
         ),
     ] = False,
     inner_steps: Annotated[
