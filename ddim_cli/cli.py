@@ -452,6 +452,8 @@ def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None,
         )
     if fitted.shape[1] != count:
         raise CheckpointError(f"{path} holds null embeddings for {fitted.shape[1]} images, the latents are {count}")
+    if loaded.config.model.num_classes is None or fitted.shape[2] != loaded.model.temb_ch:
+        raise CheckpointError(f"{path} was not fitted for this model (embedding size {fitted.shape[2]})")
     wanted_classes = _classes(classes)
     check_classes(loaded, wanted_classes or labels.tolist())
     if wanted_classes:

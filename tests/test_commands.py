@@ -429,6 +429,20 @@ def test_invert_null_text_writes_embeddings_that_sample_reproduces(conditional_r
         "sample", conditional_run, "--latents", tmp_path / "nt" / "latents.npy", "--null-embeddings", embeddings
     )
     assert wrong_steps.exit_code == 1 and "pass the --steps and --skip given to invert" in wrong_steps.output
+    from ddim_cli.images import save_null_embeddings
+
+    save_null_embeddings(tmp_path / "other.safetensors", fitted[..., :5], fitted_steps, labels, 3.0)
+    other_model = ddim(
+        "sample",
+        conditional_run,
+        "--latents",
+        tmp_path / "nt" / "latents.npy",
+        "--null-embeddings",
+        tmp_path / "other.safetensors",
+        "--steps",
+        3,
+    )
+    assert other_model.exit_code == 1 and "not fitted for this model" in other_model.output
 
 
 @pytest.mark.parametrize(
