@@ -29,7 +29,8 @@ from ddim_cli.seeding import cycle_classes, draw_classes
 from ddim_cli.unet import UNet
 
 Progress = Callable[[int], None]  # called with the number of (image x step) units just done
-MakeEps = Callable[[torch.Tensor | None], EpsModel]  # per-image class labels (None: unconditional) -> model
+# per-image class labels (None: unconditional) and optionally another guidance scale -> model
+MakeEps = Callable[..., EpsModel]
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def noise_model(
     compile: Switch = "auto",
     channels_last: Switch = "auto",
 ) -> MakeEps:
-    """``make(labels) -> eps_model`` for the checkpoint: class conditioning (``labels``: one class
+    """``make(labels, scale=guidance) -> eps_model`` for the checkpoint: class conditioning (``labels``: one class
     per image of the batch, or None for the null label), classifier-free guidance ``w``, and the
     device's fast path (``auto``: bf16 autocast, ``channels_last`` and ``torch.compile`` on CUDA;
     fp32 on CPU, ``channels_last`` from 32x32 up; see :mod:`ddim_cli.acceleration`).
@@ -202,12 +203,12 @@ def noise_model(
             # The sampler's state stays in the standard layout whatever the model's is.
             return model(x, t, y).to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
-    def make(labels: torch.Tensor | None) -> EpsModel:
+    def make(labels: torch.Tensor | None, scale: float = guidance) -> EpsModel:
         if labels is None:
-            if guidance:
+            if scale:
                 raise CheckpointError("--guidance needs class labels; the null label cannot be guided")
             return with_precision
-        return classifier_free_guidance(with_precision, labels, guidance, null_label=num_classes)
+        return classifier_free_guidance(with_precision, labels, scale, null_label=num_classes)
 
     return make
 
@@ -435,11 +436,10 @@ def edit_images(
         if progress is not None:
             progress(len(images))
         return edited
-    make_eps = noise_model(loaded, guidance=guidance, precision="fp32")
-    unguided = noise_model(loaded, precision="fp32")
+    make_eps = noise_model(loaded, precision="fp32")  # one model (and one compile) for both directions
 
     def run(first: int, batch: torch.Tensor) -> torch.Tensor:
-        target = make_eps(to_labels[first : first + len(batch)])
+        target = make_eps(to_labels[first : first + len(batch)], guidance)
         if method == "sdedit":
             edited = sdedit(
                 target,
@@ -452,7 +452,7 @@ def edit_images(
                 clip_x0=spec.clip_x0,
             )
         else:
-            source = unguided(_slice(from_labels, first, len(batch)))
+            source = make_eps(_slice(from_labels, first, len(batch)), 0.0)
             edited = ddib(source, target, batch, ab, ts, prediction=loaded.prediction, exact=exact)[0]
         if progress is not None:
             progress(len(batch))
