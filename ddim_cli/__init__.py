@@ -2,10 +2,11 @@
 
 The library API the ``ddim`` command is built on::
 
-    from ddim_cli import UNet, UNetConfig, alpha_bars, timesteps, sample, invert
+    from ddim_cli import UNet, UNetConfig, alpha_bars, timesteps, sample, invert, restore
 """
 
 from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.restoration import restore
 from ddim_cli.sampling import invert, sample
 from ddim_cli.schedule import alpha_bars, betas, timesteps
 from ddim_cli.unet import UNet, UNetConfig
@@ -19,6 +20,7 @@ __all__ = [
     "betas",
     "classifier_free_guidance",
     "invert",
+    "restore",
     "sample",
     "timesteps",
     "__version__",

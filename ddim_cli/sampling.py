@@ -292,7 +292,7 @@ def _run(
         if step.d:
             x_next = x_next + step.d * x0_prev
         if step.sigma:
-            x_next = x_next + step.sigma * _noise_like(x, generator)
+            x_next = x_next + step.sigma * noise_like(x, generator)
         x, x0_prev = x_next, x0_hat
         if callback is not None:
             callback(i, step.model_t, x, x0_hat)
@@ -386,7 +386,8 @@ def _dpm2m_coefficients(ab_t: torch.Tensor, ab_prev: torch.Tensor) -> list[tuple
     return coefficients
 
 
-def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """N(0, I) shaped like ``x``, from one generator for the batch or one per image."""
     if generator is None or isinstance(generator, torch.Generator):
         device = x.device if generator is None else generator.device
         return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
