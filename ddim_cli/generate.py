@@ -23,9 +23,10 @@ from ddim_cli.config import Config
 from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
+from ddim_cli.restoration import Degradation, model_calls, restore
 from ddim_cli.sampling import EpsModel, FixedPointStep, invert, plan, sample
 from ddim_cli.schedule import SPACINGS, timesteps
-from ddim_cli.seeding import cycle_classes, draw_classes
+from ddim_cli.seeding import cycle_classes, draw_classes, seeded_noise, side_generator
 from ddim_cli.unet import UNet
 
 Progress = Callable[[int], None]  # called with the number of (image x step) units just done
@@ -459,6 +460,80 @@ def edit_images(
         return edited
 
     return _in_batches(loaded, images, batch_size, run)
+
+
+# Keys of the degradation's own random streams (seeding.side_generator), apart from the images'.
+DEGRADE_NOISE, RANDOM_MASK = 1, 2
+
+
+def mask_generator(seed: int) -> torch.Generator:
+    """The generator a ``random:P`` mask is drawn from for ``--seed seed``."""
+    return side_generator(seed, RANDOM_MASK)
+
+
+def degrade_images(degradation: Degradation, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """``A x + sigma n`` of clean images in [-1, 1]; image ``i``'s noise comes from its own side
+    generator (``side_generator(seed, DEGRADE_NOISE, i)``), never from a restoration's stream."""
+    shape = degradation.observation_shape(tuple(images.shape[1:]))
+    noise = None
+    if degradation.sigma:
+        generators = [side_generator(seed, DEGRADE_NOISE, i) for i in range(len(images))]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return degradation.observe(images, noise)
+
+
+def restore_images(
+    loaded: LoadedModel,
+    make_eps: MakeEps,
+    observations: torch.Tensor,
+    degradation: Degradation,
+    spec: SamplerSpec,
+    *,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    samples_per_input: int = 1,
+    method: str = "ddnm",
+    jump: int = 1,
+    resample: int = 1,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """``samples_per_input`` restorations of each observation (input-major: restoration ``j`` of
+    input ``i`` is image ``k = i * samples_per_input + j``, drawn from seed ``seed + k``), with
+    ``labels`` (one per input; None: the null label) and the config's guidance in ``make_eps``.
+    Returns (N * samples_per_input, C, H, W) on the CPU, unclamped."""
+    ab = loaded.alpha_bars
+    ts = spec.timesteps(ab)
+    model_calls(len(ts), jump, resample)  # checks jump and resample before any work
+    if not (isinstance(samples_per_input, int) and samples_per_input >= 1):
+        raise ValueError(f"samples_per_input must be an integer >= 1, got {samples_per_input!r}")
+    expected = degradation.observation_shape(loaded.image_shape)
+    if tuple(observations.shape[1:]) != tuple(expected):
+        raise ValueError(f"the observations have shape {tuple(observations.shape[1:])}; this model needs {expected}")
+    repeated = observations.repeat_interleave(samples_per_input, 0)
+    labels = None if labels is None else labels.repeat_interleave(samples_per_input, 0)
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + len(repeated))))
+
+    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+        count = len(batch)
+        return restore(
+            make_eps(_slice(labels, first, count)),
+            repeated[first : first + count],
+            degradation,
+            ab,
+            ts,
+            batch,
+            method=method,
+            eta=spec.eta,
+            jump=jump,
+            resample=resample,
+            clip_x0=spec.clip_x0,
+            prediction=loaded.prediction,
+            generator=generators[first : first + count],
+            callback=_counter(progress, count),
+        )
+
+    return _in_batches(loaded, x_T, batch_size, run)
 
 
 def _slice(labels: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:

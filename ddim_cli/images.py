@@ -147,3 +147,36 @@ def load_images(
         except (UnidentifiedImageError, OSError) as error:
             raise ImageFileError(f"cannot read image {path}: {error}") from None
     return torch.stack(images), notes
+
+
+def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of each image file, read from its header."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+        except FileNotFoundError:
+            raise ImageFileError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise ImageFileError(f"cannot read image {path}: {error}") from None
+    return sizes
+
+
+def load_mask(path: Path, image_size: int, input_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A mask PNG as an (H, W) bool tensor, True where the pixel is known: white (>= 128) marks what
+    to fill, as in diffusers' inpainting. It must be the model's size, or the size of the input
+    images (``input_size``, (width, height)), in which case it gets their resize, nearest-neighbour."""
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L")
+    except FileNotFoundError:
+        raise ImageFileError(f"mask {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageFileError(f"cannot read mask {path}: {error}") from None
+    allowed = {(image_size, image_size)} | ({input_size} if input_size else set())
+    if gray.size not in allowed:
+        sizes = " or ".join(f"{w}x{h}" for w, h in sorted(allowed))
+        raise ImageFileError(f"mask {path} is {gray.size[0]}x{gray.size[1]}; it must be {sizes} (model or input size)")
+    fill = image_transform(image_size, 1, "nearest")(gray)[0] >= 0  # >= 128 of 255 maps to >= 0 in [-1, 1]
+    return ~fill

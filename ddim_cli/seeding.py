@@ -23,3 +23,15 @@ def draw_classes(generators: list[torch.Generator], num_classes: int) -> torch.T
 def cycle_classes(classes: list[int], count: int) -> torch.Tensor:
     """``classes`` repeated to ``count`` images: image ``i`` gets ``classes[i % len(classes)]``."""
     return torch.tensor([classes[i % len(classes)] for i in range(count)], dtype=torch.long)
+
+
+def side_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator for randomness that is not an image's own, e.g. the noise that degrades input
+    ``i`` in ``ddim restore --degrade`` (``key = (DEGRADE, i)``): seeded from ``(seed, *key)`` mixed
+    by numpy's SeedSequence, so that it shares no stream with the images' ``seed + i``. (An offset
+    would not do: torch keeps only the low 32 bits of a seed, so ``seed + 2**32`` is ``seed``.)"""
+    import numpy as np
+
+    words = [value % (1 << 64) for value in (seed, *key)]  # SeedSequence takes non-negative integers
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0]
+    return torch.Generator().manual_seed(int(state))

@@ -33,6 +33,14 @@ echo "== edits: ten real digits to class 8"
 .venv/bin/python scripts/export_digits.py --out "$W/ten" 0 1 2 3 4 5 6 7 9 10 > /dev/null
 ddim edit runs/digits "$W"/ten/digit{0,1,2,3,4,5,6,7,9,10}.png --to-class 8 --steps 20 --out "$W/edit8" | tail -2
 enlarge "$W/edit8/grid.png" docs/edit-grid.png 4
+echo "== restoration of eight real digits (--degrade), then the scores on 100 held-out digits"
+.venv/bin/python scripts/export_digits.py --out "$W/eight" 3 17 42 100 200 300 400 500 > /dev/null
+eight=("$W"/eight/digit{3,17,42,100,200,300,400,500}.png)
+for task in "inpaint --mask bottom-half --n-samples 3" "sr --sr 4" "denoise --sigma 0.3" "repaint --mask center --method repaint"; do
+  name=${task%% *}; ddim restore runs/digits "${eight[@]}" --degrade ${task#* } --out "$W/$name" | tail -3
+  enlarge "$W/$name/grid.png" docs/restore-$name.png 4
+done
+.venv/bin/python scripts/eval_restore.py runs/digits --n 100 --steps 50
 ddim compare runs/digits --steps 10,20,50 --eta 0,1 --n 6 --out "$W/cmp"
 cp "$W/cmp/grid.png" docs/compare-grid.png; cp "$W/cmp/time_vs_steps.png" docs/compare-time.png
 cat "$W/cmp/table.md"
