@@ -41,6 +41,11 @@ for task in "inpaint --mask bottom-half --n-samples 3" "sr --sr 4" "denoise --si
   enlarge "$W/$name/grid.png" docs/restore-$name.png 4
 done
 .venv/bin/python scripts/eval_restore.py runs/digits --n 100 --steps 50
+if [ -d runs/colour-digits ]; then  # colourisation needs the RGB model of configs/colour-digits.yaml
+  ddim restore runs/colour-digits data/colour-digits/{0003,0017,0042,0100,0200,0300,0400,0500}.png \
+    --gray --degrade --n-samples 2 --out "$W/colour" | tail -3
+  enlarge "$W/colour/grid.png" docs/restore-colour.png 4
+fi
 ddim compare runs/digits --steps 10,20,50 --eta 0,1 --n 6 --out "$W/cmp"
 cp "$W/cmp/grid.png" docs/compare-grid.png; cp "$W/cmp/time_vs_steps.png" docs/compare-time.png
 cat "$W/cmp/table.md"
