@@ -37,16 +37,18 @@ from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, 
 from ddim_cli.checkpoint import (
     CheckpointError,
     list_checkpoints,
-    load_checkpoint,
-    load_training_state,
+    newest_intact,
     prune_checkpoints,
+    remove_partial_writes,
     save_checkpoint,
 )
 from ddim_cli.config import Config
 from ddim_cli.data import NO_LABEL, DataError, build_dataset
+from ddim_cli.errors import describe_os_error
 from ddim_cli.fid import FeatureExtractor
 from ddim_cli.monitor import TrainingFID, plot_metrics, save_sample_grid
 from ddim_cli.parameterization import loss_weights, training_target
+from ddim_cli.runlock import run_lock
 from ddim_cli.unet import UNet
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
@@ -135,6 +137,19 @@ def train(
             f"{'no labels' if dataset.num_classes is None else f'{dataset.num_classes} classes'}"
         )
 
+    with run_lock(run_dir, enabled=rank == 0) as note:
+        if note:
+            tqdm.write(f"note: {note}")
+        if rank == 0:
+            for path in remove_partial_writes(run_dir / "checkpoints"):
+                tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
+        return _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor)
+
+
+def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor) -> TrainResult:
+    """The run itself, once its directory is checked and locked."""
+    cfg = config.train
+    num_classes = config.model.num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
         model = UNet(config.unet_config()).to(device_)
@@ -346,21 +361,27 @@ def _save(run_dir, step, config, model, ema, optimizer, rank, log, dataset_size:
         "rng": "derived from (train.seed, step, rank)",
         "data_position": {"epoch": epoch, "batch_in_epoch": batch, "dataset_size": dataset_size},
     }
-    path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
+    try:
+        path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
+    except OSError as error:
+        previous = list_checkpoints(run_dir / "checkpoints")
+        last = f"the last complete checkpoint is {previous[-1]}" if previous else "no checkpoint was written yet"
+        raise TrainingError(
+            f"could not write the checkpoint of step {step} ({describe_os_error(error)}); {last}"
+        ) from None
     prune_checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
     log.message(f"wrote {path}")
     return path
 
 
 def _restore(run_dir: Path, model, ema, optimizer) -> int:
-    latest = list_checkpoints(run_dir / "checkpoints")[-1]
-    checkpoint = load_checkpoint(latest)
+    checkpoint = newest_intact(list_checkpoints(run_dir / "checkpoints")[::-1], training_state=True)
     try:
         model.load_state_dict(checkpoint.model)
         ema.load_state_dict(checkpoint.ema)
     except RuntimeError as error:
-        raise CheckpointError(f"{latest} does not fit the config: {str(error).splitlines()[0]}") from None
-    state = load_training_state(latest)
+        raise CheckpointError(f"{checkpoint.path} does not fit the config: {str(error).splitlines()[0]}") from None
+    state = checkpoint.training_state
     optimizer.load_state_dict(state["optimizer"])
     # Adam's moments must share their parameter's memory layout: the fused kernel walks both in
     # memory order, so moments saved in NCHW and resumed in channels_last would be mixed up.
