@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -9,10 +10,43 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from ddim_cli import __version__
 
+
+class _Group(TyperGroup):
+    """The command group with the tool's last line of defence: an ``OSError`` that no command
+    turned into a message (a full disk, a permission, a read-only file system) is one line and exit
+    1; any other exception is a bug, reported in one line with how to see its traceback
+    (``DDIM_DEBUG=1`` re-raises both)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+        except Exception as error:
+            # Usage errors, --help and exits belong to the command-line framework (typer vendors its click).
+            if os.environ.get("DDIM_DEBUG") == "1" or type(error).__module__.split(".")[0] in ("click", "typer"):
+                raise
+            if isinstance(error, OSError):
+                from ddim_cli.errors import describe_os_error
+
+                typer.echo(f"error: {describe_os_error(error)}", err=True)
+            else:
+                first = (str(error).strip().splitlines() or [""])[0]
+                typer.echo(
+                    f"error: internal error ({type(error).__name__}: {first}); this is a bug: please report it "
+                    "with the command you ran (DDIM_DEBUG=1 shows the traceback)",
+                    err=True,
+                )
+            raise typer.Exit(code=1) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     name="ddim",
     help="Train denoising diffusion models and sample them with DDPM and DDIM.",
     no_args_is_help=True,
@@ -74,6 +108,7 @@ def train(
     """Train a diffusion model from a YAML config (multi-GPU: launch with torchrun)."""
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import ConfigError, load_config
+    from ddim_cli.runlock import RunBusyError
     from ddim_cli.train import TrainingError, TrainingInterrupted
     from ddim_cli.train import train as run_training
 
@@ -88,6 +123,8 @@ def train(
         typer.echo(config.to_yaml(), nl=False)
         return
     directory = resume if resume is not None else (run_dir or Path("runs") / config.name)
+    with _user_errors():
+        _check_outputs(directories=[("the run directory", directory)])
     try:
         result = run_training(
             config, directory, resume=resume is not None, overwrite=overwrite, device=device.value, progress=progress
@@ -95,7 +132,7 @@ def train(
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(code=130) from None
-    except (TrainingError, CheckpointError) as error:
+    except (TrainingError, CheckpointError, RunBusyError) as error:
         _fail(str(error))
     except Exception as error:
         again = "" if resume is not None else " --overwrite"  # the failed start left its log there
@@ -229,16 +266,30 @@ def _device(choice: Device) -> str:
     return "cuda" if choice is Device.cuda or (choice is Device.auto and torch.cuda.is_available()) else "cpu"
 
 
+def _check_outputs(files=(), directories=(), inputs=()) -> None:
+    """Every ``(option, path)`` a command will write, checked before its work (None: not asked for)."""
+    from ddim_cli.outputs import check_output
+
+    inputs = [p for p in inputs if p is not None]
+    for option, path in files:
+        if path is not None:
+            check_output(path, inputs=inputs, option=option)
+    for option, path in directories:
+        if path is not None:
+            check_output(path, directory=True, inputs=inputs, option=option)
+
+
 @contextmanager
 def _user_errors():
     """Our one-line errors become ``error: ...`` and exit 1; bad option values exit 2."""
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.fid import FIDError
     from ddim_cli.images import ImageFileError
+    from ddim_cli.outputs import OutputError
 
     try:
         yield
-    except (CheckpointError, ImageFileError, FIDError) as error:
+    except (CheckpointError, ImageFileError, FIDError, OutputError) as error:
         _fail(str(error))
     except ValueError as error:  # the library's checks of steps, eta, spacing, ...
         _fail(str(error), code=2)
@@ -260,10 +311,10 @@ def _fail_if_compile_error(error: Exception, remedy: str) -> None:
 def _load(checkpoint: Path | None, ema: bool, device: Device):
     from ddim_cli.generate import load_model, resolve_checkpoint
 
-    path, note = resolve_checkpoint(checkpoint)
+    candidates, note = resolve_checkpoint(checkpoint)
     if note:
         typer.echo(note, err=True)
-    return load_model(path, use_ema=ema, device=_device(device))
+    return load_model(candidates, use_ema=ema, device=_device(device))
 
 
 def _spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x0):
@@ -292,13 +343,18 @@ def _classes(text: str | None) -> list[int] | None:
     return None if text is None else _number_list(text, int, "--class")
 
 
-def _labels_and_guidance(loaded, generators, classes: str | None, unconditional: bool, guidance: float | None):
-    """Per-image class labels (None: the null label) and the guidance w, as `sample` and `compare`
-    choose them; an explicit --guidance that cannot apply is an error, the config's is dropped."""
+def _labels_and_guidance(
+    loaded, generators, classes: str | None, unconditional: bool, guidance: float | None, first_index: int = 0
+):
+    """Per-image class labels (None: the null label) of images numbered from ``first_index`` and the
+    guidance w, as `sample` and `compare` choose them; an explicit --guidance that cannot apply is an
+    error, the config's is dropped."""
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.generate import class_labels
 
-    labels = class_labels(loaded, generators, classes=_classes(classes), unconditional=unconditional)
+    labels = class_labels(
+        loaded, generators, classes=_classes(classes), unconditional=unconditional, first_index=first_index
+    )
     if labels is None:
         if guidance:
             why = "--unconditional samples with the null label" if unconditional else "this model is unconditional"
@@ -368,9 +424,10 @@ def sample(
     """
     from time import perf_counter
 
+    import torch
+
     from ddim_cli import generate as g
-    from ddim_cli.images import load_latents, save_grid, save_npz, save_pngs, to_uint8
-    from ddim_cli.images import save_latents as write_latents
+    from ddim_cli.images import load_latents
     from ddim_cli.seeding import seeded_noise
 
     if null_embeddings is not None:
@@ -382,55 +439,119 @@ def sample(
             _fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
         clip_x0 = False if clip_x0 is None else clip_x0
     with _user_errors():
+        files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
+        _check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
         loaded = _load(checkpoint, ema, device)
+        if out is None:
+            _check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
         first_seed = loaded.config.sample.seed if seed is None else seed
-        if latents is not None:
-            x_T = load_latents(latents, loaded.image_shape)
-            if n is not None and n != len(x_T):
-                raise ValueError(f"--n {n} does not match the {len(x_T)} latents in {latents}")
-            # Each seed's first draw is its x_T, given here instead; its class and noise follow.
-            generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + len(x_T))))[1]
-        else:
-            count = loaded.config.sample.n if n is None else n
-            x_T, generators = seeded_noise(loaded.image_shape, list(range(first_seed, first_seed + count)))
+        shape = loaded.image_shape
+        given = None if latents is None else load_latents(latents, shape)
+        if given is not None and n is not None and n != len(given):
+            raise ValueError(f"--n {n} does not match the {len(given)} latents in {latents}")
+        count = len(given) if given is not None else (loaded.config.sample.n if n is None else n)
         steps_run = len(spec.timesteps(loaded.alpha_bars))
-        if null_embeddings is not None:
-            fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, len(x_T), classes, guidance)
-            start = perf_counter()
-            with _bar(len(x_T) * steps_run, progress, spec.label + " null-text") as bar:
-                images = g.sample_null_text(
-                    loaded, x_T, labels, fitted, spec, guidance=w, batch_size=batch_size, progress=bar.update
-                )
-            seconds = (perf_counter() - start) / len(x_T)
-        else:
-            labels, w = _labels_and_guidance(loaded, generators, classes, unconditional, guidance)
-            make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
-            with _bar(len(x_T) * steps_run, progress, spec.label) as bar:
-                images, seconds = g.generate(
-                    loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=bar.update
-                )
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
         grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
-        save_grid(images, grid)
-        written = [str(grid)]
-        if out_dir is not None:
-            save_pngs(images, out_dir)
-            written.append(f"{out_dir}/ ({len(images)} PNGs)")
-        if npz is not None:
-            save_npz(to_uint8(images), npz)
-            written.append(str(npz))
-        if save_latents is not None:
-            write_latents(x_T, save_latents)
-            written.append(str(save_latents))
-    if labels is None:
+        outputs = _SampleOutputs(grid, out_dir, npz, save_latents, count, shape)
+        label_batches, seconds = [], 0.0
+        with outputs, _bar(count * steps_run, progress, spec.label) as bar:
+            if null_embeddings is not None:  # --latents and their fitted embeddings: a few images, at once
+                fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
+                start = perf_counter()
+                images = g.sample_null_text(
+                    loaded, given, labels, fitted, spec, guidance=w, batch_size=batch_size, progress=bar.update
+                )
+                seconds = perf_counter() - start
+                outputs.add(0, given, images)
+                label_batches.append(labels)
+            else:  # batch by batch, so that no output holds every image in memory
+                w = _labels_and_guidance(
+                    loaded, seeded_noise(shape, [first_seed])[1], classes, unconditional, guidance
+                )[1]
+                make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
+                for first in range(0, count, batch_size):
+                    seeds = list(range(first_seed + first, first_seed + min(count, first + batch_size)))
+                    # Each seed's first draw is its x_T (or the given latent instead); its class and noise follow.
+                    x_T, generators = seeded_noise(shape, seeds)
+                    if given is not None:
+                        x_T = given[first : first + len(seeds)]
+                    labels = _labels_and_guidance(loaded, generators, classes, unconditional, guidance, first)[0]
+                    images, per_image = g.generate(
+                        loaded,
+                        make_eps,
+                        spec,
+                        x_T,
+                        generators,
+                        labels=labels,
+                        batch_size=batch_size,
+                        progress=bar.update,
+                    )
+                    seconds += per_image * len(seeds)
+                    outputs.add(first, x_T, images)
+                    label_batches.append(labels)
+    if label_batches[0] is None:
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
-        conditioning = f" (classes {_class_summary(labels)}, guidance {w:g})"
+        conditioning = f" (classes {_class_summary(torch.cat(label_batches))}, guidance {w:g})"
     typer.echo(
-        f"{len(images)} images with {spec.label}{conditioning} from {loaded.checkpoint} in {seconds:.4f} s/image"
+        f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint} in {seconds / count:.4f} s/image"
     )
-    typer.echo("wrote " + ", ".join(written))
+    typer.echo("wrote " + ", ".join(outputs.written))
+
+
+class _SampleOutputs:
+    """What ``ddim sample`` writes, fed batch by batch: the grid (of the first ``GRID_LIMIT``
+    images), each PNG, the ``.npz`` (streamed) and the latents (a memory-mapped ``.npy``)."""
+
+    GRID_LIMIT = 256
+
+    def __init__(self, grid: Path, out_dir: Path | None, npz: Path | None, latents: Path | None, count, shape):
+        from contextlib import ExitStack
+
+        self.grid, self.out_dir, self.npz, self.latents, self.count = grid, out_dir, npz, latents, count
+        self.grid_images, self.stack, self.written = [], ExitStack(), []
+        self.npz_writer = self.latents_writer = None
+        if npz is not None:
+            from ddim_cli.images import StreamingNpz
+
+            self.npz_writer = self.stack.enter_context(StreamingNpz(npz, count, (shape[1], shape[2], shape[0])))
+        if latents is not None:
+            from ddim_cli.images import StreamingLatents
+
+            self.latents_writer = self.stack.enter_context(StreamingLatents(latents, count, shape))
+
+    def add(self, first: int, x_T, images) -> None:
+        from ddim_cli.images import save_pngs, to_uint8
+
+        kept = sum(len(batch) for batch in self.grid_images)
+        if kept < self.GRID_LIMIT:
+            self.grid_images.append(images[: self.GRID_LIMIT - kept])
+        if self.out_dir is not None:
+            save_pngs(images, self.out_dir, first_index=first)
+        if self.npz_writer is not None:
+            self.npz_writer.write(to_uint8(images))
+        if self.latents_writer is not None:
+            self.latents_writer.write(first, x_T)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.stack.__exit__(kind, error, trace)  # completes (or on an error removes) the .npz and .npy
+        if kind is not None:
+            return
+        import torch
+
+        from ddim_cli.images import save_grid
+
+        save_grid(torch.cat(self.grid_images), self.grid)
+        shown = "" if self.count <= self.GRID_LIMIT else f" (the first {self.GRID_LIMIT} images)"
+        self.written = [f"{self.grid}{shown}"]
+        if self.out_dir is not None:
+            self.written.append(f"{self.out_dir}/ ({self.count} PNGs)")
+        self.written += [str(path) for path in (self.npz, self.latents) if path is not None]
 
 
 def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None, guidance: float | None):
@@ -591,7 +712,9 @@ def invert(
     if null_text and interpolate:
         _fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
     with _user_errors():
+        _check_outputs([], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = _load(checkpoint, ema, device)
+        _check_outputs(directories=[("--out", out or loaded.run_dir / "invert")])
         originals = _load_inputs(loaded, images_in)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
@@ -739,7 +862,9 @@ def edit(
     with _user_errors():
         import torch
 
+        _check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = _load(checkpoint, ema, device)
+        _check_outputs(directories=[("--out", out or loaded.run_dir / "edit")])
         if loaded.config.model.num_classes is None:
             raise CheckpointError("--to-class needs a class-conditional model; this one is unconditional")
         num_classes = loaded.config.model.num_classes
@@ -993,7 +1118,9 @@ def restore(
     with _user_errors():
         import torch
 
+        _check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = _load(checkpoint, ema, device)
+        _check_outputs(directories=[("--out", out or loaded.run_dir / "restore")])
         seed = loaded.config.sample.seed if seed is None else seed
         degradation = _degradation(loaded, mask, sr, sigma, gray, seed, images_in)
         count = len(images_in)
@@ -1118,6 +1245,8 @@ def fid_command(
     """Frechet Inception Distance between samples and a reference (torch-fidelity, TF-compatible)."""
     from ddim_cli import fid as f
 
+    with _user_errors():
+        _check_outputs([("--save-stats", save_stats)], inputs=[Path(samples), Path(reference)])
     try:  # both inputs are checked before the Inception weights are fetched
         opened_samples = f.open_source(samples, batch_size)
         opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
@@ -1191,7 +1320,9 @@ def compare(
     if fid and reference is None:
         _fail("--fid needs --reference (a folder, an .npz of images or statistics, or cifar10/mnist)", code=2)
     with _user_errors():
+        _check_outputs([("--save-stats", save_stats)], [("--out", out)], inputs=[checkpoint])
         loaded = _load(checkpoint, ema, device)
+        _check_outputs(directories=[("--out", out or loaded.run_dir / "compare")])
         cfg = loaded.config
         specs = c.comparison_specs(
             step_counts,
@@ -1274,6 +1405,8 @@ def convert(
     from ddim_cli.convert import ConversionError
     from ddim_cli.convert import convert as run_conversion
 
+    with _user_errors():
+        _check_outputs([("--out", out)], inputs=[source])
     try:
         config = load_config(config_path) if config_path is not None else None
         written = run_conversion(source, out, preset=preset.value if preset else None, config=config)

@@ -155,9 +155,7 @@ def fill_sample_folder(
     for start in range(done, count, batch_size):
         seeds = list(range(seed + start, seed + min(count, start + batch_size)))
         x_T, generators = seeded_noise(loaded.image_shape, seeds)
-        # Image i is cycled to classes[i % len(classes)] wherever its batch starts.
-        shifted = classes[start % len(classes) :] + classes[: start % len(classes)] if classes else classes
-        labels = class_labels(loaded, generators, classes=shifted, unconditional=unconditional)
+        labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional, first_index=start)
         images, seconds = generate(
             loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, resolve_precision, use_channels_last
-from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, load_checkpoint
+from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, newest_intact
 from ddim_cli.config import Config
 from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.guidance import classifier_free_guidance
@@ -93,31 +93,35 @@ class LoadedModel:
         return parent.parent if parent.name == "checkpoints" else parent
 
 
-def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> tuple[Path, str | None]:
-    """A checkpoint file from a file, a run directory, or (None) the most recently updated run.
+def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> tuple[list[Path], str | None]:
+    """The checkpoint files to try, newest first: the file given; a run directory's checkpoints;
+    or (None) those of the most recently updated run. :func:`load_model` loads the first intact one.
 
-    Returns the file and, when it was chosen for the user, a note saying which.
+    Returns the files and, when the run was chosen for the user, a note saying which.
     """
     if path is None:
-        latest = [found[-1] for run in sorted(runs_root.glob("*")) if (found := list_checkpoints(run / "checkpoints"))]
+        latest = [found for run in sorted(runs_root.glob("*")) if (found := list_checkpoints(run / "checkpoints"))]
         if not latest:
             raise CheckpointError(
                 f"no checkpoint given and no trained run under {runs_root}/; train one first "
                 f"(ddim train configs/digits.yaml) or pass a checkpoint file or run directory"
             )
-        chosen = max(latest, key=lambda p: p.stat().st_mtime)
-        return chosen, f"using the most recently updated run: {chosen.parent.parent} ({chosen.name})"
+        chosen = max(latest, key=lambda found: found[-1].stat().st_mtime)
+        return chosen[::-1], f"using the most recently updated run: {chosen[-1].parent.parent}"
     if path.is_dir():
         found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
         if not found:
             raise CheckpointError(f"no checkpoints in {path}")
-        return found[-1], None
-    return path, None
+        return found[::-1], None
+    return [path], None
 
 
-def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the U-Net from the config inside the checkpoint and load its (EMA) weights."""
-    checkpoint = load_checkpoint(path)
+def load_model(path: Path | Sequence[Path], *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the U-Net from the config inside the checkpoint and load its (EMA) weights. Given
+    several files (newest first, as :func:`resolve_checkpoint` lists a run's), the newest intact
+    one is used, with a warning for each damaged one before it."""
+    checkpoint = newest_intact([Path(path)] if isinstance(path, str | Path) else list(path))
+    path = checkpoint.path
     weights = checkpoint.ema if use_ema else checkpoint.model
     if not weights:
         raise CheckpointError(f"{path} holds no {'EMA' if use_ema else 'model'} weights")
@@ -126,7 +130,7 @@ def load_model(path: Path, *, use_ema: bool = True, device: torch.device | str =
     if mismatch:
         raise CheckpointError(f"the weights in {path} do not fit its config: {mismatch}")
     model.load_state_dict(weights)
-    return LoadedModel(model.to(device).eval(), checkpoint.config, Path(path), checkpoint.step)
+    return LoadedModel(model.to(device).eval(), checkpoint.config, path, checkpoint.step)
 
 
 def check_classes(loaded: LoadedModel, classes: list[int] | None) -> None:
@@ -145,12 +149,14 @@ def class_labels(
     *,
     classes: list[int] | None = None,
     unconditional: bool = False,
+    first_index: int = 0,
 ) -> torch.Tensor | None:
     """The class of each image, as ``ddim sample`` chooses it; None means the null label.
 
     For a class-conditional model every image's generator yields a class right after its x_T
     (always, so that its noise stream does not depend on the choice below); it is used unless
-    ``classes`` is given (cycled over the images) or ``unconditional`` asks for the null label.
+    ``classes`` is given (cycled over the images, which are numbered from ``first_index``) or
+    ``unconditional`` asks for the null label.
     An unconditional model takes neither ``classes`` nor any draw.
     """
     check_classes(loaded, classes)
@@ -162,7 +168,7 @@ def class_labels(
     drawn = draw_classes(generators, num_classes)
     if unconditional:
         return None
-    return cycle_classes(classes, len(generators)) if classes else drawn
+    return cycle_classes(classes, len(generators), first_index) if classes else drawn
 
 
 def noise_model(

@@ -6,6 +6,7 @@ Model space is float in [-1, 1], shape (N, C, H, W); files hold uint8 pixels.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,77 @@ def load_mask(path: Path, image_size: int, input_size: tuple[int, int] | None = 
         raise ImageFileError(f"mask {path} is {gray.size[0]}x{gray.size[1]}; it must be {sizes} (model or input size)")
     fill = image_transform(image_size, 1, "nearest")(gray)[0] >= 0  # >= 128 of 255 maps to >= 0 in [-1, 1]
     return ~fill
+
+
+class StreamingNpz:
+    """An ``.npz`` with ``arr_0`` = uint8 (N, H, W, C) written batch by batch, so that N images
+    never sit in memory together: a zip holding ``arr_0.npy``, stored uncompressed, as
+    ``np.savez`` writes it (``np.load`` reads it the same way). It is written under a temporary
+    name and renamed when all N images are in, so the file is complete or absent; use it as a
+    context manager (an error removes the temporary file)."""
+
+    def __init__(self, path: Path, count: int, image_shape: tuple[int, int, int]):
+        import zipfile
+
+        self.path, self.count, self.image_shape = Path(path), count, tuple(image_shape)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.archive = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.entry = self.archive.open("arr_0.npy", "w", force_zip64=True)
+        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *self.image_shape)}
+        np.lib.format.write_array_header_1_0(self.entry, header)
+        self.written = 0
+
+    def write(self, images: np.ndarray) -> None:
+        """The next images, uint8 (n, H, W, C)."""
+        if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected uint8 (n, {self.image_shape}) images, got {images.dtype} {images.shape}")
+        if self.written + len(images) > self.count:
+            raise ValueError(f"more than the {self.count} images announced")
+        self.entry.write(np.ascontiguousarray(images).tobytes())
+        self.written += len(images)
+
+    def __enter__(self) -> StreamingNpz:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        complete = kind is None and self.written == self.count
+        try:
+            self.entry.close()
+            self.archive.close()
+            if complete:
+                with open(self.tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        if kind is None and not complete:
+            raise ValueError(f"{self.written} of the {self.count} images announced were written")
+
+
+class StreamingLatents:
+    """A float32 ``.npy`` of (N, C, H, W) latents filled batch by batch through a memory map, written
+    under a temporary name and renamed when complete (a context manager, like :class:`StreamingNpz`)."""
+
+    def __init__(self, path: Path, count: int, shape: tuple[int, int, int]):
+        self.path, self.count = Path(path), count
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(count, *shape))
+        self.written = 0
+
+    def write(self, first: int, latents: torch.Tensor) -> None:
+        self.array[first : first + len(latents)] = latents.detach().float().cpu().numpy()
+        self.written += len(latents)
+
+    def __enter__(self) -> StreamingLatents:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            self.array.flush()
+            del self.array
+            if kind is None and self.written == self.count:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)

@@ -20,9 +20,10 @@ def draw_classes(generators: list[torch.Generator], num_classes: int) -> torch.T
     return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in generators])
 
 
-def cycle_classes(classes: list[int], count: int) -> torch.Tensor:
-    """``classes`` repeated to ``count`` images: image ``i`` gets ``classes[i % len(classes)]``."""
-    return torch.tensor([classes[i % len(classes)] for i in range(count)], dtype=torch.long)
+def cycle_classes(classes: list[int], count: int, first_index: int = 0) -> torch.Tensor:
+    """``classes`` repeated over ``count`` images numbered from ``first_index``: image ``i`` gets
+    ``classes[i % len(classes)]`` (so a batch starting at ``first_index`` continues the cycle)."""
+    return torch.tensor([classes[i % len(classes)] for i in range(first_index, first_index + count)], dtype=torch.long)
 
 
 def side_generator(seed: int, *key: int) -> torch.Generator:

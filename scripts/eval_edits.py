@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         mse = float((images.clamp(-1, 1) - sources).pow(2).flatten(1).mean(1).mean())
         print(f"{name:<44} {to_target:>9.3f} {kept_source:>11.3f} {mse:>10.4f}", flush=True)
 
-    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {resolve_checkpoint(args.run)[0]}")
+    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
     print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
     for w in [float(v) for v in args.guidance.split(",")]:
         spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=True)

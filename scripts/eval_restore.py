@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{v:>{w}{f}}" if v is not None else " " * w for v, w, f in ((quality, 8, ".2f"), (rmse, 9, ".2g"))]
         print(f"{task:<11} {setting:<42} {' '.join(cells)} {'' if read is None else f'{read:>13.3f}'}", flush=True)
 
-    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {resolve_checkpoint(args.run)[0]}")
+    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
     print(f"{'task':<11} {'setting':<42} {'PSNR dB':>8} {'obs RMSE':>9} {'read as truth':>13}")
     for task in tasks:
         A = degradations[task]

@@ -8,23 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from typer.testing import CliRunner
+from test_commands import TINY, ddim, ok  # the same tiny runs and CLI helpers
 
-from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
 from ddim_cli.generate import SamplerSpec, degrade_images, load_model, noise_model, resolve_checkpoint, restore_images
 from ddim_cli.images import load_images
 from ddim_cli.restoration import Colorization, Composed, Inpainting, SuperResolution, mask_preset
 from ddim_cli.train import train
-
-TINY = {
-    "name": "tiny",
-    "data": {"dataset": "digits", "image_size": 8, "channels": 1},
-    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
-    "diffusion": {"num_timesteps": 50},
-    "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_every": 0, "log_every": 1},
-    "sample": {"steps": 5, "n": 4, "skip": "uniform"},
-}
 
 
 def make_run(path, channels=1, **model):
@@ -43,16 +33,6 @@ def gray_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rgb_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs") / "rgb", channels=3)
-
-
-def ddim(*args):
-    return CliRunner().invoke(app, [str(a) for a in args] + ["--no-progress"])
-
-
-def ok(*args):
-    result = ddim(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def digit_pngs(directory, count=3, size=8, mode="L"):
@@ -151,40 +131,16 @@ def test_super_resolution_takes_low_resolution_inputs_and_pools_back(gray_run, t
 
 def test_denoising_is_seeded_and_uses_ddnm_plus(gray_run, tmp_path):
     images = digit_pngs(tmp_path, 2)
-    runs = []
-    for name in ("a", "b"):
-        result = ok(
-            "restore",
-            gray_run,
-            *images,
-            "--sigma",
-            0.2,
-            "--degrade",
-            "--out",
-            tmp_path / name,
-            "--npz",
-            tmp_path / f"{name}.npz",
-            "--seed",
-            3,
-        )
+
+    def restored(name, seed):
+        out = ["--out", tmp_path / name, "--npz", tmp_path / f"{name}.npz", "--seed", seed]
+        result = ok("restore", gray_run, *images, "--sigma", 0.2, "--degrade", *out)
         assert "with ddnm (DDNM+)" in result.output
-        runs.append(np.load(tmp_path / f"{name}.npz")["arr_0"])
-    assert np.array_equal(runs[0], runs[1])
-    ok(
-        "restore",
-        gray_run,
-        *images,
-        "--sigma",
-        0.2,
-        "--degrade",
-        "--out",
-        tmp_path / "c",
-        "--npz",
-        tmp_path / "c.npz",
-        "--seed",
-        4,
-    )
-    assert not np.array_equal(runs[0], np.load(tmp_path / "c.npz")["arr_0"])
+        return np.load(tmp_path / f"{name}.npz")["arr_0"]
+
+    first = restored("a", 3)
+    assert np.array_equal(first, restored("b", 3))
+    assert not np.array_equal(first, restored("c", 4))
 
 
 def test_colourisation_keeps_the_luma_of_gray_inputs(rgb_run, tmp_path):

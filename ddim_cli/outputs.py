@@ -1,0 +1,42 @@
+"""Output paths checked before any work, so that a long job never ends in an unwritable path."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from ddim_cli.errors import os_error_reason
+
+
+class OutputError(RuntimeError):
+    """An output path that cannot be written, described in one line."""
+
+
+def check_output(path: Path, *, directory: bool = False, inputs: Iterable[Path] = (), option: str = "") -> None:
+    """Raise :class:`OutputError` unless ``path`` (a file, or with ``directory`` a folder) can be
+    written: it is not one of ``inputs``, it is not a directory where a file is wanted (or the
+    reverse), and a file can be created in its nearest existing folder (tried, then removed: this
+    also catches read-only file systems, whoever runs the tool). ``option`` names it in the message."""
+    path = Path(path)
+    name = f"{option} {path}" if option else str(path)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and os.path.samefile(source, path):
+            raise OutputError(f"{name} is also an input; writing it would destroy the input")
+    if directory and path.exists() and not path.is_dir():
+        raise OutputError(f"{name} exists and is not a directory")
+    if not directory and path.is_dir():
+        raise OutputError(f"{name} is a directory; give a file name")
+    folder = path if directory else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot create {name}: {folder} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write {name}: {folder} is not writable ({os_error_reason(error)})") from None
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {name}: permission denied")

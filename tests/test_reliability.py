@@ -1,0 +1,293 @@
+"""Fault injection: crashes, damaged checkpoints, full disks, busy runs and unwritable outputs."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_train import tiny_config
+from typer.testing import CliRunner
+
+from ddim_cli import checkpoint as ckpt
+from ddim_cli.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ddim_cli.cli import app
+from ddim_cli.runlock import RunBusyError, run_lock
+from ddim_cli.train import TrainingError, train
+
+pytestmark = pytest.mark.faults  # pytest -m faults runs just these (about 2 minutes on 2 cores)
+
+
+def tiny(**train_values):
+    """test_train's tiny run, checkpointing every 2 steps and keeping them all."""
+    return tiny_config(train={"checkpoint_every": 2, "sample_every": 0, "keep_checkpoints": 10, **train_values})
+
+
+def run(config, run_dir, resume=False):
+    return train(config, run_dir, resume=resume, device="cpu", progress=False)
+
+
+def ddim(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=1):
+    assert result.exit_code == code, result.output
+    # Training logs its progress before a fault; the fault itself is one line.
+    errors = [line for line in result.output.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    for x, y in ((a.model, b.model), (a.ema, b.ema)):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 6-step run with checkpoints at steps 2, 4 and 6 (copy it before damaging it)."""
+    directory = tmp_path_factory.mktemp("runs") / "run"
+    run(tiny(), directory)
+    return directory
+
+
+@pytest.fixture
+def fresh_copy(finished_run, tmp_path):
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# --- damaged checkpoints ------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_latest_checkpoint_falls_back_with_a_warning(fresh_copy, tmp_path, damage):
+    latest = list_checkpoints(fresh_copy / "checkpoints")[-1]
+    if damage == "truncate":
+        truncate(latest)
+    else:  # a flipped byte in the tensor data: only the checksum sees it
+        data = bytearray(latest.read_bytes())
+        data[len(data) // 3] ^= 0xFF  # inside the weights (the training state comes last)
+        latest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(latest)
+    with pytest.warns(UserWarning, match=f"{latest.name}.*using step-0000004.safetensors"):
+        result = ddim("sample", fresh_copy, "--n", 2, "--out", tmp_path / "g.png", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "from " + str(fresh_copy / "checkpoints" / "step-0000004.safetensors") in result.output
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_matches_an_unbroken_run(finished_run, fresh_copy):
+    truncate(list_checkpoints(fresh_copy / "checkpoints")[-1], keep=0.9)
+    with pytest.warns(UserWarning, match="step-0000006.safetensors.*using step-0000004"):
+        result = run(tiny(), fresh_copy, resume=True)
+    assert result.step == 6
+    assert_same_weights(result.checkpoint, list_checkpoints(finished_run / "checkpoints")[-1])
+
+
+def test_a_damaged_training_state_is_one_line(fresh_copy):
+    # Every checkpoint damaged: the newest's problem, in one line, through the CLI.
+    for path in list_checkpoints(fresh_copy / "checkpoints"):
+        truncate(path, keep=0.97)
+    line = one_line_error(ddim("train", "--resume", fresh_copy, "--no-progress"))
+    assert "step-0000006.safetensors" in line and "damaged" in line
+
+
+def test_legacy_checkpoints_still_resume_and_a_truncated_state_pt_falls_back(fresh_copy):
+    # Rewrite the run in the format of ddim-cli-checkpoint-1: weights file + .state.pt beside it.
+    for path in list_checkpoints(fresh_copy / "checkpoints"):
+        full = load_checkpoint(path, training_state=True)
+        torch.save(full.training_state, ckpt.state_path(path))
+        tensors = {f"model.{k}": v for k, v in full.model.items()} | {f"ema.{k}": v for k, v in full.ema.items()}
+        from safetensors.torch import save_file
+
+        metadata = {"format": "ddim-cli-checkpoint-1", "step": str(full.step), "config": full.config.to_yaml()}
+        save_file(tensors, str(path), metadata=metadata)
+    truncate(ckpt.state_path(list_checkpoints(fresh_copy / "checkpoints")[-1]))
+    with pytest.warns(UserWarning, match="state.pt is damaged.*using step-0000004"):
+        result = run(tiny(steps=8), fresh_copy, resume=True)
+    assert result.step == 8
+
+
+# --- writing: durability, a full disk, permissions -------------------------------------------------
+def test_a_full_disk_while_checkpointing_leaves_no_partial_files_and_names_the_last_checkpoint(tmp_path, monkeypatch):
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # the second checkpoint's file cannot be flushed: the disk is full
+        calls.append(fd)
+        if len(calls) == 3:  # file, directory of the first checkpoint; then the second's file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    with pytest.raises(TrainingError) as failure:
+        run(tiny(), tmp_path / "run")
+    message = str(failure.value)
+    assert "could not write the checkpoint of step 4 (no space left on the device)" in message
+    assert message.endswith(
+        f"the last complete checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-0000002.safetensors'}"
+    )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002.safetensors"]
+    load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000002.safetensors", training_state=True)
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "tiny.yaml").write_text(tiny().to_yaml())
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", no_space)
+    line = one_line_error(ddim("train", tmp_path / "tiny.yaml", "--run-dir", tmp_path / "run", "--no-progress"))
+    assert "no space left on the device" in line and "no checkpoint was written yet" in line
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_an_os_error_anywhere_is_one_line_and_a_bug_says_how_to_see_it(finished_run, tmp_path, monkeypatch):
+    import ddim_cli.images as images
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
+
+    monkeypatch.setattr(images, "save_grid", full)
+    line = one_line_error(ddim("sample", finished_run, "--n", 1, "--out", tmp_path / "g.png", "--no-progress"))
+    assert line == f"error: no space left on the device: {tmp_path / 'g.png'}"
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(images, "save_grid", bug)
+    line = one_line_error(ddim("sample", finished_run, "--n", 1, "--out", tmp_path / "g.png", "--no-progress"))
+    assert "internal error (TypeError: unsupported operand)" in line and "DDIM_DEBUG=1" in line
+    monkeypatch.setenv("DDIM_DEBUG", "1")
+    result = ddim("sample", finished_run, "--n", 1, "--out", tmp_path / "g.png", "--no-progress")
+    assert isinstance(result.exception, TypeError)  # the traceback, for a bug report
+
+
+def test_checkpoints_honour_the_umask_and_leave_no_temporary_files(tmp_path):
+    old = os.umask(0o027)
+    try:
+        run(tiny(steps=2), tmp_path / "run")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in files] == ["step-0000002.safetensors"]
+    assert files[0].stat().st_mode & 0o777 == 0o640
+
+
+# --- a busy run directory ---------------------------------------------------------------------------
+def test_a_second_trainer_is_refused_at_once_naming_the_holder(finished_run, tmp_path):
+    with run_lock(finished_run):
+        start = time.monotonic()
+        line = one_line_error(ddim("train", "--resume", finished_run, "--no-progress"))
+        assert time.monotonic() - start < 30
+    assert f"is in use by pid {os.getpid()} on " in line
+    with pytest.raises(RunBusyError), run_lock(tmp_path), run_lock(tmp_path):
+        pass
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(fresh_copy, capsys):
+    (fresh_copy / ".lock").write_text("pid 999999 on elsewhere\n")  # written, never released by a crash
+    run(tiny(steps=8), fresh_copy, resume=True)
+    out = capsys.readouterr().out
+    assert "note: took over the lock" in out and "left by pid 999999 on elsewhere" in out
+    assert (fresh_copy / ".lock").read_text() == ""  # emptied on a clean exit
+
+
+# --- outputs checked before the work ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--out", "file/grid.png", "is not a directory"),
+        ("--npz", "dir", "is a directory; give a file name"),
+        ("--out-dir", "file", "exists and is not a directory"),
+        ("--npz", "CHECKPOINT", "is also an input"),
+    ],
+)
+def test_unwritable_outputs_fail_before_any_sampling(finished_run, tmp_path, monkeypatch, option, value, message):
+    import ddim_cli.generate as generate
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before checking the outputs")
+
+    monkeypatch.setattr(generate, "generate", never)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    checkpoint = list_checkpoints(finished_run / "checkpoints")[-1]
+    target = checkpoint if value == "CHECKPOINT" else tmp_path / value
+    line = one_line_error(ddim("sample", checkpoint, option, target, "--n", 50000, "--no-progress"))
+    assert message in line
+
+
+# --- kill -9 at random moments ----------------------------------------------------------------------
+def test_kill_9_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path):
+    config = tiny(steps=8, checkpoint_every=1)
+    reference = run(config, tmp_path / "reference")
+    (tmp_path / "tiny.yaml").write_text(config.to_yaml())
+    command = [sys.executable, "-m", "ddim_cli", "train", str(tmp_path / "tiny.yaml"), "--no-progress"]
+    rng = random.Random(0)
+    for attempt in range(2):
+        run_dir = tmp_path / f"killed{attempt}"
+        process = subprocess.Popen(
+            [*command, "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wanted = rng.randint(1, 6)  # kill once this many checkpoints exist, plus a random slice of a step
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(run_dir / "checkpoints")) < wanted and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for path in list_checkpoints(run_dir / "checkpoints"):
+            load_checkpoint(path, training_state=True)  # every listed checkpoint is complete
+        resumed = subprocess.run(
+            [*command[:4], "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert_same_weights(list_checkpoints(run_dir / "checkpoints")[-1], reference.checkpoint)
+        # A temporary file the killed process left mid-write is gone after the resume.
+        assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step-")] == []
+
+
+# --- memory-bounded outputs -------------------------------------------------------------------------
+def test_sample_streams_its_outputs_batch_by_batch(finished_run, tmp_path, monkeypatch):
+    import numpy as np
+
+    import ddim_cli.cli as cli
+    import ddim_cli.images as images
+
+    def outputs(name, batch_size):
+        args = ["--n", 7, "--batch-size", batch_size, "--out", tmp_path / f"{name}.png", "--no-progress"]
+        args += ["--npz", tmp_path / f"{name}.npz", "--save-latents", tmp_path / f"{name}.npy"]
+        result = ddim("sample", finished_run, *args, "--out-dir", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        return result, np.load(tmp_path / f"{name}.npz")["arr_0"], np.load(tmp_path / f"{name}.npy")
+
+    _, whole, whole_latents = outputs("whole", 7)
+    largest = []
+    real = images.to_uint8
+
+    def to_uint8(batch):
+        largest.append(len(batch))
+        return real(batch)
+
+    monkeypatch.setattr(images, "to_uint8", to_uint8)
+    monkeypatch.setattr(cli._SampleOutputs, "GRID_LIMIT", 4)
+    result, streamed, streamed_latents = outputs("streamed", 3)
+    assert max(largest) <= 3  # no output converted more than a batch at a time
+    assert np.array_equal(whole, streamed) and np.array_equal(whole_latents, streamed_latents)
+    assert len(list((tmp_path / "streamed").iterdir())) == 7
+    assert "(the first 4 images)" in result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
