@@ -1417,6 +1417,37 @@ def convert(
     typer.echo(f"wrote {written}; sample it with: ddim sample {written}")
 
 
+class ExportFormat(str, Enum):
+    diffusers = "diffusers"
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointArg = None,
+    out: Annotated[Path, typer.Option("--out", help="The folder to write.", show_default=False)] = ...,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="diffusers: a save_pretrained layout (unet/, scheduler/, model_index.json) that "
+            "DDIMPipeline.from_pretrained loads.",
+        ),
+    ] = ExportFormat.diffusers,
+    ema: EmaOpt = True,
+) -> None:
+    """Export a checkpoint for other tools (diffusers: UNet2DModel + DDIMScheduler)."""
+    from ddim_cli.export import export_diffusers
+
+    with _user_errors():
+        _check_outputs(directories=[("--out", out)], inputs=[checkpoint])
+        loaded = _load(checkpoint, ema, Device.cpu)
+        written = export_diffusers(loaded.config, loaded.model.state_dict(), out)
+    typer.echo(
+        f"exported {loaded.checkpoint} ({'EMA' if ema else 'raw'} weights) to {out}/ ({len(written)} files); "
+        f"load it with DDIMPipeline.from_pretrained({str(out)!r})"
+    )
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"warning: {message}", err=True)
 

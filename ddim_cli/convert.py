@@ -48,8 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lsun-church": _LSUN,
     "lsun-cat": _LSUN,
 }
-_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-_DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
 
 class ConversionError(RuntimeError):
@@ -173,7 +173,7 @@ def _from_diffusers(directory: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     if weights_file is None:
         raise ConversionError(f"{unet_dir} has no diffusion_pytorch_model.safetensors or .bin")
     state = _load_tensors(weights_file)
-    return config, _rename_diffusers(state, len(unet["block_out_channels"]))
+    return config, rename_diffusers(state, len(unet["block_out_channels"]))
 
 
 def _scheduler_config(directory: Path, unet_dir: Path) -> dict[str, Any] | None:
@@ -217,7 +217,9 @@ def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | Non
     need(
         unet.get("mid_block_type", "UNetMidBlock2D") == "UNetMidBlock2D", f"mid_block_type {unet.get('mid_block_type')}"
     )
-    need(unet.get("class_embed_type") is None and unet.get("num_class_embeds") is None, "class embeddings")
+    need(unet.get("class_embed_type") is None, f"class_embed_type {unet.get('class_embed_type')!r}")
+    class_embeds = unet.get("num_class_embeds")
+    need(class_embeds is None or class_embeds >= 2, f"num_class_embeds {class_embeds}")
     need(unet.get("time_embedding_dim") in (None, 4 * channels[0]), "time_embedding_dim other than 4 x channels")
     need(unet.get("attn_norm_num_groups") in (None, 32), "attn_norm_num_groups")
     need(
@@ -256,9 +258,14 @@ def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | Non
             "dropout": unet.get("dropout", 0.0),
             "resamp_with_conv": True,
             "prediction": _prediction_from_scheduler(scheduler),
+            # A class-conditional UNet2DModel (as `ddim export` writes it): the last embedding is the null label.
+            "num_classes": None if class_embeds is None else class_embeds - 1,
         },
-        "diffusion": _diffusion_from_scheduler(scheduler),
-        "sample": {"steps": 100, "clip_x0": bool((scheduler or {}).get("clip_sample", True))},
+        "diffusion": (diffusion := _diffusion_from_scheduler(scheduler)),
+        "sample": {
+            "steps": min(100, diffusion["num_timesteps"]),
+            "clip_x0": bool((scheduler or {}).get("clip_sample", True)),
+        },
     }
     try:
         return config_from_dict(raw)
@@ -272,10 +279,10 @@ def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any
     if scheduler.get("trained_betas") is not None:
         raise ConversionError("scheduler_config.json has trained_betas; only named beta schedules convert")
     kind = scheduler.get("beta_schedule", "linear")
-    if kind not in _DIFFUSERS_SCHEDULES:
-        raise ConversionError(f"beta_schedule {kind!r} is not supported ({', '.join(_DIFFUSERS_SCHEDULES)} are)")
+    if kind not in DIFFUSERS_SCHEDULES:
+        raise ConversionError(f"beta_schedule {kind!r} is not supported ({', '.join(DIFFUSERS_SCHEDULES)} are)")
     return {
-        "schedule": _DIFFUSERS_SCHEDULES[kind],
+        "schedule": DIFFUSERS_SCHEDULES[kind],
         "num_timesteps": scheduler.get("num_train_timesteps", 1000),
         "beta_start": scheduler.get("beta_start", 1e-4),
         "beta_end": scheduler.get("beta_end", 0.02),
@@ -286,9 +293,9 @@ def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any
 def _prediction_from_scheduler(scheduler: dict[str, Any] | None) -> str:
     """diffusers' ``prediction_type`` as our ``model.prediction`` (epsilon without a scheduler)."""
     kind = (scheduler or {}).get("prediction_type", "epsilon")
-    if kind not in _DIFFUSERS_PREDICTIONS:
-        raise ConversionError(f"prediction_type {kind!r} is not supported ({', '.join(_DIFFUSERS_PREDICTIONS)} are)")
-    return _DIFFUSERS_PREDICTIONS[kind]
+    if kind not in DIFFUSERS_PREDICTIONS:
+        raise ConversionError(f"prediction_type {kind!r} is not supported ({', '.join(DIFFUSERS_PREDICTIONS)} are)")
+    return DIFFUSERS_PREDICTIONS[kind]
 
 
 _RESNET = {
@@ -312,7 +319,7 @@ _ATTENTION = {
 }  # new and old diffusers names
 
 
-def _rename_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+def rename_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """diffusers' UNet2DModel keys -> the DDPM layout (up_blocks run from low to high resolution)."""
     fixed = {
         "time_embedding.linear_1": "temb.dense.0",
@@ -323,6 +330,7 @@ def _rename_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, 
         "mid_block.resnets.0": "mid.block_1",
         "mid_block.attentions.0": "mid.attn_1",
         "mid_block.resnets.1": "mid.block_2",
+        "class_embedding": "label_emb",
     }
     block = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
     out = {}

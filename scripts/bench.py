@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.config import config_from_dict
-from ddim_cli.convert import _config_from_diffusers, _rename_diffusers
+from ddim_cli.convert import _config_from_diffusers, rename_diffusers
 from ddim_cli.sampling import sample
 from ddim_cli.schedule import alpha_bars, timesteps
 from ddim_cli.train import _optimizer
@@ -69,7 +69,7 @@ def build(name: str, device: torch.device) -> tuple[UNet2DModel, UNet]:
     theirs = UNet2DModel(**DDPM_FAMILY, **ARCHITECTURES[name])
     config = _config_from_diffusers(json.loads(json.dumps(dict(theirs.config))), None, name)
     ours = UNet(config.unet_config())
-    ours.load_state_dict(_rename_diffusers(theirs.state_dict(), len(ARCHITECTURES[name]["block_out_channels"])))
+    ours.load_state_dict(rename_diffusers(theirs.state_dict(), len(ARCHITECTURES[name]["block_out_channels"])))
     return theirs.to(device), ours.to(device)
 
 

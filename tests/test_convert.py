@@ -76,7 +76,7 @@ def test_a_saved_pipeline_brings_its_schedule(tmp_path):
     ("overrides", "message"),
     [
         (dict(attention_head_dim=8), "multi-head attention"),
-        (dict(num_class_embeds=10), "class embeddings"),
+        (dict(class_embed_type="timestep"), "class_embed_type"),
         (dict(flip_sin_to_cos=True), "timestep embedding"),
         (dict(norm_eps=1e-5), "norm_eps"),
         (dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")), "down_block_types"),

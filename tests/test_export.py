@@ -1,0 +1,133 @@
+"""`ddim export --format diffusers`: diffusers loads the export and computes what we compute."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from safetensors.torch import load_file
+from test_commands import make_run, ok
+from test_convert import DDPM_FAMILY, random_diffusers_unet
+from typer.testing import CliRunner
+
+from ddim_cli.cli import app
+from ddim_cli.config import config_from_dict
+from ddim_cli.export import scheduler_config
+from ddim_cli.generate import load_model, resolve_checkpoint
+from ddim_cli.images import save_latents
+
+
+def cli(*args):
+    """The command without test_commands' --no-progress (export and convert have no progress bar)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def cli_ok(*args):
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "cond", num_classes=10)
+
+
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_diffusers_reproduces_ddim_sample_from_the_same_latents(plain_run, tmp_path):
+    result = cli_ok("export", plain_run, "--out", tmp_path / "pipe")
+    assert "DDIMPipeline.from_pretrained" in result.output
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_latents(latents, tmp_path / "z.npy")
+    ok(
+        "sample",
+        plain_run,
+        "--latents",
+        tmp_path / "z.npy",
+        "--steps",
+        5,
+        "--eta",
+        0,
+        "--npz",
+        tmp_path / "s.npz",
+        "--out",
+        tmp_path / "g.png",
+    )
+    ours = np.load(tmp_path / "s.npz")["arr_0"]
+
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "pipe")
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(5)
+    assert scheduler.timesteps.tolist() == [40, 30, 20, 10, 0]  # our uniform spacing, T = 50
+    x = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert np.abs(to_uint8(x).astype(int) - ours.astype(int)).max() <= 1  # within one uint8 level
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images  # the pipeline runs as is
+    assert images.shape == (1, 8, 8, 1)
+
+
+def test_a_class_conditional_export_gives_the_same_eps_for_every_label(conditional_run, tmp_path):
+    cli_ok("export", conditional_run, "--out", tmp_path / "pipe")
+    config = json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())
+    assert config["num_class_embeds"] == 11  # ten classes and the null label
+    theirs = UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
+    loaded = load_model(resolve_checkpoint(conditional_run)[0])
+    x = torch.randn(11, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.arange(11) * 4
+    labels = torch.arange(11)  # 10 is the null label
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(x, t, labels), theirs(x, t, class_labels=labels).sample, rtol=0, atol=1e-5
+        )
+    # And back: convert reads num_class_embeds as num_classes + the null label, weights unchanged.
+    cli_ok("convert", tmp_path / "pipe", "--out", tmp_path / "back.safetensors")
+    back = load_model(tmp_path / "back.safetensors")
+    assert back.config.model.num_classes == 10 and back.prediction == loaded.prediction
+    ours = loaded.model.state_dict()
+    assert all(torch.equal(value, ours[key]) for key, value in back.model.state_dict().items())
+
+
+def test_convert_then_export_gives_back_the_diffusers_weights_and_config(tmp_path):
+    theirs = random_diffusers_unet()
+    theirs.save_pretrained(tmp_path / "original" / "unet")
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(
+        tmp_path / "original" / "scheduler"
+    )
+    cli_ok("convert", tmp_path / "original", "--out", tmp_path / "ours.safetensors")
+    cli_ok("export", tmp_path / "ours.safetensors", "--out", tmp_path / "again")
+    before = load_file(tmp_path / "original" / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    exported = json.loads((tmp_path / "again" / "unet" / "config.json").read_text())
+    for key, value in DDPM_FAMILY.items():
+        assert exported[key] == (list(value) if isinstance(value, tuple) else value), key
+    scheduler = DDIMScheduler.from_pretrained(tmp_path / "again" / "scheduler")
+    torch.testing.assert_close(scheduler.alphas_cumprod, DDIMScheduler(beta_schedule="linear").alphas_cumprod)
+
+
+def test_schedules_diffusers_cannot_name_are_exported_as_betas():
+    raw = {"data": {"image_size": 8}, "model": {"ch": 32, "ch_mult": [1]}, "diffusion": {"schedule": "sigmoid"}}
+    config = config_from_dict(raw)
+    exported = scheduler_config(config)
+    assert exported["trained_betas"] is not None
+    scheduler = DDIMScheduler(**{k: v for k, v in exported.items() if not k.startswith("_")})
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), config.alpha_bars(), rtol=0, atol=1e-6)
+
+
+def test_export_errors_are_one_line(plain_run, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = cli("export", plain_run, "--out", tmp_path / "file")
+    assert result.exit_code == 1 and "exists and is not a directory" in result.output
+    result = cli("export", tmp_path / "missing.safetensors", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "does not exist" in result.output
