@@ -83,6 +83,7 @@ class TrainConfig:
     sample_every: int = 1000  # steps between EMA sample grids (0 disables)
     fid_every: int = 0  # steps between FIDs of EMA samples against the training set (0 disables)
     fid_samples: int = 1000  # samples per FID during training (sample.steps DDIM steps each)
+    tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard (needs tensorboard)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
 
 

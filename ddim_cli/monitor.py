@@ -163,3 +163,38 @@ def plot_metrics(
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(out)
+
+
+class TensorBoardLog:
+    """``train.tensorboard: true``: the metrics of ``metrics.jsonl`` as scalars (``train/loss``,
+    ``train/lr``, ``train/grad_norm``, ``train/images_per_s``, ``eval/fid``) and the sample grids
+    as images, in event files under ``RUN_DIR/tensorboard/`` (``tensorboard --logdir runs``).
+    A resumed run drops the events logged after its checkpoint (``purge_step``)."""
+
+    def __init__(self, directory: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(f"{'eval' if name == 'fid' else 'train'}/{name}", value, step)
+
+    def grid(self, step: int, path: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.writer.add_image("samples", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_missing() -> str | None:
+    """Why ``train.tensorboard`` cannot work here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return "train.tensorboard needs the tensorboard package: pip install 'ddim-cli[tensorboard]' (or tensorboard)"
+    return None

@@ -46,7 +46,7 @@ from ddim_cli.config import Config
 from ddim_cli.data import NO_LABEL, DataError, build_dataset
 from ddim_cli.errors import describe_os_error
 from ddim_cli.fid import FeatureExtractor
-from ddim_cli.monitor import TrainingFID, plot_metrics, save_sample_grid
+from ddim_cli.monitor import TensorBoardLog, TrainingFID, plot_metrics, save_sample_grid, tensorboard_missing
 from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.runlock import run_lock
 from ddim_cli.unet import UNet
@@ -120,6 +120,8 @@ def train(
     anything in ``run_dir`` is written or removed.
     """
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if config.train.tensorboard and (missing := tensorboard_missing()):
+        raise TrainingError(missing)
     rank, world, device_ = _setup_distributed(device)
     cfg = config.train
     if cfg.batch_size % world:
@@ -177,7 +179,10 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     precision = resolve_precision(cfg.precision, device_)
     fast_path = [precision] + ["channels_last"] * (layout is not None) + ["compiled"] * compiled
 
-    log = _RunLog(run_dir, enabled=rank == 0)
+    board = None
+    if cfg.tensorboard and rank == 0:
+        board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
+    log = _RunLog(run_dir, enabled=rank == 0, board=board)
     fid = None
     if cfg.fid_every and rank == 0:
         name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
@@ -196,7 +201,11 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     window_loss, window_start, window_steps = torch.zeros((), device=device_), time.perf_counter(), 0
     step, checkpoint = start, None
 
-    with stop.installed(), torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []):
+    with (
+        stop.installed(),
+        torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []),
+        contextlib.closing(log),
+    ):
         model.train()
         while step < cfg.steps:
             x0, labels = next(batches)
@@ -249,6 +258,7 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
 
             if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 save_sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
+                log.grid(step, run_dir / "samples" / f"step-{step:07d}.png")
             if fid is not None and (step % cfg.fid_every == 0 or step == cfg.steps):
                 value = fid.measure(ema, ab, device_)
                 if value is not None:
@@ -393,8 +403,8 @@ def _restore(run_dir: Path, model, ema, optimizer) -> int:
 
 
 class _RunLog:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(self, run_dir: Path, enabled: bool, board: TensorBoardLog | None = None):
+        self.run_dir, self.enabled, self.board = run_dir, enabled, board
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -406,6 +416,16 @@ class _RunLog:
         if self.enabled:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(values) + "\n")
+            if self.board is not None:
+                self.board.scalars(values["step"], {k: v for k, v in values.items() if k != "step"})
+
+    def grid(self, step: int, path: Path) -> None:
+        if self.enabled and self.board is not None:
+            self.board.grid(step, path)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def truncate_metrics(self, after: int) -> None:
         """Drop lines logged after the checkpoint we resume from (they will be logged again)."""

@@ -334,3 +334,29 @@ def test_a_zero_snr_v_or_x0_model_trains_and_samples_from_pure_noise(tmp_path, p
     assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
     out = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--n", "2", "--no-progress"])
     assert out.exit_code == 0, out.output
+
+
+def test_tensorboard_logs_the_metrics_and_grids_and_a_resume_continues_them(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(train={"tensorboard": True, "steps": 4, "checkpoint_every": 2, "sample_every": 2})
+    half = tiny_config(train={"tensorboard": True, "steps": 2, "checkpoint_every": 2, "sample_every": 2})
+    run(half, tmp_path / "run")
+    run(config, tmp_path / "run", resume=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s"}
+    losses = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses == pytest.approx({m["step"]: m["loss"] for m in metrics(tmp_path / "run")}, rel=1e-6)
+    assert [event.step for event in events.Images("samples")] == [2, 4]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(TrainingError, match=r"pip install 'ddim-cli\[tensorboard\]'"):
+        run(tiny_config(train={"tensorboard": True}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
