@@ -308,13 +308,14 @@ def _fail_if_compile_error(error: Exception, remedy: str) -> None:
         _fail(f"torch.compile failed ({type(cause).__name__}: {first_line}); {remedy}")
 
 
-def _load(checkpoint: Path | None, ema: bool, device: Device):
+def _load(checkpoint: Path | None, ema: bool, device: Device, where=None):
+    """The checkpoint on ``where`` (a torch.device chosen elsewhere, e.g. this rank's GPU) or ``device``."""
     from ddim_cli.generate import load_model, resolve_checkpoint
 
     candidates, note = resolve_checkpoint(checkpoint)
     if note:
         typer.echo(note, err=True)
-    return load_model(candidates, use_ema=ema, device=_device(device))
+    return load_model(candidates, use_ema=ema, device=_device(device) if where is None else where)
 
 
 def _spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x0):
@@ -439,9 +440,15 @@ def sample(
             _fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
         clip_x0 = False if clip_x0 is None else clip_x0
     with _user_errors():
+        from ddim_cli import distributed
+
+        rank, world, where = distributed.setup(device.value)  # one process, or one of torchrun's
+        main = rank == 0
+        if null_embeddings is not None and world > 1:
+            _fail("--null-embeddings samples in one process; run it without torchrun", code=2)
         files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
         _check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
-        loaded = _load(checkpoint, ema, device)
+        loaded = _load(checkpoint, ema, device, where)
         if out is None:
             _check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
@@ -454,9 +461,9 @@ def sample(
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
         grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
-        outputs = _SampleOutputs(grid, out_dir, npz, save_latents, count, shape)
+        outputs = _SampleOutputs(grid, out_dir, npz, save_latents, count, shape, enabled=main)
         label_batches, seconds = [], 0.0
-        with outputs, _bar(count * steps_run, progress, spec.label) as bar:
+        with outputs, _bar(count * steps_run, progress and main, spec.label) as bar:
             if null_embeddings is not None:  # --latents and their fitted embeddings: a few images, at once
                 fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
                 start = perf_counter()
@@ -478,19 +485,29 @@ def sample(
                     if given is not None:
                         x_T = given[first : first + len(seeds)]
                     labels = _labels_and_guidance(loaded, generators, classes, unconditional, guidance, first)[0]
-                    images, per_image = g.generate(
-                        loaded,
-                        make_eps,
-                        spec,
-                        x_T,
-                        generators,
-                        labels=labels,
-                        batch_size=batch_size,
-                        progress=bar.update,
-                    )
-                    seconds += per_image * len(seeds)
-                    outputs.add(first, x_T, images)
-                    label_batches.append(labels)
+                    own = [p for p in range(len(seeds)) if (first + p) % world == rank]  # image i: rank i % world
+                    images = torch.empty((0, *shape))
+                    if own:
+                        images, per_image = g.generate(
+                            loaded,
+                            make_eps,
+                            spec,
+                            x_T[own],
+                            [generators[p] for p in own],
+                            labels=None if labels is None else labels[own],
+                            batch_size=batch_size,
+                            progress=lambda k: bar.update(k * world),
+                        )
+                        seconds += per_image * len(own)
+                    images = distributed.gather_in_order(own, images, len(seeds), world)
+                    if main:
+                        outputs.add(first, x_T, images)
+                        label_batches.append(labels)
+                        bar.n = (first + len(seeds)) * steps_run  # the other ranks' share too
+                        bar.refresh()
+        distributed.finish(world)
+    if not main:
+        return
     if label_batches[0] is None:
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
@@ -507,12 +524,14 @@ class _SampleOutputs:
 
     GRID_LIMIT = 256
 
-    def __init__(self, grid: Path, out_dir: Path | None, npz: Path | None, latents: Path | None, count, shape):
+    def __init__(self, grid: Path, out_dir, npz, latents, count, shape, enabled: bool = True):
         from contextlib import ExitStack
 
         self.grid, self.out_dir, self.npz, self.latents, self.count = grid, out_dir, npz, latents, count
-        self.grid_images, self.stack, self.written = [], ExitStack(), []
+        self.grid_images, self.stack, self.written, self.enabled = [], ExitStack(), [], enabled
         self.npz_writer = self.latents_writer = None
+        if not enabled:  # another rank than torchrun's 0: rank 0 writes everything
+            return
         if npz is not None:
             from ddim_cli.images import StreamingNpz
 
@@ -540,7 +559,7 @@ class _SampleOutputs:
 
     def __exit__(self, kind, error, trace) -> None:
         self.stack.__exit__(kind, error, trace)  # completes (or on an error removes) the .npz and .npy
-        if kind is not None:
+        if kind is not None or not self.enabled:
             return
         import torch
 

@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ddim_cli import distributed
 from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import (
     CheckpointError,
@@ -467,18 +467,10 @@ class _StopFlag:
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but CUDA is not available")
-    if world == 1:
-        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    try:
+        return distributed.setup(device)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
 
 
 def _all_mean(value: torch.Tensor, world: int) -> float:
