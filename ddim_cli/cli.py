@@ -1171,11 +1171,7 @@ def restore(
             ).clamp(-1, 1)
         shown = degradation.show(observations).clamp(-1, 1)
         repeated = observations.repeat_interleave(n_samples, 0)
-        residual = degradation.degrade(restored) - repeated
-        observed = degradation.observed(residual)
-        if observed is not None:
-            residual = torch.where(observed, residual, torch.full_like(residual, float("nan")))
-        errors = residual.flatten(1).pow(2).nanmean(1).sqrt().tolist()
+        errors = degradation.observation_error(restored, repeated).tolist()
         quality = [None] * len(restored)
         if originals is not None:
             quality = [q for _, q in g.reconstruction_metrics(originals.repeat_interleave(n_samples, 0), restored)]

@@ -79,6 +79,14 @@ class Degradation:
         """``y`` as an image the size of the model's, for grids."""
         return self.pinv(y)
 
+    def observation_error(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per image, the RMS of ``A x - y`` over the observed values (a mask's missing ones aside)."""
+        residual = self.degrade(x) - y
+        observed = self.observed(residual)
+        if observed is not None:
+            residual = torch.where(observed, residual, torch.full_like(residual, float("nan")))
+        return residual.flatten(1).pow(2).nanmean(1).sqrt()
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``A^+ A x``: the part of ``x`` the observation determines."""
         return self.pinv(self.degrade(x))
@@ -325,7 +333,8 @@ def restore(
     levels = travel_schedule(len(steps), jump, resample)
     alpha_bar_at = [1.0] + [step.alpha_bar for step in reversed(steps)]  # level k -> alpha_bar
     y = y.to(x_T)
-    y_range = degradation.pinv(y)
+    y_range = degradation.pinv(y) if method == "repaint" else None
+    smallest_gain = _smallest_gain(degradation, y) if method == "ddnm" and clip_x0 else None
     x, calls = x_T, 0
     for level, next_level in pairwise(levels):
         if next_level > level:  # time travel: the forward process q(x_next_level | x_level)
@@ -338,7 +347,11 @@ def restore(
             raise ValueError(f"eps_model returned shape {tuple(output.shape)} for input shape {tuple(x.shape)}")
         x0_hat, eps = x0_and_eps(output, x, step.alpha_bar, prediction)
         if method == "ddnm" and not degradation.sigma:  # DDNM, Eq. 13: the range part from y
-            x0_hat = consistent_in_range(x0_hat, y, degradation) if clip_x0 else _consistent(x0_hat, y, degradation)
+            x0_hat = (
+                consistent_in_range(x0_hat, y, degradation, smallest_gain)
+                if clip_x0
+                else _consistent(x0_hat, y, degradation)
+            )
             x = _ddim_step(x0_hat, eps, step, generator)
         else:
             if clip_x0:
@@ -361,7 +374,9 @@ def _consistent(x0_hat: torch.Tensor, y: torch.Tensor, degradation: Degradation)
 _BISECTIONS = 60  # halvings of each multiplier's bracket: far below float64 rounding of [-1, 1]
 
 
-def consistent_in_range(x: torch.Tensor, y: torch.Tensor, degradation: Degradation) -> torch.Tensor:
+def consistent_in_range(
+    x: torch.Tensor, y: torch.Tensor, degradation: Degradation, smallest_gain: float | None = None
+) -> torch.Tensor:
     """The nearest image to ``x`` in [-1, 1] with ``A x = y`` (Euclidean), for ``y`` that some image
     in [-1, 1] explains (noiseless observations of such images).
 
@@ -371,16 +386,24 @@ def consistent_in_range(x: torch.Tensor, y: torch.Tensor, degradation: Degradati
     depends on its own pixels (pooling blocks, a pixel's channels, a known pixel), so each
     multiplier ``nu_j`` is found on its own, by bisection: ``(A clamp(x + A^T nu))_j`` grows with
     ``nu_j``. (``A^T nu`` is written ``A^+ nu`` here, the same up to the scale ``s^2``.)
+    ``smallest_gain``: :func:`_smallest_gain` of the degradation, when the caller has it already.
     """
-    gain = degradation.pinv(torch.ones_like(y))
+    if smallest_gain is None:
+        smallest_gain = _smallest_gain(degradation, y)
     # A multiplier this large moves every pixel it reaches to a bound from wherever it starts.
-    reach = (1.0 + float(x.abs().max())) / float(gain[gain > 0].min())
-    low, high = torch.full_like(y, -reach), torch.full_like(y, reach)
+    reach = ((1.0 + x.abs().amax()) / smallest_gain).expand_as(y)
+    low, high = -reach, reach
     for _ in range(_BISECTIONS):
         middle = (low + high) / 2
         over = degradation.degrade((x + degradation.pinv(middle)).clamp(-1.0, 1.0)) > y
         low, high = torch.where(over, low, middle), torch.where(over, middle, high)
     return (x + degradation.pinv((low + high) / 2)).clamp(-1.0, 1.0)
+
+
+def _smallest_gain(degradation: Degradation, y: torch.Tensor) -> float:
+    """The smallest nonzero entry of ``A^+`` applied to ones: how little a multiplier moves a pixel."""
+    gain = degradation.pinv(torch.ones_like(y))
+    return float(gain[gain > 0].min())
 
 
 def _ddim_step(x0_hat, eps, step, generator) -> torch.Tensor:
