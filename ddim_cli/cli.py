@@ -364,10 +364,17 @@ def _labels_and_guidance(
     return labels, loaded.config.sample.guidance if guidance is None else guidance
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def _bar(total: int, enabled: bool, desc: str, unit: str = "img-step"):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="img-step", desc=desc, dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
+
+
+def _rank_progress(bar, shard):
+    """This rank's progress counted for all ranks (they share the work evenly), up to the bar's total."""
+    if bar.total is None:
+        return lambda done: bar.update(done * shard.world)
+    return lambda done: bar.update(min(done * shard.world, bar.total - bar.n))
 
 
 @app.command()
@@ -442,10 +449,8 @@ def sample(
     with _user_errors():
         from ddim_cli import distributed
 
-        rank, world, where = distributed.setup(device.value)  # one process, or one of torchrun's
-        main = rank == 0
-        if null_embeddings is not None and world > 1:
-            _fail("--null-embeddings samples in one process; run it without torchrun", code=2)
+        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
+        main = shard.main
         files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
         _check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
         loaded = _load(checkpoint, ema, device, where)
@@ -468,7 +473,15 @@ def sample(
                 fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
                 start = perf_counter()
                 images = g.sample_null_text(
-                    loaded, given, labels, fitted, spec, guidance=w, batch_size=batch_size, progress=bar.update
+                    loaded,
+                    given,
+                    labels,
+                    fitted,
+                    spec,
+                    guidance=w,
+                    batch_size=batch_size,
+                    progress=_rank_progress(bar, shard),
+                    shard=shard,
                 )
                 seconds = perf_counter() - start
                 outputs.add(0, given, images)
@@ -485,27 +498,24 @@ def sample(
                     if given is not None:
                         x_T = given[first : first + len(seeds)]
                     labels = _labels_and_guidance(loaded, generators, classes, unconditional, guidance, first)[0]
-                    own = [p for p in range(len(seeds)) if (first + p) % world == rank]  # image i: rank i % world
-                    images = torch.empty((0, *shape))
-                    if own:
-                        images, per_image = g.generate(
-                            loaded,
-                            make_eps,
-                            spec,
-                            x_T[own],
-                            [generators[p] for p in own],
-                            labels=None if labels is None else labels[own],
-                            batch_size=batch_size,
-                            progress=lambda k: bar.update(k * world),
-                        )
-                        seconds += per_image * len(own)
-                    images = distributed.gather_in_order(own, images, len(seeds), world)
+                    images, per_image = g.generate(
+                        loaded,
+                        make_eps,
+                        spec,
+                        x_T,
+                        generators,
+                        labels=labels,
+                        batch_size=batch_size,
+                        progress=_rank_progress(bar, shard),
+                        shard=shard,
+                    )
+                    seconds += per_image * len(seeds)
                     if main:
                         outputs.add(first, x_T, images)
                         label_batches.append(labels)
                         bar.n = (first + len(seeds)) * steps_run  # the other ranks' share too
                         bar.refresh()
-        distributed.finish(world)
+        distributed.finish(shard)
     if not main:
         return
     if label_batches[0] is None:
@@ -544,6 +554,8 @@ class _SampleOutputs:
     def add(self, first: int, x_T, images) -> None:
         from ddim_cli.images import save_pngs, to_uint8
 
+        if not self.enabled:
+            return
         kept = sum(len(batch) for batch in self.grid_images)
         if kept < self.GRID_LIMIT:
             self.grid_images.append(images[: self.GRID_LIMIT - kept])
@@ -881,8 +893,11 @@ def edit(
     with _user_errors():
         import torch
 
+        from ddim_cli import distributed
+
+        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         _check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
-        loaded = _load(checkpoint, ema, device)
+        loaded = _load(checkpoint, ema, device, where)
         _check_outputs(directories=[("--out", out or loaded.run_dir / "edit")])
         if loaded.config.model.num_classes is None:
             raise CheckpointError("--to-class needs a class-conditional model; this one is unconditional")
@@ -898,7 +913,7 @@ def edit(
         ddib_spec = method == EditMethod.ddib
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False if ddib_spec else None)
         noise = seeded_noise(loaded.image_shape, list(range(seed, seed + count)))[0]
-        with _bar(count, progress, f"edit ({method.value}) S={spec.steps}") as bar:
+        with _bar(count, progress and shard.main, f"edit ({method.value}) S={spec.steps}") as bar:
             edited = g.edit_images(
                 loaded,
                 originals,
@@ -912,8 +927,12 @@ def edit(
                 exact=exact_inversion,
                 null_text=null_text,
                 batch_size=batch_size,
-                progress=bar.update,
+                progress=_rank_progress(bar, shard),
+                shard=shard,
             )
+        distributed.finish(shard)
+        if not shard.main:  # rank 0 writes
+            return
         distances = (edited.clamp(-1, 1) - originals).pow(2).flatten(1).mean(1).tolist()
         directory = out or loaded.run_dir / "edit"
         save_grid(torch.cat([originals, edited.clamp(-1, 1)]), directory / "grid.png", nrow=count)
@@ -1137,8 +1156,11 @@ def restore(
     with _user_errors():
         import torch
 
+        from ddim_cli import distributed
+
+        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         _check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
-        loaded = _load(checkpoint, ema, device)
+        loaded = _load(checkpoint, ema, device, where)
         _check_outputs(directories=[("--out", out or loaded.run_dir / "restore")])
         seed = loaded.config.sample.seed if seed is None else seed
         degradation = _degradation(loaded, mask, sr, sigma, gray, seed, images_in)
@@ -1153,7 +1175,9 @@ def restore(
         spec = _spec(loaded, Sampler.ddim, steps, eta, skip, Variance.posterior, clip_x0)
         make_eps = g.noise_model(loaded, guidance=w)
         calls = model_calls(len(spec.timesteps(loaded.alpha_bars)), jump, resample)
-        with _bar(count * n_samples * calls, progress, f"restore ({method.value}) S={spec.steps}") as bar:
+        with _bar(
+            count * n_samples * calls, progress and shard.main, f"restore ({method.value}) S={spec.steps}"
+        ) as bar:
             restored = g.restore_images(
                 loaded,
                 make_eps,
@@ -1167,8 +1191,12 @@ def restore(
                 jump=jump,
                 resample=resample,
                 batch_size=batch_size,
-                progress=bar.update,
+                progress=_rank_progress(bar, shard),
+                shard=shard,
             ).clamp(-1, 1)
+        distributed.finish(shard)
+        if not shard.main:  # rank 0 writes
+            return
         shown = degradation.show(observations).clamp(-1, 1)
         repeated = observations.repeat_interleave(n_samples, 0)
         errors = degradation.observation_error(restored, repeated).tolist()
@@ -1186,7 +1214,8 @@ def restore(
         for k, (error, psnr) in enumerate(zip(errors, quality, strict=True)):
             i, j = divmod(k, n_samples)
             scores = "," if psnr is None else f"{psnr:.3f},{baseline[i]:.3f}"
-            lines.append(f"{images_in[i]},{j},{scores},{error:.3g}")
+            # Six decimals on the [-1, 1] scale: far finer than a uint8 level; below that is rounding noise.
+            lines.append(f"{images_in[i]},{j},{scores},{error:.6f}")
         (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
         written = [f"{directory}/ (grid.png, restored/, metrics.csv)"]
         if npz is not None:
@@ -1226,14 +1255,17 @@ DataRootOpt = Annotated[
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download a named reference dataset.")]
 
 
-def _statistics(f, opened, extract, progress, desc: str):
+def _statistics(f, opened, extract, progress, desc: str, shard=None):
     """Statistics of a source opened with ``fid.open_source`` (a statistics file is used as it is)."""
     from tqdm import tqdm
 
+    from ddim_cli.distributed import Shard
+
     if isinstance(opened, dict):
         return opened
+    shard = shard or Shard()
     with tqdm(disable=not progress, unit="img", desc=desc) as bar:
-        return f.statistics(opened, extract, progress=bar.update)
+        return f.statistics(opened, extract, progress=_rank_progress(bar, shard), shard=shard)
 
 
 def _save_stats(f, stats, path: Path | None) -> None:
@@ -1335,8 +1367,11 @@ def compare(
     if fid and reference is None:
         _fail("--fid needs --reference (a folder, an .npz of images or statistics, or cifar10/mnist)", code=2)
     with _user_errors():
+        from ddim_cli import distributed
+
+        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         _check_outputs([("--save-stats", save_stats)], [("--out", out)], inputs=[checkpoint])
-        loaded = _load(checkpoint, ema, device)
+        loaded = _load(checkpoint, ema, device, where)
         _check_outputs(directories=[("--out", out or loaded.run_dir / "compare")])
         cfg = loaded.config
         specs = c.comparison_specs(
@@ -1361,13 +1396,17 @@ def compare(
         if fid:
             from ddim_cli import fid as f
 
-            opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
-            extract = f.inception_extractor(inception_weights, _device(device))
-            _reference = _statistics(f, opened_reference, extract, progress, "reference statistics")
-            _save_stats(f, _reference, save_stats)
+            with shard.main_first():  # one download of the reference or the weights
+                opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
+                extract = f.inception_extractor(inception_weights, where)
+            _reference = _statistics(
+                f, opened_reference, extract, progress and shard.main, "reference statistics", shard
+            )
+            if shard.main:
+                _save_stats(f, _reference, save_stats)
         per_row = max(n, fid)
         total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
-        with _bar(total, progress, f"compare {len(specs)} samplers") as bar:
+        with _bar(total, progress and shard.main, f"compare {len(specs)} samplers") as bar:
             rows = c.run_comparison(
                 loaded,
                 make_eps,
@@ -1375,14 +1414,21 @@ def compare(
                 n=n,
                 seed=first_seed,
                 batch_size=batch_size,
-                progress=bar.update,
+                progress=_rank_progress(bar, shard),
                 samples_dir=samples_dir,
                 count=fid or None,
                 classes=_classes(classes),
                 unconditional=unconditional,
+                shard=shard,
             )
         if fid:
-            c.add_fid(rows, samples_dir, _reference, extract, batch_size, preset=cfg.name)
+            with _bar(fid * len(rows), progress and shard.main, "sample statistics", unit="img") as bar:
+                c.add_fid(
+                    rows, samples_dir, _reference, extract, batch_size, cfg.name, shard, _rank_progress(bar, shard)
+                )
+        distributed.finish(shard)
+        if not shard.main:  # rank 0 writes
+            return
         paths = c.write_comparison(rows, directory)
     typer.echo(paths["table.md"].read_text(), nl=False)
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ddim_cli.distributed import Shard
 from ddim_cli.fid import frechet_distance, source_batches, statistics
 from ddim_cli.generate import LoadedModel, MakeEps, SamplerSpec, class_labels, generate
 from ddim_cli.images import load_images, save_labelled_rows, save_pngs
@@ -106,9 +107,12 @@ def run_comparison(
     count: int | None = None,
     classes: list[int] | None = None,
     unconditional: bool = False,
+    shard: Shard | None = None,
 ) -> list[CompareRow]:
     """Sample ``n`` images per row; with ``samples_dir``, ``count`` images per row are kept there as
-    PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was."""
+    PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was.
+    With a ``shard`` (torchrun) the ranks share every batch and rank 0 writes the PNGs."""
+    shard = shard or Shard()
     _warm_up(loaded, make_eps, min(batch_size, max(n, count or 0)))  # one-time set-up is no row's cost
     rows = []
     for spec in specs:
@@ -116,13 +120,32 @@ def run_comparison(
             x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))  # the same for every row
             labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional)
             images, seconds = generate(
-                loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress
+                loaded,
+                make_eps,
+                spec,
+                x_T,
+                generators,
+                labels=labels,
+                batch_size=batch_size,
+                progress=progress,
+                shard=shard,
             )
         else:
             folder = samples_dir / spec.slug
             seconds = fill_sample_folder(
-                loaded, make_eps, spec, folder, max(count or 0, n), seed, batch_size, progress, classes, unconditional
+                loaded,
+                make_eps,
+                spec,
+                folder,
+                max(count or 0, n),
+                seed,
+                batch_size,
+                progress,
+                classes,
+                unconditional,
+                shard=shard,
             )
+            shard.barrier()  # rank 0 has written the folder
             images = load_images(
                 sorted(folder.glob("*.png"))[:n], loaded.config.data.image_size, loaded.config.data.channels
             )[0]
@@ -141,15 +164,21 @@ def fill_sample_folder(
     progress: Callable[[int], None] | None = None,
     classes: list[int] | None = None,
     unconditional: bool = False,
+    shard: Shard | None = None,
 ) -> float:
     """Make ``folder`` hold images 0..count-1 of ``spec`` (image i from seed + i), reusing those
-    already there; returns the seconds per image, measured now or when they were made."""
-    folder.mkdir(parents=True, exist_ok=True)
+    already there; returns the seconds per image, measured now or when they were made. With a
+    ``shard``, rank 0 reads and writes the folder and the ranks share every batch."""
+    shard = shard or Shard()
+    timing, done = {"images": 0, "seconds": 0.0}, 0
     timing_file = folder / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"images": 0, "seconds": 0.0}
-    done = 0
-    while (folder / f"{done:06d}.png").exists() and done < count:
-        done += 1
+    if shard.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if timing_file.exists():
+            timing = json.loads(timing_file.read_text())
+        while (folder / f"{done:06d}.png").exists() and done < count:
+            done += 1
+    timing, done = shard.broadcast((timing, done))
     if progress is not None:
         progress(done * len(spec.timesteps(loaded.alpha_bars)))
     for start in range(done, count, batch_size):
@@ -157,19 +186,38 @@ def fill_sample_folder(
         x_T, generators = seeded_noise(loaded.image_shape, seeds)
         labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional, first_index=start)
         images, seconds = generate(
-            loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress
+            loaded,
+            make_eps,
+            spec,
+            x_T,
+            generators,
+            labels=labels,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
         )
-        save_pngs(images, folder, first_index=start)
         timing = {"images": timing["images"] + len(seeds), "seconds": timing["seconds"] + seconds * len(seeds)}
-        timing_file.write_text(json.dumps(timing))
+        if shard.main:
+            save_pngs(images, folder, first_index=start)
+            timing_file.write_text(json.dumps(timing))
     return timing["seconds"] / max(timing["images"], 1)
 
 
-def add_fid(rows: list[CompareRow], samples_dir: Path, reference, extract, batch_size: int, preset: str) -> None:
-    """Fill in each row's FID against ``reference`` statistics, and the paper's where it has one."""
+def add_fid(
+    rows: list[CompareRow],
+    samples_dir: Path,
+    reference,
+    extract,
+    batch_size: int,
+    preset: str,
+    shard: Shard | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Fill in each row's FID against ``reference`` statistics, and the paper's where it has one
+    (with a ``shard``, the ranks share the feature extraction)."""
     for row in rows:
         batches = source_batches(samples_dir / row.spec.slug, batch_size)
-        row.fid = frechet_distance(statistics(batches, extract), reference)
+        row.fid = frechet_distance(statistics(batches, extract, progress=progress, shard=shard), reference)
         row.paper_fid = paper_fid(preset, row.spec)
 
 

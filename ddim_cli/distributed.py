@@ -2,51 +2,110 @@
 
 Generation gives image ``i`` to rank ``i % world``: its seed, class and noise are still ``seed +
 i``'s (:mod:`ddim_cli.seeding`), so the images are those of one process, whatever the number of
-processes; rank 0 gathers each batch in index order and alone writes files.
+processes. A :class:`Shard` says which rank this process is; the library's generation functions
+take one, run their share of every batch and gather the batch in index order, and the command
+line lets rank 0 alone write files and show progress.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
 
-def setup(device: str) -> tuple[int, int, torch.device]:
-    """``(rank, world, device)``: under torchrun (``WORLD_SIZE`` > 1) this process joins the group
-    (NCCL on CUDA, gloo on CPU) and takes the GPU of its ``LOCAL_RANK``; otherwise ``(0, 1, device)``.
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` processes (``rank`` 0 writes the outputs)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def positions(self, first: int, count: int) -> list[int]:
+        """The positions, within a batch of images ``first .. first + count - 1``, of this rank's images."""
+        return [p for p in range(count) if (first + p) % self.world == self.rank]
+
+    def gather(self, positions: list[int], values: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Every rank's ``values`` (rows at its ``positions``; None where it has none) assembled in
+        order into ``count`` rows, on every rank. One process: ``values`` as they are."""
+        if self.world == 1:
+            return values
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (positions, None if values is None else values.cpu()))
+        filled = [part for where, part in parts if where]
+        batch = torch.empty((count, *filled[0].shape[1:]), dtype=filled[0].dtype)
+        for where, part in parts:
+            if where:
+                batch[where] = part
+        return batch
+
+    def map_batches(self, batches: Iterator[T], work: Callable[[T], torch.Tensor]) -> torch.Tensor:
+        """``work`` on batch ``b`` of ``batches`` by rank ``b % world`` (whole batches, so each one is
+        computed as one process computes it), concatenated in order on every rank."""
+        mine = [(b, work(batch)) for b, batch in enumerate(batches) if b % self.world == self.rank]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, [(b, result.cpu()) for b, result in mine])
+            mine = sorted((item for part in parts for item in part), key=_first)
+        return torch.cat([result for _, result in mine]) if mine else torch.empty(0)
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value``, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block before the others do (e.g. one download into a shared cache)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+
+def _first(item: tuple) -> int:
+    return item[0]
+
+
+def setup(device: str) -> tuple[Shard, torch.device]:
+    """``(shard, device)``: under torchrun (``WORLD_SIZE`` > 1) this process joins the group
+    (NCCL on CUDA, gloo on CPU) and takes the GPU of its ``LOCAL_RANK``; otherwise one process.
     ``device``: auto, cpu or cuda (a ValueError when CUDA is asked for but absent)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
     if world == 1:
-        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+        return Shard(), torch.device("cuda" if use_cuda else "cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    shard = Shard(dist.get_rank(), dist.get_world_size())
+    return shard, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def gather_in_order(positions: list[int], images: torch.Tensor, count: int, world: int) -> torch.Tensor | None:
-    """Each rank's ``images`` (CPU) at ``positions`` of a batch of ``count``, assembled in order on
-    rank 0 (None elsewhere). One process: the images as they are."""
-    if world == 1:
-        return images
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object((positions, images.cpu()), parts, dst=0)
-    if parts is None:
-        return None
-    batch = torch.empty((count, *images.shape[1:]), dtype=images.dtype)
-    for where, part in parts:
-        batch[where] = part
-    return batch
-
-
-def finish(world: int) -> None:
+def finish(shard: Shard) -> None:
     """Leave the process group (all ranks), after the last collective."""
-    if world > 1 and dist.is_initialized():
+    if shard.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

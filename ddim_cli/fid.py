@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ddim_cli.checkpoint import UNPICKLE_ERRORS
+from ddim_cli.distributed import Shard
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 Statistics = dict[str, np.ndarray]
@@ -61,23 +62,28 @@ def inception_extractor(weights: Path | None = None, device: str | torch.device 
     return extract
 
 
-def statistics(batches: Iterator[np.ndarray], extract: FeatureExtractor, progress=None) -> Statistics:
-    """Mean and covariance of the features of uint8 (N, H, W, C) batches (grayscale -> RGB)."""
+def statistics(
+    batches: Iterator[np.ndarray], extract: FeatureExtractor, progress=None, shard: Shard | None = None
+) -> Statistics:
+    """Mean and covariance of the features of uint8 (N, H, W, C) batches (grayscale -> RGB). With a
+    ``shard`` (torchrun) batch ``b`` is extracted by rank ``b % world`` and every rank gets the
+    statistics of all of them, the same as one process computes."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    features = []
-    for batch in batches:
+    shard = shard or Shard()
+
+    def features_of(batch: np.ndarray) -> torch.Tensor:
         images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
-        features.append(extract(images))
+        features = extract(images)
         if progress is not None:
             progress(len(batch))
-    if not features:
-        raise FIDError("no images to compute statistics of")
-    stacked = torch.cat(features)
+        return features
+
+    stacked = shard.map_batches(batches, features_of)
     if len(stacked) < 2:
-        raise FIDError("FID needs at least 2 images")
+        raise FIDError("FID needs at least 2 images" if len(stacked) else "no images to compute statistics of")
     stats = fid_features_to_statistics(stacked)
     return {"mu": stats["mu"], "sigma": stats["sigma"], "count": np.array(len(stacked))}
 

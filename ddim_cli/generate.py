@@ -4,6 +4,10 @@ Randomness follows EDM's per-seed convention (:mod:`ddim_cli.seeding`): image ``
 generator seeded with ``seed + i``; its x_T is the first draw, its class (for a class-conditional
 model) the second, and any sampler noise the following ones. An image is therefore the same
 whatever the batch size, the number of images or the device it is drawn on.
+
+Each generating function takes an optional ``shard`` (:class:`ddim_cli.distributed.Shard`): under
+torchrun each rank computes its images of every batch (image ``i`` on rank ``i % world``) and
+every rank returns all of them, as one process would.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, newest_intact
 from ddim_cli.config import Config
+from ddim_cli.distributed import Shard
 from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
@@ -230,6 +235,7 @@ def generate(
     labels: torch.Tensor | None = None,
     batch_size: int,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Sample every x_T (image i with ``labels[i]``, or the null label) in batches; returns the
     images (CPU, [-1, 1]) and seconds per image."""
@@ -237,9 +243,9 @@ def generate(
     ts = spec.timesteps(ab)
     eta = spec.eta if spec.method == "ddim" else 0.0
 
-    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+    def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         return sample(
-            make_eps(_slice(labels, first, len(batch))),
+            make_eps(_pick(labels, index)),
             batch,
             ab,
             ts,
@@ -248,12 +254,12 @@ def generate(
             variance=spec.variance,
             clip_x0=spec.clip_x0,
             prediction=loaded.prediction,
-            generator=generators[first : first + len(batch)],
+            generator=[generators[i] for i in index],
             callback=_counter(progress, len(batch)),
         )
 
     start = time.perf_counter()
-    images = _in_batches(loaded, x_T, batch_size, run)
+    images = _in_batches(loaded, x_T, batch_size, run, shard)
     return images, (time.perf_counter() - start) / len(x_T)
 
 
@@ -270,6 +276,7 @@ def invert_images(
     tol: float = 1e-3,
     report: list[FixedPointStep] | None = None,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of images in [-1, 1] to latents at the first sampling timestep;
     ``exact`` solves each step by fixed-point iteration (:func:`ddim_cli.sampling.invert`), and
@@ -277,9 +284,9 @@ def invert_images(
     ab = loaded.alpha_bars
     ts = spec.timesteps(ab)
 
-    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+    def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         return invert(
-            make_eps(_slice(labels, first, len(batch))),
+            make_eps(_pick(labels, index)),
             batch,
             ab,
             ts,
@@ -291,7 +298,7 @@ def invert_images(
             callback=_counter(progress, len(batch)),
         )
 
-    return _in_batches(loaded, images, batch_size, run)
+    return _in_batches(loaded, images, batch_size, run, shard)
 
 
 def embedding_model(loaded: LoadedModel):
@@ -327,42 +334,50 @@ def invert_null_text(
     early_stop: float = 1e-5,
     report: list[FixedPointStep] | None = None,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> NullTextInversion:
     """:func:`ddim_cli.null_text.null_text_inversion` of images in [-1, 1] (one class each), in
     batches; the result's tensors are on the CPU."""
     model, embed, null = embedding_model(loaded)
     ab, ts = loaded.alpha_bars, spec.timesteps(loaded.alpha_bars)
     device = null.device
-    parts = []
+    shard = shard or Shard()
+    gathered = []
     for first in range(0, len(images), batch_size):
-        batch = images[first : first + batch_size].to(device)
-        count = len(batch)
-        result = null_text_inversion(
-            model,
-            batch,
-            embed(labels[first : first + len(batch)]),
-            null,
-            ab,
-            ts,
-            guidance=guidance,
-            prediction=loaded.prediction,
-            exact=exact,
-            max_iter=max_iter,
-            tol=tol,
-            inner_steps=inner_steps,
-            lr=lr,
-            early_stop=early_stop,
-            report=report,
-            progress=None if progress is None else (lambda done, count=count: progress(done * count)),
-        )
-        parts.append(result)
-    return NullTextInversion(
-        torch.cat([r.latent.cpu() for r in parts]),
-        ts,
-        torch.cat([r.null_embeddings.cpu() for r in parts], dim=1),
-        torch.cat([r.reconstruction.cpu() for r in parts]),
-        torch.cat([r.step_losses.cpu() for r in parts], dim=1),
-    )
+        count = min(batch_size, len(images) - first)
+        positions = shard.positions(first, count)
+        index = [first + p for p in positions]
+        fields = [None] * 4
+        if index:
+            mine = len(index)
+            result = null_text_inversion(
+                model,
+                images[index].to(device),
+                embed(labels[index]),
+                null,
+                ab,
+                ts,
+                guidance=guidance,
+                prediction=loaded.prediction,
+                exact=exact,
+                max_iter=max_iter,
+                tol=tol,
+                inner_steps=inner_steps,
+                lr=lr,
+                early_stop=early_stop,
+                report=report,
+                progress=None if progress is None else (lambda done, mine=mine: progress(done * mine)),
+            )
+            # Image-major, to be gathered over the images: (N, ...) each.
+            fields = [
+                result.latent.cpu(),
+                result.null_embeddings.transpose(0, 1).cpu(),
+                result.reconstruction.cpu(),
+                result.step_losses.transpose(0, 1).cpu(),
+            ]
+        gathered.append([shard.gather(positions, field, count) for field in fields])
+    latent, null_embeddings, reconstruction, step_losses = (torch.cat(parts) for parts in zip(*gathered, strict=True))
+    return NullTextInversion(latent, ts, null_embeddings.transpose(0, 1), reconstruction, step_losses.transpose(0, 1))
 
 
 def sample_null_text(
@@ -375,23 +390,24 @@ def sample_null_text(
     guidance: float,
     batch_size: int,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM from ``latents`` with each step's fitted null embedding (S, N, D), guided
     towards ``labels``: the reconstruction of a null-text inversion, or an edit with other labels."""
     model, embed, _ = embedding_model(loaded)
     ab, ts = loaded.alpha_bars, spec.timesteps(loaded.alpha_bars)
 
-    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+    def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         eps_model = null_text_guidance(
             model,
-            embed(labels[first : first + len(batch)]),
-            null_embeddings[:, first : first + len(batch)],
+            embed(labels[index]),
+            null_embeddings[:, index],
             ts,
             guidance,
         )
         return sample(eps_model, batch, ab, ts, prediction=loaded.prediction, callback=_counter(progress, len(batch)))
 
-    return _in_batches(loaded, latents, batch_size, run)
+    return _in_batches(loaded, latents, batch_size, run, shard)
 
 
 EDIT_METHODS = ("ddib", "sdedit")
@@ -412,6 +428,7 @@ def edit_images(
     null_text: bool = False,
     batch_size: int,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1] turned into ``to_labels``' classes (:mod:`ddim_cli.editing`).
 
@@ -435,23 +452,30 @@ def edit_images(
         if method != "ddib" or from_labels is None or not guidance:
             raise CheckpointError("null-text editing needs the ddib method, --from-class J and --guidance W > 0")
         fitted = invert_null_text(
-            loaded, images, spec, from_labels, guidance=guidance, batch_size=batch_size, exact=exact
+            loaded, images, spec, from_labels, guidance=guidance, batch_size=batch_size, exact=exact, shard=shard
         )
         edited = sample_null_text(
-            loaded, fitted.latent, to_labels, fitted.null_embeddings, spec, guidance=guidance, batch_size=batch_size
+            loaded,
+            fitted.latent,
+            to_labels,
+            fitted.null_embeddings,
+            spec,
+            guidance=guidance,
+            batch_size=batch_size,
+            shard=shard,
         )
         if progress is not None:
             progress(len(images))
         return edited
     make_eps = noise_model(loaded, precision="fp32")  # one model (and one compile) for both directions
 
-    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
-        target = make_eps(to_labels[first : first + len(batch)], guidance)
+    def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
+        target = make_eps(to_labels[index], guidance)
         if method == "sdedit":
             edited = sdedit(
                 target,
                 batch,
-                noise[first : first + len(batch)],
+                noise[index],
                 ab,
                 ts,
                 strength=strength,
@@ -459,13 +483,13 @@ def edit_images(
                 clip_x0=spec.clip_x0,
             )
         else:
-            source = make_eps(_slice(from_labels, first, len(batch)), 0.0)
+            source = make_eps(_pick(from_labels, index), 0.0)
             edited = ddib(source, target, batch, ab, ts, prediction=loaded.prediction, exact=exact)[0]
         if progress is not None:
             progress(len(batch))
         return edited
 
-    return _in_batches(loaded, images, batch_size, run)
+    return _in_batches(loaded, images, batch_size, run, shard)
 
 
 # Keys of the degradation's own random streams (seeding.side_generator), apart from the images'.
@@ -503,6 +527,7 @@ def restore_images(
     resample: int = 1,
     batch_size: int,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """``samples_per_input`` restorations of each observation (input-major: restoration ``j`` of
     input ``i`` is image ``k = i * samples_per_input + j``, drawn from seed ``seed + k``), with
@@ -520,11 +545,11 @@ def restore_images(
     labels = None if labels is None else labels.repeat_interleave(samples_per_input, 0)
     x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + len(repeated))))
 
-    def run(first: int, batch: torch.Tensor) -> torch.Tensor:
+    def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         count = len(batch)
         return restore(
-            make_eps(_slice(labels, first, count)),
-            repeated[first : first + count],
+            make_eps(_pick(labels, index)),
+            repeated[index],
             degradation,
             ab,
             ts,
@@ -535,22 +560,31 @@ def restore_images(
             resample=resample,
             clip_x0=spec.clip_x0,
             prediction=loaded.prediction,
-            generator=generators[first : first + count],
+            generator=[generators[i] for i in index],
             callback=_counter(progress, count),
         )
 
-    return _in_batches(loaded, x_T, batch_size, run)
+    return _in_batches(loaded, x_T, batch_size, run, shard)
 
 
-def _slice(labels: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:
-    return None if labels is None else labels[first : first + count]
+def _pick(labels: torch.Tensor | None, index: list[int]) -> torch.Tensor | None:
+    return None if labels is None else labels[index]
 
 
-def _in_batches(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, run) -> torch.Tensor:
+def _in_batches(
+    loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, run, shard: Shard | None = None
+) -> torch.Tensor:
+    """``run(index, batch)`` over ``inputs`` in batches (``index``: the batch's image numbers), on
+    the CPU. With a ``shard`` this rank runs its images of each batch and every rank gets them all."""
     device = next(loaded.model.parameters()).device
-    outputs = [
-        run(first, inputs[first : first + batch_size].to(device)).cpu() for first in range(0, len(inputs), batch_size)
-    ]
+    shard = shard or Shard()
+    outputs = []
+    for first in range(0, len(inputs), batch_size):
+        count = min(batch_size, len(inputs) - first)
+        positions = shard.positions(first, count)
+        index = [first + p for p in positions]
+        mine = run(index, inputs[index].to(device)).cpu() if index else None
+        outputs.append(shard.gather(positions, mine, count))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return torch.cat(outputs)

@@ -122,7 +122,8 @@ def train(
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if config.train.tensorboard and (missing := tensorboard_missing()):
         raise TrainingError(missing)
-    rank, world, device_ = _setup_distributed(device)
+    shard, device_ = _setup_distributed(device)
+    rank, world = shard.rank, shard.world
     cfg = config.train
     if cfg.batch_size % world:
         raise TrainingError(f"train.batch_size {cfg.batch_size} does not split evenly over {world} processes")
@@ -466,7 +467,7 @@ class _StopFlag:
         return bool(flag.item() > 0)
 
 
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+def _setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:
     try:
         return distributed.setup(device)
     except ValueError as error:
