@@ -158,7 +158,10 @@ def test_restore_on_two_ranks_writes_byte_identical_outputs(conditional_run, dig
 
 @pytest.mark.parametrize(
     "how",
-    [["--method", "sdedit", "--seed", "3"], ["--method", "ddib", "--from-class", "1", "--null-text", "--guidance", "1"]],
+    [
+        ["--method", "sdedit", "--seed", "3"],
+        ["--method", "ddib", "--from-class", "1", "--null-text", "--guidance", "1"],
+    ],
     ids=["sdedit", "ddib-null-text"],
 )
 def test_edit_on_two_ranks_writes_byte_identical_outputs(conditional_run, digit_files, tmp_path, how):
