@@ -418,6 +418,14 @@ def sample(
     npz: Annotated[
         Path | None, typer.Option("--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.")
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="A run into --out-dir / --npz that was interrupted continues where it stopped when run again "
+            "with the same options; --no-resume starts afresh.",
+        ),
+    ] = True,
     device: DeviceOpt = Device.auto,
     precision: PrecisionOpt = Precision.auto,
     ema: EmaOpt = True,
@@ -429,6 +437,10 @@ def sample(
     A class-conditional model draws each image's class, uniformly, from that image's own seed (so
     every class comes about equally often and an image does not depend on the batch), guided by the
     config's sample.guidance; --class picks classes, --unconditional uses the null label.
+
+    Writing to --out-dir or --npz, an interrupted run continues where it stopped when the same
+    command runs again. Under torchrun the ranks share every batch (--batch-size is all ranks'
+    batch) and rank 0 writes: `torchrun --nproc_per_node 8 -m ddim_cli -- sample ...`.
     """
     from time import perf_counter
 
@@ -436,6 +448,7 @@ def sample(
 
     from ddim_cli import generate as g
     from ddim_cli.images import load_latents
+    from ddim_cli.sample_files import SampleFiles
     from ddim_cli.seeding import seeded_noise
 
     if null_embeddings is not None:
@@ -466,16 +479,33 @@ def sample(
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
         grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
-        outputs = _SampleOutputs(grid, out_dir, npz, save_latents, count, shape, enabled=main)
+        if null_embeddings is not None:
+            fitted, null_labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
+        else:
+            w = _labels_and_guidance(loaded, seeded_noise(shape, [first_seed])[1], classes, unconditional, guidance)[1]
+        settings = _sample_settings(loaded, spec, first_seed, count, classes, unconditional, w, latents, ema, precision)
+        outputs = SampleFiles(
+            grid,
+            out_dir,
+            npz,
+            save_latents,
+            count,
+            shape,
+            settings=settings,
+            resume=resume and null_embeddings is None,  # --null-embeddings: a few images, made at once
+            enabled=main,
+        )
+        done = shard.broadcast(outputs.done)
+        if done and main:
+            typer.echo(f"note: continuing an interrupted run: {done} of {count} images are done", err=True)
         label_batches, seconds = [], 0.0
         with outputs, _bar(count * steps_run, progress and main, spec.label) as bar:
-            if null_embeddings is not None:  # --latents and their fitted embeddings: a few images, at once
-                fitted, labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
+            if null_embeddings is not None:
                 start = perf_counter()
                 images = g.sample_null_text(
                     loaded,
                     given,
-                    labels,
+                    null_labels,
                     fitted,
                     spec,
                     guidance=w,
@@ -485,12 +515,10 @@ def sample(
                 )
                 seconds = perf_counter() - start
                 outputs.add(0, given, images)
-                label_batches.append(labels)
+                label_batches.append(null_labels)
             else:  # batch by batch, so that no output holds every image in memory
-                w = _labels_and_guidance(
-                    loaded, seeded_noise(shape, [first_seed])[1], classes, unconditional, guidance
-                )[1]
                 make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
+                bar.update(done * steps_run)
                 for first in range(0, count, batch_size):
                     seeds = list(range(first_seed + first, first_seed + min(count, first + batch_size)))
                     # Each seed's first draw is its x_T (or the given latent instead); its class and noise follow.
@@ -498,23 +526,28 @@ def sample(
                     if given is not None:
                         x_T = given[first : first + len(seeds)]
                     labels = _labels_and_guidance(loaded, generators, classes, unconditional, guidance, first)[0]
+                    label_batches.append(labels)
+                    ready = max(0, min(done - first, len(seeds)))  # made by the interrupted run
+                    if ready:
+                        outputs.skip(first, x_T[:ready])
+                    if ready == len(seeds):
+                        continue
+                    new = slice(ready, None)
                     images, per_image = g.generate(
                         loaded,
                         make_eps,
                         spec,
-                        x_T,
-                        generators,
-                        labels=labels,
+                        x_T[new],
+                        generators[new],
+                        labels=None if labels is None else labels[new],
                         batch_size=batch_size,
                         progress=_rank_progress(bar, shard),
                         shard=shard,
                     )
-                    seconds += per_image * len(seeds)
-                    if main:
-                        outputs.add(first, x_T, images)
-                        label_batches.append(labels)
-                        bar.n = (first + len(seeds)) * steps_run  # the other ranks' share too
-                        bar.refresh()
+                    seconds += per_image * len(images)
+                    outputs.add(first + ready, x_T[new], images)
+                    bar.n = (first + len(seeds)) * steps_run  # the other ranks' share too
+                    bar.refresh()
         distributed.finish(shard)
     if not main:
         return
@@ -522,67 +555,10 @@ def sample(
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
         conditioning = f" (classes {_class_summary(torch.cat(label_batches))}, guidance {w:g})"
-    typer.echo(
-        f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint} in {seconds / count:.4f} s/image"
-    )
+    made = count - done
+    timing = f" in {seconds / made:.4f} s/image" if made else ""
+    typer.echo(f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
     typer.echo("wrote " + ", ".join(outputs.written))
-
-
-class _SampleOutputs:
-    """What ``ddim sample`` writes, fed batch by batch: the grid (of the first ``GRID_LIMIT``
-    images), each PNG, the ``.npz`` (streamed) and the latents (a memory-mapped ``.npy``)."""
-
-    GRID_LIMIT = 256
-
-    def __init__(self, grid: Path, out_dir, npz, latents, count, shape, enabled: bool = True):
-        from contextlib import ExitStack
-
-        self.grid, self.out_dir, self.npz, self.latents, self.count = grid, out_dir, npz, latents, count
-        self.grid_images, self.stack, self.written, self.enabled = [], ExitStack(), [], enabled
-        self.npz_writer = self.latents_writer = None
-        if not enabled:  # another rank than torchrun's 0: rank 0 writes everything
-            return
-        if npz is not None:
-            from ddim_cli.images import StreamingNpz
-
-            self.npz_writer = self.stack.enter_context(StreamingNpz(npz, count, (shape[1], shape[2], shape[0])))
-        if latents is not None:
-            from ddim_cli.images import StreamingLatents
-
-            self.latents_writer = self.stack.enter_context(StreamingLatents(latents, count, shape))
-
-    def add(self, first: int, x_T, images) -> None:
-        from ddim_cli.images import save_pngs, to_uint8
-
-        if not self.enabled:
-            return
-        kept = sum(len(batch) for batch in self.grid_images)
-        if kept < self.GRID_LIMIT:
-            self.grid_images.append(images[: self.GRID_LIMIT - kept])
-        if self.out_dir is not None:
-            save_pngs(images, self.out_dir, first_index=first)
-        if self.npz_writer is not None:
-            self.npz_writer.write(to_uint8(images))
-        if self.latents_writer is not None:
-            self.latents_writer.write(first, x_T)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        self.stack.__exit__(kind, error, trace)  # completes (or on an error removes) the .npz and .npy
-        if kind is not None or not self.enabled:
-            return
-        import torch
-
-        from ddim_cli.images import save_grid
-
-        save_grid(torch.cat(self.grid_images), self.grid)
-        shown = "" if self.count <= self.GRID_LIMIT else f" (the first {self.GRID_LIMIT} images)"
-        self.written = [f"{self.grid}{shown}"]
-        if self.out_dir is not None:
-            self.written.append(f"{self.out_dir}/ ({self.count} PNGs)")
-        self.written += [str(path) for path in (self.npz, self.latents) if path is not None]
 
 
 def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None, guidance: float | None):
@@ -638,6 +614,27 @@ def _summary_of_iterations(report, tol: float, max_iter: int) -> str:
         f"{len(short)} step(s) stopped at --max-iter {max_iter} above --tol {tol:g} (t = "
         f"{', '.join(map(str, short))}; largest residual {worst:.2g})"
     )
+
+
+def _sample_settings(loaded, spec, seed, count, classes, unconditional, guidance, latents, ema, precision) -> dict:
+    """What decides the images of a ``ddim sample`` run: a run may continue another only if these agree."""
+    from dataclasses import asdict
+
+    made = loaded.checkpoint.stat()
+    return {
+        "checkpoint": str(loaded.checkpoint.resolve()),
+        "checkpoint_bytes": made.st_size,
+        "checkpoint_mtime_ns": made.st_mtime_ns,
+        "ema": ema,
+        **asdict(spec),
+        "seed": seed,
+        "n": count,
+        "classes": classes,
+        "unconditional": unconditional,
+        "guidance": guidance,
+        "latents": None if latents is None else str(latents.resolve()),
+        "precision": precision.value,
+    }
 
 
 def _class_summary(labels) -> str:

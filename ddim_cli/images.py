@@ -183,60 +183,76 @@ def load_mask(path: Path, image_size: int, input_size: tuple[int, int] | None = 
     return ~fill
 
 
-class StreamingNpz:
-    """An ``.npz`` with ``arr_0`` = uint8 (N, H, W, C) written batch by batch, so that N images
-    never sit in memory together: a zip holding ``arr_0.npy``, stored uncompressed, as
-    ``np.savez`` writes it (``np.load`` reads it the same way). It is written under a temporary
-    name and renamed when all N images are in, so the file is complete or absent; use it as a
-    context manager (an error removes the temporary file)."""
+class PartialNpz:
+    """An ``.npz`` with ``arr_0`` = uint8 (N, H, W, C) filled batch by batch, so that N images never
+    sit in memory together, and kept when the filling stops short, so that a later run continues it.
 
-    def __init__(self, path: Path, count: int, image_shape: tuple[int, int, int]):
+    The images go into a memory-mapped ``.NAME.partial.npy`` beside ``path``; :meth:`complete`
+    writes ``path`` from it (a zip holding ``arr_0.npy``, stored uncompressed, as ``np.savez``
+    writes it) under a temporary name, renames it into place and removes the partial file, so
+    ``path`` is complete or absent. ``resume`` reopens a partial file of the same shape (then
+    ``resumed`` is true).
+    """
+
+    def __init__(self, path: Path, count: int, image_shape: tuple[int, int, int], resume: bool = False):
+        self.path, self.count = Path(path), count
+        self.partial = self.path.with_name(f".{self.path.name}.partial.npy")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (count, *image_shape)
+        self.images = None
+        if resume and self.partial.is_file():
+            try:
+                self.images = np.lib.format.open_memmap(self.partial, mode="r+")
+            except ValueError:  # not an .npy: written over below
+                self.images = None
+            if self.images is not None and (self.images.shape != shape or self.images.dtype != np.uint8):
+                self.images = None
+        self.resumed = self.images is not None
+        if self.images is None:
+            self.images = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.uint8, shape=shape)
+
+    def write(self, first: int, images: np.ndarray) -> None:
+        """Images ``first ..`` as uint8 (n, H, W, C)."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"expected uint8 (n, {self.images.shape[1:]}) images, got {images.dtype} {images.shape}")
+        self.images[first : first + len(images)] = images
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        return np.array(self.images[first : first + count])
+
+    def flush(self) -> None:
+        self.images.flush()
+
+    def complete(self, chunk: int = 1024) -> None:
+        """Write ``path`` from the images (read ``chunk`` at a time) and remove the partial file."""
         import zipfile
 
-        self.path, self.count, self.image_shape = Path(path), count, tuple(image_shape)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.archive = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
-        self.entry = self.archive.open("arr_0.npy", "w", force_zip64=True)
-        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *self.image_shape)}
-        np.lib.format.write_array_header_1_0(self.entry, header)
-        self.written = 0
-
-    def write(self, images: np.ndarray) -> None:
-        """The next images, uint8 (n, H, W, C)."""
-        if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected uint8 (n, {self.image_shape}) images, got {images.dtype} {images.shape}")
-        if self.written + len(images) > self.count:
-            raise ValueError(f"more than the {self.count} images announced")
-        self.entry.write(np.ascontiguousarray(images).tobytes())
-        self.written += len(images)
-
-    def __enter__(self) -> StreamingNpz:
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        complete = kind is None and self.written == self.count
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # fixed: a killed run's is written over
         try:
-            self.entry.close()
-            self.archive.close()
-            if complete:
-                with open(self.tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(self.tmp, self.path)
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                    header = {"descr": "|u1", "fortran_order": False, "shape": self.images.shape}
+                    np.lib.format.write_array_header_1_0(entry, header)
+                    for first in range(0, self.count, chunk):
+                        entry.write(np.ascontiguousarray(self.images[first : first + chunk]).tobytes())
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
         finally:
-            self.tmp.unlink(missing_ok=True)
-        if kind is None and not complete:
-            raise ValueError(f"{self.written} of the {self.count} images announced were written")
+            tmp.unlink(missing_ok=True)
+        del self.images
+        self.partial.unlink()
 
 
 class StreamingLatents:
     """A float32 ``.npy`` of (N, C, H, W) latents filled batch by batch through a memory map, written
-    under a temporary name and renamed when complete (a context manager, like :class:`StreamingNpz`)."""
+    under a temporary name and renamed when complete (a context manager; an error removes it)."""
 
     def __init__(self, path: Path, count: int, shape: tuple[int, int, int]):
         self.path, self.count = Path(path), count
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # A fixed name: a file that a killed run left is written over by the next one.
+        self.tmp = self.path.with_name(f".{self.path.name}.partial.npy")
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(count, *shape))
         self.written = 0
 

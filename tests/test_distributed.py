@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 from test_commands import make_run
+from test_reliability import ddim, interrupt_after
 
 DDIM = str(Path(__file__).with_name("small_fid_ddim.py"))
 
@@ -99,7 +100,7 @@ def digit_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_sample_on_two_ranks_writes_byte_identical_outputs(tmp_path, conditional):
+def test_sample_on_two_ranks_writes_byte_identical_outputs_and_resumes_a_run(tmp_path, monkeypatch, conditional):
     run = make_run(tmp_path / "run", **({"num_classes": 10} if conditional else {}))
     # 7 images in batches of 3: uneven batches, and a last batch that one rank has nothing of.
     common = ["--n", "7", "--batch-size", "3", "--seed", "2", "--steps", "3", "--eta", "1"]
@@ -119,6 +120,13 @@ def test_sample_on_two_ranks_writes_byte_identical_outputs(tmp_path, conditional
     assert two.stdout.count("7 images with") == 1  # rank 0 alone reports (and writes)
     assert assert_same_files(tmp_path / "one", tmp_path / "two") == 3 + 7
     assert np.load(tmp_path / "two" / "s.npz")["arr_0"].shape == (7, 8, 8, 1)
+    # One process stopped after its first batch; two ranks finish the run.
+    interrupt_after(monkeypatch, 1)
+    assert ddim("sample", run, *common, *outputs("resumed")).exit_code == 130
+    monkeypatch.undo()
+    resumed = two_ranks("sample", run, *common, *outputs("resumed"), module=True)
+    assert "3 of 7 images are done" in resumed.stderr
+    assert assert_same_files(tmp_path / "one", tmp_path / "resumed") == 3 + 7
 
 
 def test_compare_with_fid_on_two_ranks_matches_one_process_and_resumes(conditional_run, tmp_path):

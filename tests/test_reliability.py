@@ -265,8 +265,7 @@ def test_kill_9_at_random_moments_then_resume_gives_bit_identical_weights(tmp_pa
 def test_sample_streams_its_outputs_batch_by_batch(finished_run, tmp_path, monkeypatch):
     import numpy as np
 
-    import ddim_cli.cli as cli
-    import ddim_cli.images as images
+    import ddim_cli.sample_files as sample_files
 
     def outputs(name, batch_size):
         args = ["--n", 7, "--batch-size", batch_size, "--out", tmp_path / f"{name}.png", "--no-progress"]
@@ -277,17 +276,114 @@ def test_sample_streams_its_outputs_batch_by_batch(finished_run, tmp_path, monke
 
     _, whole, whole_latents = outputs("whole", 7)
     largest = []
-    real = images.to_uint8
+    real = sample_files.to_uint8
 
     def to_uint8(batch):
         largest.append(len(batch))
         return real(batch)
 
-    monkeypatch.setattr(images, "to_uint8", to_uint8)
-    monkeypatch.setattr(cli._SampleOutputs, "GRID_LIMIT", 4)
+    monkeypatch.setattr(sample_files, "to_uint8", to_uint8)
+    monkeypatch.setattr(sample_files, "GRID_LIMIT", 4)
     result, streamed, streamed_latents = outputs("streamed", 3)
     assert max(largest) <= 3  # no output converted more than a batch at a time
     assert np.array_equal(whole, streamed) and np.array_equal(whole_latents, streamed_latents)
     assert len(list((tmp_path / "streamed").iterdir())) == 7
     assert "(the first 4 images)" in result.output
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --- resumable ddim sample --------------------------------------------------------------------------
+def sample_outputs(folder):
+    """`ddim sample` options writing every output into ``folder``: 10 images in batches of 3."""
+    options = ["--n", 10, "--batch-size", 3, "--steps", 3, "--eta", 1, "--seed", 5, "--no-progress"]
+    return (
+        options
+        + ["--out", folder / "grid.png", "--out-dir", folder / "pngs"]
+        + [
+            "--npz",
+            folder / "s.npz",
+            "--save-latents",
+            folder / "x_T.npy",
+        ]
+    )
+
+
+def assert_same_outputs(one, two):
+    names = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert len(names) == 3 + 10  # no journal or partial file is left
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def interrupt_after(monkeypatch, batches):
+    """Ctrl-C while the batch after ``batches`` batches is being sampled; returns the image counts sampled."""
+    import ddim_cli.generate as generate
+
+    real, made = generate.generate, []
+
+    def interrupted(loaded, make_eps, spec, x_T, *args, **kwargs):
+        if len(made) == batches:
+            raise KeyboardInterrupt
+        made.append(len(x_T))
+        return real(loaded, make_eps, spec, x_T, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", interrupted)
+    return made
+
+
+def test_an_interrupted_sample_run_continues_where_it_stopped(finished_run, tmp_path, monkeypatch):
+    assert ddim("sample", finished_run, *sample_outputs(tmp_path / "whole")).exit_code == 0
+    folder = tmp_path / "resumed"
+    made = interrupt_after(monkeypatch, 2)
+    stopped = ddim("sample", finished_run, *sample_outputs(folder))
+    assert stopped.exit_code == 130 and made == [3, 3]
+    assert sorted(p.name for p in (folder / "pngs").iterdir()) == [".ddim-sample.json"] + [
+        f"{i:06d}.png" for i in range(6)
+    ]
+    assert (folder / ".s.npz.partial.npy").is_file() and not (folder / "s.npz").exists()
+    made.clear()
+    monkeypatch.undo()
+    made = interrupt_after(monkeypatch, 99)
+    resumed = ddim("sample", finished_run, *sample_outputs(folder))
+    assert resumed.exit_code == 0, resumed.output
+    assert "continuing an interrupted run: 6 of 10 images are done" in resumed.output
+    assert made == [3, 1]  # only images 6..9 were sampled
+    assert_same_outputs(tmp_path / "whole", folder)
+
+
+def test_a_journal_of_other_settings_is_refused_unless_told_to_start_afresh(finished_run, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    interrupt_after(monkeypatch, 1)
+    assert ddim("sample", finished_run, *sample_outputs(folder)).exit_code == 130
+    monkeypatch.undo()
+    other = ddim("sample", finished_run, *sample_outputs(folder), "--steps", 4)
+    error = one_line_error(other)
+    assert "holds an unfinished sample run with other settings (steps 3 then, 4 now)" in error
+    assert "--no-resume" in error and len(list((folder / "pngs").glob("*.png"))) == 3
+    afresh = ddim("sample", finished_run, *sample_outputs(folder), "--steps", 4, "--no-resume")
+    assert afresh.exit_code == 0 and "continuing" not in afresh.output
+    assert not (folder / "pngs" / ".ddim-sample.json").exists() and len(list((folder / "pngs").iterdir())) == 10
+
+
+def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_files(finished_run, tmp_path):
+    options = [*sample_outputs(tmp_path / "whole"), "--n", 40, "--batch-size", 2]
+    assert ddim("sample", finished_run, *options).exit_code == 0
+    folder = tmp_path / "killed"
+    command = [sys.executable, "-m", "ddim_cli", "sample", str(finished_run)]
+    command += [str(o) for o in [*sample_outputs(folder), "--n", 40, "--batch-size", 2]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal, deadline = folder / "pngs" / ".ddim-sample.json", time.monotonic() + 120
+    while not journal.exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(1).uniform(0, 0.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    names = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    for name in names:
+        assert (folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
