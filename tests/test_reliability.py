@@ -155,7 +155,7 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
 
 
 def test_an_os_error_anywhere_is_one_line_and_a_bug_says_how_to_see_it(finished_run, tmp_path, monkeypatch):
-    import ddim_cli.images as images
+    import ddim_cli.sample_files as images
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
