@@ -116,19 +116,9 @@ def run_comparison(
     _warm_up(loaded, make_eps, min(batch_size, max(n, count or 0)))  # one-time set-up is no row's cost
     rows = []
     for spec in specs:
-        if samples_dir is None:
-            x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))  # the same for every row
-            labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional)
-            images, seconds = generate(
-                loaded,
-                make_eps,
-                spec,
-                x_T,
-                generators,
-                labels=labels,
-                batch_size=batch_size,
-                progress=progress,
-                shard=shard,
+        if samples_dir is None:  # images 0..n-1, the same x_T, classes and noise for every row
+            images, seconds = sample_images(
+                loaded, make_eps, spec, seed, 0, n, batch_size, progress, classes, unconditional, shard
             )
         else:
             folder = samples_dir / spec.slug
@@ -151,6 +141,28 @@ def run_comparison(
             )[0]
         rows.append(CompareRow(spec, images, seconds))
     return rows
+
+
+def sample_images(
+    loaded: LoadedModel,
+    make_eps: MakeEps,
+    spec: SamplerSpec,
+    seed: int,
+    start: int,
+    stop: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+    classes: list[int] | None,
+    unconditional: bool,
+    shard: Shard,
+) -> tuple[torch.Tensor, float]:
+    """Images ``start .. stop - 1`` of ``spec`` (image i from seed + i, its class drawn or cycled as
+    ``ddim sample`` does) and the seconds per image."""
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(seed + start, seed + stop)))
+    labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional, first_index=start)
+    return generate(
+        loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=batch_size, progress=progress, shard=shard
+    )
 
 
 def fill_sample_folder(
@@ -182,21 +194,11 @@ def fill_sample_folder(
     if progress is not None:
         progress(done * len(spec.timesteps(loaded.alpha_bars)))
     for start in range(done, count, batch_size):
-        seeds = list(range(seed + start, seed + min(count, start + batch_size)))
-        x_T, generators = seeded_noise(loaded.image_shape, seeds)
-        labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional, first_index=start)
-        images, seconds = generate(
-            loaded,
-            make_eps,
-            spec,
-            x_T,
-            generators,
-            labels=labels,
-            batch_size=batch_size,
-            progress=progress,
-            shard=shard,
+        stop = min(count, start + batch_size)
+        images, seconds = sample_images(
+            loaded, make_eps, spec, seed, start, stop, batch_size, progress, classes, unconditional, shard
         )
-        timing = {"images": timing["images"] + len(seeds), "seconds": timing["seconds"] + seconds * len(seeds)}
+        timing = {"images": timing["images"] + len(images), "seconds": timing["seconds"] + seconds * len(images)}
         if shard.main:
             save_pngs(images, folder, first_index=start)
             timing_file.write_text(json.dumps(timing))

@@ -36,6 +36,13 @@ class Shard:
         """The positions, within a batch of images ``first .. first + count - 1``, of this rank's images."""
         return [p for p in range(count) if (first + p) % self.world == self.rank]
 
+    def batches(self, total: int, batch_size: int) -> Iterator[tuple[list[int], list[int], int]]:
+        """For each batch of ``total`` images: this rank's ``(positions, image numbers, batch size)``."""
+        for first in range(0, total, batch_size):
+            count = min(batch_size, total - first)
+            positions = self.positions(first, count)
+            yield positions, [first + p for p in positions], count
+
     def gather(self, positions: list[int], values: torch.Tensor | None, count: int) -> torch.Tensor:
         """Every rank's ``values`` (rows at its ``positions``; None where it has none) assembled in
         order into ``count`` rows, on every rank. One process: ``values`` as they are."""

@@ -343,10 +343,7 @@ def invert_null_text(
     device = null.device
     shard = shard or Shard()
     gathered = []
-    for first in range(0, len(images), batch_size):
-        count = min(batch_size, len(images) - first)
-        positions = shard.positions(first, count)
-        index = [first + p for p in positions]
+    for positions, index, count in shard.batches(len(images), batch_size):
         fields = [None] * 4
         if index:
             mine = len(index)
@@ -579,10 +576,7 @@ def _in_batches(
     device = next(loaded.model.parameters()).device
     shard = shard or Shard()
     outputs = []
-    for first in range(0, len(inputs), batch_size):
-        count = min(batch_size, len(inputs) - first)
-        positions = shard.positions(first, count)
-        index = [first + p for p in positions]
+    for positions, index, count in shard.batches(len(inputs), batch_size):
         mine = run(index, inputs[index].to(device)).cpu() if index else None
         outputs.append(shard.gather(positions, mine, count))
     if device.type == "cuda":
