@@ -875,7 +875,7 @@ def edit(
 
     Writes grid.png (originals above edits), edited/NNNNNN.png per image and distances.csv (each
     edit's per-dimension MSE to its source on [-1, 1]). Guidance defaults to the config's
-    sample.guidance.
+    sample.guidance. Under torchrun the ranks share every batch; rank 0 writes.
     """
     from ddim_cli import generate as g
     from ddim_cli.checkpoint import CheckpointError
@@ -1138,7 +1138,8 @@ def restore(
     seed + k. Writes grid.png (rows: original with --degrade, degraded input, restorations),
     restored/NNNNNN.png (numbered k), and metrics.csv: PSNR against the original (--degrade), the
     degraded input's PSNR shown at full size, and the observation error, the RMS of A(x) - y over
-    the observed values (~0 for noiseless inputs: known pixels are kept).
+    the observed values (~0 for noiseless inputs: known pixels are kept). Under torchrun the
+    ranks share every batch; rank 0 writes.
     """
     from ddim_cli import generate as g
     from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
@@ -1353,7 +1354,9 @@ def compare(
     """Run DDIM at several steps and etas, and DDPM, from the same noise; write a grid, a table and plots.
 
     With --fid N --reference REF, every row also gets its FID over N samples, and, for the
-    cifar10/celeba presets, the DDIM paper's Table 1 value beside it.
+    cifar10/celeba presets, the DDIM paper's Table 1 value beside it. Under torchrun
+    (`torchrun --nproc_per_node N -m ddim_cli -- compare ...`) the ranks share every batch and
+    the FID features; rank 0 writes.
     """
     from ddim_cli import compare as c
     from ddim_cli import generate as g
