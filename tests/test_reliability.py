@@ -367,21 +367,33 @@ def test_a_journal_of_other_settings_is_refused_unless_told_to_start_afresh(fini
 
 
 def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_files(finished_run, tmp_path):
-    options = [*sample_outputs(tmp_path / "whole"), "--n", 40, "--batch-size", 2]
-    assert ddim("sample", finished_run, *options).exit_code == 0
+    import json
+
+    more = ["--n", 120, "--batch-size", 2]
+    assert ddim("sample", finished_run, *sample_outputs(tmp_path / "whole"), *more).exit_code == 0
     folder = tmp_path / "killed"
     command = [sys.executable, "-m", "ddim_cli", "sample", str(finished_run)]
-    command += [str(o) for o in [*sample_outputs(folder), "--n", 40, "--batch-size", 2]]
+    command += [str(o) for o in [*sample_outputs(folder), *more]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal, deadline = folder / "pngs" / ".ddim-sample.json", time.monotonic() + 120
-    while not journal.exists() and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(random.Random(1).uniform(0, 0.5))
+    rng = random.Random(1)
+    wanted = rng.randint(2, 40)  # kill once this many images are done, plus a random slice of a batch
+
+    def done() -> int:
+        try:
+            return json.loads(journal.read_text())["done"]
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    while done() < wanted:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.02))
     process.send_signal(signal.SIGKILL)
     process.wait()
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert "note: continuing an interrupted run" in resumed.stderr
     names = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
     for name in names:
