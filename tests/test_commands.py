@@ -38,16 +38,6 @@ def make_run(path, **model):
     return path
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "cond", num_classes=10)
-
-
 def ddim(*args):
     result = CliRunner().invoke(app, [str(a) for a in args] + ["--no-progress"])
     return result

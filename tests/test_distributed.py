@@ -82,11 +82,6 @@ def assert_same_table(one: Path, two: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "cond", num_classes=10)
-
-
-@pytest.fixture(scope="module")
 def digit_files(tmp_path_factory):
     """Five real digits as 8x8 PNGs (the tiny model's size)."""
     folder = tmp_path_factory.mktemp("digits")

@@ -3,11 +3,10 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file
-from test_commands import make_run, ok
+from test_commands import ok
 from test_convert import DDPM_FAMILY, random_diffusers_unet
 from typer.testing import CliRunner
 
@@ -29,28 +28,18 @@ def cli_ok(*args):
     return result
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "cond", num_classes=10)
-
-
 def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def test_diffusers_reproduces_ddim_sample_from_the_same_latents(plain_run, tmp_path):
-    result = cli_ok("export", plain_run, "--out", tmp_path / "pipe")
+def test_diffusers_reproduces_ddim_sample_from_the_same_latents(run_dir, tmp_path):
+    result = cli_ok("export", run_dir, "--out", tmp_path / "pipe")
     assert "DDIMPipeline.from_pretrained" in result.output
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     save_latents(latents, tmp_path / "z.npy")
     ok(
         "sample",
-        plain_run,
+        run_dir,
         "--latents",
         tmp_path / "z.npy",
         "--steps",
@@ -125,9 +114,9 @@ def test_schedules_diffusers_cannot_name_are_exported_as_betas():
     torch.testing.assert_close(scheduler.alphas_cumprod.double(), config.alpha_bars(), rtol=0, atol=1e-6)
 
 
-def test_export_errors_are_one_line(plain_run, tmp_path):
+def test_export_errors_are_one_line(run_dir, tmp_path):
     (tmp_path / "file").write_text("x")
-    result = cli("export", plain_run, "--out", tmp_path / "file")
+    result = cli("export", run_dir, "--out", tmp_path / "file")
     assert result.exit_code == 1 and "exists and is not a directory" in result.output
     result = cli("export", tmp_path / "missing.safetensors", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "does not exist" in result.output
