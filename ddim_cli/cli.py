@@ -283,13 +283,14 @@ def _check_outputs(files=(), directories=(), inputs=()) -> None:
 def _user_errors():
     """Our one-line errors become ``error: ...`` and exit 1; bad option values exit 2."""
     from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.export import ExportError
     from ddim_cli.fid import FIDError
     from ddim_cli.images import ImageFileError
     from ddim_cli.outputs import OutputError
 
     try:
         yield
-    except (CheckpointError, ImageFileError, FIDError, OutputError) as error:
+    except (CheckpointError, ImageFileError, FIDError, OutputError, ExportError) as error:
         _fail(str(error))
     except ValueError as error:  # the library's checks of steps, eta, spacing, ...
         _fail(str(error), code=2)

@@ -49,6 +49,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in ResNet blocks
     resamp_with_conv: bool = True  # learned convs in down/upsampling
     num_classes: int | None = None  # class-conditional (classifier-free guidance) with this many classes
+    patch_size: int = 1  # pixels per side folded into channels: the U-Net runs at image_size / patch_size
     prediction: Literal["eps", "x0", "v"] = "eps"  # what the network outputs: noise, data, or v (Salimans & Ho)
 
 

@@ -80,6 +80,7 @@ def matching_preset(config: Config) -> str | None:
             m.ch_mult,
             m.num_res_blocks,
             m.attn_resolutions,
+            m.patch_size,
             c.data.image_size,
             c.data.channels,
             d.schedule,

@@ -45,6 +45,11 @@ class ExportError(RuntimeError):
 
 def export_diffusers(config: Config, weights: dict[str, torch.Tensor], out: Path) -> list[Path]:
     """Write ``weights`` (our U-Net's state dict) and ``config`` as a diffusers pipeline in ``out``."""
+    if config.model.patch_size != 1:
+        raise ExportError(
+            f"model.patch_size {config.model.patch_size} cannot be exported: diffusers' UNet2DModel has no "
+            "pixel-unshuffle patching, so only patch_size 1 models have a diffusers equivalent"
+        )
     levels = len(config.model.ch_mult)
     state = {_diffusers_key(key, levels): _diffusers_value(key, value) for key, value in weights.items()}
     back = rename_diffusers(state, levels)

@@ -31,6 +31,10 @@ class UNetConfig:
     resolution: int = 32  # image height and width
     resamp_with_conv: bool = True  # learned 3x3 convs in down/upsampling (as in DDPM)
     num_classes: int | None = None  # class-conditional with this many classes (+1 null label)
+    # Pixels per side folded into channels before the first conv and unfolded after the last
+    # (pixel unshuffle/shuffle, as simple diffusion's and DiT's patching): the U-Net runs at
+    # resolution / patch_size. 1 is the DDPM U-Net.
+    patch_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,12 +144,13 @@ class UNet(nn.Module):
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
         self.label_emb = nn.Embedding(config.num_classes + 1, self.temb_ch) if config.num_classes is not None else None
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        patch_pixels = config.patch_size**2
+        self.conv_in = nn.Conv2d(config.in_channels * patch_pixels, ch, 3, padding=1)
 
         def resnet(cin: int, cout: int) -> ResnetBlock:
             return ResnetBlock(cin, cout, self.temb_ch, config.dropout)
 
-        res = config.resolution
+        res = config.resolution // config.patch_size
         in_mult = (1,) + ch_mult
         skip_channels = [ch]  # channels of every tensor the down path hands to the up path
         self.down = nn.ModuleList()
@@ -187,7 +192,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(up_stages)
 
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, config.out_ch or config.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, (config.out_ch or config.in_channels) * patch_pixels, 3, padding=1)
 
     def forward(
         self,
@@ -213,7 +218,8 @@ class UNet(nn.Module):
                 y = torch.full_like(t, self.config.num_classes, dtype=torch.long)
             temb = temb + self.label_emb(y)
 
-        hs = [self.conv_in(x)]
+        patch = self.config.patch_size
+        hs = [self.conv_in(F.pixel_unshuffle(x, patch) if patch > 1 else x)]
         for level, stage in enumerate(self.down):
             for i, block in enumerate(stage.block):
                 h = block(hs[-1], temb)
@@ -232,12 +238,13 @@ class UNet(nn.Module):
             if level != 0:
                 h = stage.upsample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, patch) if patch > 1 else out
 
 
 def check_config(config: UNetConfig) -> None:
     """Raise ValueError naming the field if the U-Net cannot be built from ``config``."""
-    for name in ("ch", "num_res_blocks", "in_channels", "resolution"):
+    for name in ("ch", "num_res_blocks", "in_channels", "resolution", "patch_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
@@ -250,12 +257,12 @@ def check_config(config: UNetConfig) -> None:
             f"{NORM_GROUPS}; got widths {widths} from ch={config.ch}, ch_mult={list(config.ch_mult)}"
         )
     downsamplings = len(config.ch_mult) - 1
-    if config.resolution % (2**downsamplings):
+    if config.resolution % (config.patch_size * 2**downsamplings):
         raise ValueError(
-            f"model.resolution {config.resolution} must be divisible by 2**{downsamplings} "
-            f"(one halving per ch_mult level after the first)"
+            f"model.resolution {config.resolution} must be divisible by {config.patch_size * 2**downsamplings} "
+            f"(patch_size {config.patch_size} times one halving per ch_mult level after the first)"
         )
-    level_sizes = [config.resolution // 2**level for level in range(len(config.ch_mult))]
+    level_sizes = [config.resolution // config.patch_size // 2**level for level in range(len(config.ch_mult))]
     unused = sorted(set(config.attn_resolutions) - set(level_sizes))
     if unused:
         raise ValueError(f"model.attn_resolutions {unused} match no feature-map size; this model has {level_sizes}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file
-from test_commands import ok
+from test_commands import make_run, ok
 from test_convert import DDPM_FAMILY, random_diffusers_unet
 from typer.testing import CliRunner
 
@@ -120,3 +120,12 @@ def test_export_errors_are_one_line(run_dir, tmp_path):
     assert result.exit_code == 1 and "exists and is not a directory" in result.output
     result = cli("export", tmp_path / "missing.safetensors", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_a_patched_model_is_refused_in_one_line(tmp_path):
+    run = make_run(tmp_path / "patched", patch_size=2)
+    ok("sample", run, "--n", 2, "--steps", 2, "--out", tmp_path / "grid.png")  # it trains and samples
+    result = cli("export", run, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "model.patch_size 2 cannot be exported" in result.output
+    assert not (tmp_path / "out").exists()

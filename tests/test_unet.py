@@ -112,6 +112,24 @@ def test_no_attention_and_avgpool_variant():
         assert model(torch.randn(2, 1, 8, 8), torch.tensor([0, 1])).shape == (2, 2, 8, 8)
 
 
+def test_patching_is_the_half_resolution_unet_between_pixel_unshuffle_and_shuffle():
+    # patch_size 2 must be exactly: fold each 2x2 block into 4 channels, run the U-Net at half the
+    # resolution, unfold. The same weights in an unpatched U-Net of 4 channels at 8x8 say so.
+    patched = tiny(patch_size=2, resolution=16, in_channels=1, num_classes=3).eval()
+    plain = UNet(UNetConfig(**{**TINY, "resolution": 8, "in_channels": 4, "num_classes": 3})).eval()
+    plain.load_state_dict(patched.state_dict())
+    assert patched.conv_in.weight.shape[1] == 4 and patched.conv_out.weight.shape[0] == 4
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 3])
+    with torch.no_grad():
+        out = patched(x, t, y)
+        block = torch.zeros(1, 1, 16, 16)
+        block[0, 0, 0, 1] = 1  # pixel (0, 1) of the first 2x2 block is channel 1 at (0, 0)
+        folded = plain(x.view(2, 1, 8, 2, 8, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 4, 8, 8), t, y)
+    assert torch.nn.functional.pixel_unshuffle(block, 2)[0, :, 0, 0].tolist() == [0, 1, 0, 0]
+    unfolded = folded.view(2, 1, 2, 2, 8, 8).permute(0, 1, 4, 2, 5, 3).reshape(2, 1, 16, 16)
+    torch.testing.assert_close(out, unfolded, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -122,6 +140,9 @@ def test_no_attention_and_avgpool_variant():
         (dict(dropout=1.0), "dropout"),
         (dict(num_classes=0), "num_classes"),
         (dict(resolution=0), "resolution"),
+        (dict(patch_size=0), "patch_size"),
+        (dict(patch_size=2, resolution=10), "divisible by 4 \\(patch_size 2"),
+        (dict(patch_size=2, attn_resolutions=(8,), resolution=8), "this model has \\[4, 2\\]"),
     ],
 )
 def test_bad_configs_raise(overrides, message):
