@@ -249,10 +249,15 @@ def validate(config: Config) -> None:
     )
     need(config.diffusion.schedule in SCHEDULE_KINDS, "diffusion.schedule", "unknown schedule")
     levels = len(m.ch_mult) - 1
+    # A bad patch_size itself is check_config's to report; here it only scales the divisor.
+    patch = m.patch_size if isinstance(m.patch_size, int) and m.patch_size >= 1 else 1
+    patched = "" if patch == 1 else f"{patch} * "
     need(
-        d.image_size % 2**levels == 0,
+        d.image_size % (patch * 2**levels) == 0,
         "data.image_size",
-        f"{d.image_size} must be divisible by 2**{levels} for model.ch_mult of {len(m.ch_mult)} levels",
+        f"{d.image_size} must be divisible by {patched}2**{levels} for "
+        + (f"model.patch_size {patch} and " if patch > 1 else "")
+        + f"model.ch_mult of {len(m.ch_mult)} levels",
     )
     try:
         check_config(config.unet_config())

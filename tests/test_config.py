@@ -72,6 +72,8 @@ def write(tmp_path, text):
         ("model:\n  ch_mult: 2\n", "model.ch_mult: expected a list"),
         ("model:\n  ch: 48\n", "multiple of 32"),
         ("data:\n  image_size: 18\n", "data.image_size: 18 must be divisible by 2**2"),
+        ("model:\n  patch_size: 3\n", "data.image_size: 16 must be divisible by 3 * 2**2 for model.patch_size 3"),
+        ("model:\n  patch_size: 0\n", "model.patch_size must be a positive integer, got 0"),
         ("train: 5\n", "train: expected a mapping"),
         ("sample:\n  steps: 2000\n", "sample.steps: must be from 1 to diffusion.num_timesteps=1000"),
         ("- a\n- b\n", "top level must be a mapping"),
