@@ -155,19 +155,19 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
 
 
 def test_an_os_error_anywhere_is_one_line_and_a_bug_says_how_to_see_it(finished_run, tmp_path, monkeypatch):
-    import ddim_cli.sample_files as images
+    import ddim_cli.sample_files as sample_files
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
 
-    monkeypatch.setattr(images, "save_grid", full)
+    monkeypatch.setattr(sample_files, "save_grid", full)
     line = one_line_error(ddim("sample", finished_run, "--n", 1, "--out", tmp_path / "g.png", "--no-progress"))
     assert line == f"error: no space left on the device: {tmp_path / 'g.png'}"
 
     def bug(*args, **kwargs):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(images, "save_grid", bug)
+    monkeypatch.setattr(sample_files, "save_grid", bug)
     line = one_line_error(ddim("sample", finished_run, "--n", 1, "--out", tmp_path / "g.png", "--no-progress"))
     assert "internal error (TypeError: unsupported operand)" in line and "DDIM_DEBUG=1" in line
     monkeypatch.setenv("DDIM_DEBUG", "1")
