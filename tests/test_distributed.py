@@ -1,8 +1,8 @@
 """Generation under torchrun: two gloo ranks write the very files one process writes.
 
-Every command is run twice, as one process and as `torchrun --nproc-per-node 2`, through
-`small_fid_ddim.py` (the `ddim` command with the FID tests' small feature extractor in place of
-Inception), and the files are compared byte for byte.
+Every command is run twice, in this process and as `torchrun --nproc-per-node 2` (through
+`small_fid_ddim.py` where it measures FID: the `ddim` command with the FID tests' small feature
+extractor in place of Inception), and the files are compared byte for byte.
 """
 
 import csv
@@ -16,7 +16,12 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 from test_commands import make_run
+from test_fid import small_extractor
 from test_reliability import ddim, interrupt_after
+from typer.testing import CliRunner
+
+import ddim_cli.fid as fid
+from ddim_cli.cli import app
 
 DDIM = str(Path(__file__).with_name("small_fid_ddim.py"))
 
@@ -27,14 +32,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def one_process(*args) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, DDIM, *map(str, args), "--no-progress", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+@pytest.fixture(autouse=True)
+def small_fid(monkeypatch):
+    """In this process as in `small_fid_ddim.py`: the small feature extractor stands in for Inception."""
+    monkeypatch.setattr(fid, "inception_extractor", lambda weights=None, device="cpu": small_extractor)
+
+
+def one_process(*args):
+    """The command run in this process (a subprocess would only add torch's import time)."""
+    result = CliRunner().invoke(app, [*map(str, args), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output[-2000:]
     return result
 
 
@@ -95,7 +102,9 @@ def digit_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_sample_on_two_ranks_writes_byte_identical_outputs_and_resumes_a_run(tmp_path, monkeypatch, conditional):
+def test_sample_on_two_ranks_writes_byte_identical_outputs_and_a_conditional_run_resumes(
+    tmp_path, monkeypatch, conditional
+):
     run = make_run(tmp_path / "run", **({"num_classes": 10} if conditional else {}))
     # 7 images in batches of 3: uneven batches, and a last batch that one rank has nothing of.
     common = ["--n", "7", "--batch-size", "3", "--seed", "2", "--steps", "3", "--eta", "1"]
@@ -115,6 +124,8 @@ def test_sample_on_two_ranks_writes_byte_identical_outputs_and_resumes_a_run(tmp
     assert two.stdout.count("7 images with") == 1  # rank 0 alone reports (and writes)
     assert assert_same_files(tmp_path / "one", tmp_path / "two") == 3 + 7
     assert np.load(tmp_path / "two" / "s.npz")["arr_0"].shape == (7, 8, 8, 1)
+    if not conditional:
+        return  # resuming does not depend on the labels: the conditional case alone checks it
     # One process stopped after its first batch; two ranks finish the run.
     interrupt_after(monkeypatch, 1)
     assert ddim("sample", run, *common, *outputs("resumed")).exit_code == 130
