@@ -223,6 +223,18 @@ SampleGuidanceOpt = Annotated[
         show_default=False,
     ),
 ]
+GuidanceRescaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-rescale",
+        min=0.0,
+        max=1.0,
+        help="Guidance rescale phi (Lin et al. 2023): scale each guided output towards the conditional one's "
+        "std, which keeps many-step sampling from overexposing; null-text guidance is not rescaled "
+        "(default: the config's sample.guidance_rescale).",
+        show_default=False,
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: config's sample.seed).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks CUDA when available.")]
@@ -365,6 +377,11 @@ def _labels_and_guidance(
     return labels, loaded.config.sample.guidance if guidance is None else guidance
 
 
+def _rescale(loaded, option: float | None) -> float:
+    """--guidance-rescale, or the config's sample.guidance_rescale."""
+    return loaded.config.sample.guidance_rescale if option is None else option
+
+
 def _bar(total: int, enabled: bool, desc: str, unit: str = "img-step"):
     from tqdm import tqdm
 
@@ -412,6 +429,7 @@ def sample(
     classes: ClassesOpt = None,
     unconditional: UnconditionalOpt = False,
     guidance: SampleGuidanceOpt = None,
+    guidance_rescale: GuidanceRescaleOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Grid PNG (default: in the run's samples/).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Also write each image as its own PNG here.")
@@ -437,7 +455,8 @@ def sample(
 
     A class-conditional model draws each image's class, uniformly, from that image's own seed (so
     every class comes about equally often and an image does not depend on the batch), guided by the
-    config's sample.guidance; --class picks classes, --unconditional uses the null label.
+    config's sample.guidance and sample.guidance_rescale; --class picks classes, --unconditional
+    uses the null label.
 
     Writing to --out-dir or --npz, an interrupted run continues where it stopped when the same
     command runs again. Under torchrun the ranks share every batch (--batch-size is all ranks'
@@ -484,7 +503,10 @@ def sample(
             fitted, null_labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
         else:
             w = _labels_and_guidance(loaded, seeded_noise(shape, [first_seed])[1], classes, unconditional, guidance)[1]
-        settings = _sample_settings(loaded, spec, first_seed, count, classes, unconditional, w, latents, ema, precision)
+        phi = _rescale(loaded, guidance_rescale) if w and null_embeddings is None else 0.0
+        settings = _sample_settings(
+            loaded, spec, first_seed, count, classes, unconditional, (w, phi), latents, ema, precision
+        )
         outputs = SampleFiles(
             grid,
             out_dir,
@@ -518,7 +540,13 @@ def sample(
                 outputs.add(0, given, images)
                 label_batches.append(null_labels)
             else:  # batch by batch, so that no output holds every image in memory
-                make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
+                make_eps = g.noise_model(
+                    loaded,
+                    guidance=w,
+                    guidance_rescale=_rescale(loaded, guidance_rescale),
+                    precision=precision.value,
+                    compile=_auto(compile_model),
+                )
                 bar.update(done * steps_run)
                 for first in range(0, count, batch_size):
                     seeds = list(range(first_seed + first, first_seed + min(count, first + batch_size)))
@@ -555,7 +583,8 @@ def sample(
     if label_batches[0] is None:
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
-        conditioning = f" (classes {_class_summary(torch.cat(label_batches))}, guidance {w:g})"
+        rescaled = f", rescale {phi:g}" if phi else ""
+        conditioning = f" (classes {_class_summary(torch.cat(label_batches))}, guidance {w:g}{rescaled})"
     made = count - done
     timing = f" in {seconds / made:.4f} s/image" if made else ""
     typer.echo(f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
@@ -618,7 +647,8 @@ def _summary_of_iterations(report, tol: float, max_iter: int) -> str:
 
 
 def _sample_settings(loaded, spec, seed, count, classes, unconditional, guidance, latents, ema, precision) -> dict:
-    """What decides the images of a ``ddim sample`` run: a run may continue another only if these agree."""
+    """What decides the images of a ``ddim sample`` run: a run may continue another only if these agree.
+    ``guidance`` is (w, rescale phi)."""
     from dataclasses import asdict
 
     made = loaded.checkpoint.stat()
@@ -632,7 +662,8 @@ def _sample_settings(loaded, spec, seed, count, classes, unconditional, guidance
         "n": count,
         "classes": classes,
         "unconditional": unconditional,
-        "guidance": guidance,
+        "guidance": guidance[0],
+        "guidance_rescale": guidance[1],
         "latents": None if latents is None else str(latents.resolve()),
         "precision": precision.value,
     }
@@ -683,6 +714,7 @@ def invert(
     skip: SkipOpt = None,
     class_label: InvertClassesOpt = None,
     guidance: GuidanceOpt = 0.0,
+    guidance_rescale: GuidanceRescaleOpt = None,
     exact: ExactOpt = False,
     max_iter: MaxIterOpt = 10,
     tol: TolOpt = 1e-3,
@@ -748,7 +780,13 @@ def invert(
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         labels = _invert_labels(loaded, class_label, guidance, len(originals))
-        make_eps = g.noise_model(loaded, guidance=guidance, precision=precision.value, compile=_auto(compile_model))
+        make_eps = g.noise_model(
+            loaded,
+            guidance=guidance,
+            guidance_rescale=_rescale(loaded, guidance_rescale),
+            precision=precision.value,
+            compile=_auto(compile_model),
+        )
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         report: list = []
         fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report}
@@ -850,6 +888,7 @@ def edit(
         float, typer.Option("--strength", help="sdedit: how far to noise, in (0, 1]; 1 is a fresh sample.")
     ] = 0.6,
     guidance: SampleGuidanceOpt = None,
+    guidance_rescale: GuidanceRescaleOpt = None,
     steps: StepsOpt = None,
     skip: SkipOpt = None,
     exact_inversion: Annotated[
@@ -920,6 +959,7 @@ def edit(
                 from_labels=None if from_class is None else torch.full((count,), from_class, dtype=torch.long),
                 method=method.value,
                 guidance=w,
+                guidance_rescale=_rescale(loaded, guidance_rescale),
                 strength=strength,
                 noise=noise,
                 exact=exact_inversion,
@@ -1104,6 +1144,7 @@ def restore(
     ] = None,
     class_label: InvertClassesOpt = None,
     guidance: SampleGuidanceOpt = None,
+    guidance_rescale: GuidanceRescaleOpt = None,
     steps: StepsOpt = None,
     eta: Annotated[
         float,
@@ -1172,7 +1213,7 @@ def restore(
             originals, observations = None, _observations(loaded, degradation, images_in, sr)
         w = 0.0 if labels is None else (loaded.config.sample.guidance if guidance is None else guidance)
         spec = _spec(loaded, Sampler.ddim, steps, eta, skip, Variance.posterior, clip_x0)
-        make_eps = g.noise_model(loaded, guidance=w)
+        make_eps = g.noise_model(loaded, guidance=w, guidance_rescale=_rescale(loaded, guidance_rescale))
         calls = model_calls(len(spec.timesteps(loaded.alpha_bars)), jump, resample)
         with _bar(
             count * n_samples * calls, progress and shard.main, f"restore ({method.value}) S={spec.steps}"
@@ -1333,6 +1374,7 @@ def compare(
     classes: ClassesOpt = None,
     unconditional: UnconditionalOpt = False,
     guidance: SampleGuidanceOpt = None,
+    guidance_rescale: GuidanceRescaleOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
     seed: SeedOpt = None,
     batch_size: BatchOpt = 64,
@@ -1390,7 +1432,13 @@ def compare(
         _, w = _labels_and_guidance(
             loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
         )
-        make_eps = g.noise_model(loaded, guidance=w, precision=precision.value, compile=_auto(compile_model))
+        make_eps = g.noise_model(
+            loaded,
+            guidance=w,
+            guidance_rescale=_rescale(loaded, guidance_rescale),
+            precision=precision.value,
+            compile=_auto(compile_model),
+        )
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None

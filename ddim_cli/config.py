@@ -97,6 +97,7 @@ class SampleConfig:
     seed: int = 0  # image i uses seed + i
     clip_x0: bool = True  # clamp predicted x_0 to [-1, 1]
     guidance: float = 0.0  # classifier-free guidance w for class-conditional sampling (0: the plain conditional model)
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023: guided output rescaled towards the conditional one's std
 
 
 @dataclass
@@ -241,6 +242,7 @@ def validate(config: Config) -> None:
         "sample.guidance",
         "needs a class-conditional model (set model.num_classes)",
     )
+    need(0 <= s.guidance_rescale <= 1, "sample.guidance_rescale", f"must be in [0, 1], got {s.guidance_rescale}")
     need(s.n >= 1, "sample.n", f"must be >= 1, got {s.n}")
     need(
         s.skip in SPACINGS or "," in s.skip or s.skip.startswith("ddim") or s.skip.isdigit(),

@@ -180,12 +180,14 @@ def noise_model(
     loaded: LoadedModel,
     *,
     guidance: float = 0.0,
+    guidance_rescale: float = 0.0,
     precision: Precision = "auto",
     compile: Switch = "auto",
     channels_last: Switch = "auto",
 ) -> MakeEps:
     """``make(labels, scale=guidance) -> eps_model`` for the checkpoint: class conditioning (``labels``: one class
-    per image of the batch, or None for the null label), classifier-free guidance ``w``, and the
+    per image of the batch, or None for the null label), classifier-free guidance ``w`` (its output
+    rescaled by ``guidance_rescale``, see :func:`~ddim_cli.guidance.classifier_free_guidance`), and the
     device's fast path (``auto``: bf16 autocast, ``channels_last`` and ``torch.compile`` on CUDA;
     fp32 on CPU, ``channels_last`` from 32x32 up; see :mod:`ddim_cli.acceleration`).
 
@@ -220,7 +222,7 @@ def noise_model(
             if scale:
                 raise CheckpointError("--guidance needs class labels; the null label cannot be guided")
             return with_precision
-        return classifier_free_guidance(with_precision, labels, scale, null_label=num_classes)
+        return classifier_free_guidance(with_precision, labels, scale, null_label=num_classes, rescale=guidance_rescale)
 
     return make
 
@@ -419,6 +421,7 @@ def edit_images(
     from_labels: torch.Tensor | None = None,
     method: str = "ddib",
     guidance: float = 0.0,
+    guidance_rescale: float = 0.0,
     strength: float = 0.6,
     noise: torch.Tensor | None = None,
     exact: bool = True,
@@ -432,8 +435,9 @@ def edit_images(
     ``ddib``: invert under ``from_labels`` (None: the null label), unguided, exactly if ``exact``;
     decode under the target with guidance ``w``. With ``null_text`` the inversion is null-text
     inversion under ``from_labels`` at guidance ``w``, and the decoding keeps its per-step null
-    embeddings (the null-text recipe for editing). ``sdedit``: diffuse with ``noise`` to
-    ``strength * T`` and denoise under the target with guidance ``w`` (clipping as ``spec``).
+    embeddings (the null-text recipe for editing; it does not rescale). ``sdedit``: diffuse with
+    ``noise`` to ``strength * T`` and denoise under the target with guidance ``w`` (clipping as
+    ``spec``). Guided decoding rescales by ``guidance_rescale`` (see :func:`noise_model`).
     """
     if method not in EDIT_METHODS:
         raise ValueError(f"unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}")
@@ -464,7 +468,8 @@ def edit_images(
         if progress is not None:
             progress(len(images))
         return edited
-    make_eps = noise_model(loaded, precision="fp32")  # one model (and one compile) for both directions
+    # one model (and one compile) for both directions
+    make_eps = noise_model(loaded, guidance_rescale=guidance_rescale, precision="fp32")
 
     def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         target = make_eps(to_labels[index], guidance)

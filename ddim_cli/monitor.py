@@ -50,7 +50,9 @@ def sample_ema(
         chunk = slice(first, first + batch_size)
         eps_model = ema
         if labels is not None:
-            eps_model = classifier_free_guidance(ema, labels[chunk].to(device), s.guidance, null_label=num_classes)
+            eps_model = classifier_free_guidance(
+                ema, labels[chunk].to(device), s.guidance, null_label=num_classes, rescale=s.guidance_rescale
+            )
         batch = sample(
             eps_model,
             x_T[chunk].to(device),

@@ -88,7 +88,9 @@ def to_digit_scale(images: torch.Tensor) -> np.ndarray:
     return ((small + 1) * 8).flatten(1).double().numpy()
 
 
-def sample_checkpoint(path: Path, mode: str, steps: int, n: int, seed: int, guidance: float | None):
+def sample_checkpoint(
+    path: Path, mode: str, steps: int, n: int, seed: int, guidance: float | None, rescale: float | None = None
+):
     """Images from the library as ``ddim sample`` makes them, and the classes asked for."""
     from ddim_cli.generate import SamplerSpec, class_labels, generate, load_model, noise_model, resolve_checkpoint
     from ddim_cli.seeding import seeded_noise
@@ -103,7 +105,8 @@ def sample_checkpoint(path: Path, mode: str, steps: int, n: int, seed: int, guid
         x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + len(classes))))
     labels = class_labels(loaded, generators, classes=classes, unconditional=mode == "unconditional")
     w = cfg.guidance if guidance is None else guidance
-    make_eps = noise_model(loaded, guidance=w if labels is not None else 0.0, precision="fp32")
+    phi = cfg.guidance_rescale if rescale is None else rescale
+    make_eps = noise_model(loaded, guidance=w if labels is not None else 0.0, guidance_rescale=phi, precision="fp32")
     images, _ = generate(loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=250)
     asked = None if classes is None else np.array(classes)
     return images, asked
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=500, help="samples per mode (per-class: n // 10 per class)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="guidance w (default: the config's)")
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=None, help="guidance rescale phi (default: the config's)"
+    )
     parser.add_argument("--json", type=Path, help="append the scores here as JSON lines")
     args = parser.parse_args(argv)
 
@@ -140,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for steps in [int(s) for s in args.steps.split(",")]:
             for mode in args.modes.split(","):
-                images, asked = sample_checkpoint(args.source, mode, steps, args.n, args.seed, args.guidance)
+                images, asked = sample_checkpoint(
+                    args.source, mode, steps, args.n, args.seed, args.guidance, args.guidance_rescale
+                )
                 rows.append((f"{mode} S={steps}", judge.score(to_digit_scale(images), asked)))
     print(f"{'samples':<24} {'n':>5} {'confident':>9} {'balance_tv':>10} {'in_class':>8} {'pca_fd':>8}")
     for name, s in rows:

@@ -62,10 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
     print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
+    phi = loaded.config.sample.guidance_rescale  # as the CLI's edit and sample
     for w in [float(v) for v in args.guidance.split(",")]:
         spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=True)
         fresh, _ = generate(
-            loaded, noise_model(loaded, guidance=w), spec, x_T, generators, labels=targets, batch_size=250
+            loaded,
+            noise_model(loaded, guidance=w, guidance_rescale=phi),
+            spec,
+            x_T,
+            generators,
+            labels=targets,
+            batch_size=250,
         )
         report(f"fresh sample of the target, w={w:g}", fresh)
         for name in args.methods.split(","):
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets,
                 from_labels=labels if from_source else None,
                 guidance=w,
+                guidance_rescale=phi,
                 noise=x_T,
                 null_text="null-text" in name,
                 batch_size=250,

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             guidance = loaded.config.sample.guidance if in_class else 0.0
             restored = restore_images(
                 loaded,
-                noise_model(loaded, guidance=guidance),
+                noise_model(loaded, guidance=guidance, guidance_rescale=loaded.config.sample.guidance_rescale),
                 y,
                 A,
                 spec,

@@ -211,6 +211,7 @@ def guided_run(tmp_path_factory):
     raw = json.loads(json.dumps(TINY))
     raw["model"]["num_classes"] = 10
     raw["sample"]["guidance"] = 1.5
+    raw["sample"]["guidance_rescale"] = 0.5
     path = tmp_path_factory.mktemp("runs") / "guided"
     train(config_from_dict(raw), path, device="cpu", progress=False)
     return path
@@ -224,12 +225,25 @@ def test_default_sampling_draws_each_images_class_from_its_seed_with_the_configs
     drawn = draw_classes(generators, 10).tolist()  # the second draw of each image's own generator
     assert len(set(drawn)) > 3
     default = ok("sample", guided_run, "--n", n, "--seed", seed, "--batch-size", 5, "--npz", tmp_path / "d.npz")
-    assert "guidance 1.5" in default.output
+    assert "guidance 1.5, rescale 0.5)" in default.output
     explicit = ("--class", ",".join(map(str, drawn)), "--guidance", 1.5, "--seed", seed)
     ok("sample", guided_run, "--n", n, *explicit, "--npz", tmp_path / "e.npz")
     assert np.array_equal(npz(tmp_path / "d.npz"), npz(tmp_path / "e.npz"))  # independent of the batch, too
     ok("sample", guided_run, "--n", n, "--seed", seed, "--guidance", 0, "--npz", tmp_path / "w0.npz")
     assert not np.array_equal(npz(tmp_path / "d.npz"), npz(tmp_path / "w0.npz"))
+    # The config's guidance rescale applies unless --guidance-rescale says otherwise.
+    plain = ok("sample", guided_run, "--n", n, "--seed", seed, "--guidance-rescale", 0, "--npz", tmp_path / "r0.npz")
+    assert "guidance 1.5)" in plain.output
+    assert not np.array_equal(npz(tmp_path / "d.npz"), npz(tmp_path / "r0.npz"))
+    loaded = load_model(guided_run / "checkpoints" / "step-0000002.safetensors")
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))
+    labels = torch.tensor(drawn)
+    for phi, name in ((0.5, "d.npz"), (0.0, "r0.npz")):
+        make_eps = noise_model(loaded, guidance=1.5, guidance_rescale=phi)
+        expected, _ = generate(
+            loaded, make_eps, SamplerSpec("ddim", 5, 0.0), x_T, generators, labels=labels, batch_size=n
+        )
+        assert np.array_equal(to_uint8(expected), npz(tmp_path / name))
     # The first image's class and noise come from its own seed: it is the same alone.
     ok("sample", guided_run, "--n", 1, "--seed", seed, "--npz", tmp_path / "one.npz")
     assert np.array_equal(npz(tmp_path / "one.npz")[0], npz(tmp_path / "d.npz")[0])
@@ -258,7 +272,9 @@ def test_training_grids_and_compare_follow_the_default_rule(guided_run, tmp_path
     loaded = load_model(guided_run / "checkpoints" / "step-0000002.safetensors")
     grid_images = sample_ema(loaded.model, loaded.config, loaded.alpha_bars, [2, 3, 4, 5, 6], torch.device("cpu"))
     assert np.array_equal(to_uint8(grid_images), npz(tmp_path / "d.npz"))
-    make_eps = noise_model(loaded, guidance=loaded.config.sample.guidance)
+    make_eps = noise_model(
+        loaded, guidance=loaded.config.sample.guidance, guidance_rescale=loaded.config.sample.guidance_rescale
+    )
     rows = run_comparison(loaded, make_eps, [SamplerSpec("ddim", 5, 0.0)], n=5, seed=2, batch_size=2)
     assert np.array_equal(to_uint8(rows[0].images), npz(tmp_path / "d.npz"))
     compared = ok("compare", guided_run, "--steps", 5, "--eta", 0, "--n", 5, "--seed", 2, "--out", tmp_path / "c")

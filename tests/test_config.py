@@ -85,6 +85,7 @@ def write(tmp_path, text):
         ("train:\n  fid_samples: 1\n", "train.fid_samples: must be >= 2"),
         ("sample:\n  guidance: 2\n", "sample.guidance: needs a class-conditional model"),
         ("sample:\n  guidance: -1\n", "sample.guidance: must be >= 0"),
+        ("sample:\n  guidance_rescale: 1.5\n", "sample.guidance_rescale: must be in [0, 1]"),
     ],
 )
 def test_bad_configs_give_one_line_errors_naming_the_key(tmp_path, text, message):

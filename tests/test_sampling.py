@@ -362,6 +362,29 @@ def test_classifier_free_guidance_combines_one_batched_call():
         classifier_free_guidance(model, torch.tensor([1]), scale=-1.0, null_label=10)
 
 
+def test_guidance_rescale_matches_the_conditional_std_per_image():
+    def model(x, t, y):  # the null label (10) predicts [2, 2]; class y predicts y * [1, 3]
+        pattern = torch.tensor([1.0, 3.0], dtype=F64) * y.view(-1, 1)
+        return torch.where((y == 10).view(-1, 1), torch.full_like(pattern, 2.0), pattern)
+
+    x, t, labels = torch.zeros(2, 2, dtype=F64), torch.tensor([5, 5]), torch.tensor([1, 2])
+    # w = 1: guided = 2 * cond - null = [0, 4] (std 2) and [2, 10] (std 4); the conditional stds are 1
+    # and 2, so matching them halves both: [0, 2] and [1, 5]; phi mixes the two.
+    expected = {
+        0.0: [[0.0, 4.0], [2.0, 10.0]],
+        1.0: [[0.0, 2.0], [1.0, 5.0]],
+        0.5: [[0.0, 3.0], [1.5, 7.5]],
+    }
+    for phi, values in expected.items():
+        guided = classifier_free_guidance(model, labels, scale=1.0, null_label=10, rescale=phi)(x, t)
+        torch.testing.assert_close(guided, torch.tensor(values, dtype=F64))
+    # A constant guided output has no spread to match and is left as it is.
+    flat = classifier_free_guidance(lambda x, t, y: x * 0 + y.view(-1, 1), labels, 1.0, null_label=10, rescale=1.0)
+    torch.testing.assert_close(flat(x, t), torch.tensor([[-8.0, -8.0], [-6.0, -6.0]], dtype=F64))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        classifier_free_guidance(model, labels, scale=1.0, null_label=10, rescale=1.5)
+
+
 # --- The U-Net as the noise model ----------------------------------------------------------------
 def test_unet_drives_sample_and_invert_end_to_end():
     from ddim_cli import UNet, UNetConfig
