@@ -382,6 +382,20 @@ def _rescale(loaded, option: float | None) -> float:
     return loaded.config.sample.guidance_rescale if option is None else option
 
 
+def _noise_model(loaded, guidance: float, rescale_option: float | None, precision, compile_model):
+    """The checkpoint's noise model as the sampling commands run it: guidance w, its rescale
+    (--guidance-rescale or the config's), --precision and --compile."""
+    from ddim_cli import generate as g
+
+    return g.noise_model(
+        loaded,
+        guidance=guidance,
+        guidance_rescale=_rescale(loaded, rescale_option),
+        precision=precision.value,
+        compile=_auto(compile_model),
+    )
+
+
 def _bar(total: int, enabled: bool, desc: str, unit: str = "img-step"):
     from tqdm import tqdm
 
@@ -540,13 +554,7 @@ def sample(
                 outputs.add(0, given, images)
                 label_batches.append(null_labels)
             else:  # batch by batch, so that no output holds every image in memory
-                make_eps = g.noise_model(
-                    loaded,
-                    guidance=w,
-                    guidance_rescale=_rescale(loaded, guidance_rescale),
-                    precision=precision.value,
-                    compile=_auto(compile_model),
-                )
+                make_eps = _noise_model(loaded, w, guidance_rescale, precision, compile_model)
                 bar.update(done * steps_run)
                 for first in range(0, count, batch_size):
                     seeds = list(range(first_seed + first, first_seed + min(count, first + batch_size)))
@@ -780,13 +788,7 @@ def invert(
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = _spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
         labels = _invert_labels(loaded, class_label, guidance, len(originals))
-        make_eps = g.noise_model(
-            loaded,
-            guidance=guidance,
-            guidance_rescale=_rescale(loaded, guidance_rescale),
-            precision=precision.value,
-            compile=_auto(compile_model),
-        )
+        make_eps = _noise_model(loaded, guidance, guidance_rescale, precision, compile_model)
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         report: list = []
         fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report}
@@ -1402,7 +1404,6 @@ def compare(
     the FID features; rank 0 writes.
     """
     from ddim_cli import compare as c
-    from ddim_cli import generate as g
     from ddim_cli.seeding import seeded_noise
 
     step_counts = _number_list(steps, int, "--steps")
@@ -1432,13 +1433,7 @@ def compare(
         _, w = _labels_and_guidance(
             loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
         )
-        make_eps = g.noise_model(
-            loaded,
-            guidance=w,
-            guidance_rescale=_rescale(loaded, guidance_rescale),
-            precision=precision.value,
-            compile=_auto(compile_model),
-        )
+        make_eps = _noise_model(loaded, w, guidance_rescale, precision, compile_model)
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None
