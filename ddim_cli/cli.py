@@ -1158,7 +1158,14 @@ def restore(
         ),
     ] = 1.0,
     skip: SkipOpt = None,
-    clip_x0: ClipOpt = None,
+    clip_x0: Annotated[
+        bool,
+        typer.Option(
+            "--clip-x0/--no-clip-x0",
+            help="Clamp predicted x_0 to [-1, 1], so that the result is the nearest image in [-1, 1] with A x = y "
+            "(whatever the config's sample.clip_x0); --no-clip-x0 is the paper's unclamped projection.",
+        ),
+    ] = True,
     seed: SeedOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", min=1, help="Restorations per input (seeds differ), to show the uncertainty.")

@@ -171,6 +171,21 @@ def test_library_restoration_of_a_trained_model_is_consistent(gray_run, tmp_path
         assert (degradation.degrade(restored) - y).abs().max() < 1e-5
 
 
+def test_restore_clamps_x0_whatever_the_sample_config_says(tmp_path):
+    # The digits quickstart samples unclamped (sample.clip_x0: false); restoration still clamps by
+    # default, so that its result is the nearest image in [-1, 1] with A x = y.
+    raw = json.loads(json.dumps(TINY))
+    raw["sample"]["clip_x0"] = False
+    run = tmp_path / "run"
+    train(config_from_dict(raw), run, device="cpu", progress=False)
+    images = digit_pngs(tmp_path, 2)
+    for name, flags in (("default", ()), ("clamped", ("--clip-x0",)), ("unclamped", ("--no-clip-x0",))):
+        ok("restore", run, *images, "--sr", 2, "--degrade", "--seed", 0, *flags, "--out", tmp_path / name)
+    default, clamped, unclamped = (pngs(tmp_path / name / "restored") for name in ("default", "clamped", "unclamped"))
+    assert all(np.array_equal(a, b) for a, b in zip(default, clamped, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(default, unclamped, strict=True))
+
+
 def test_degrade_images_noise_is_seeded_per_image_and_apart_from_the_restoration_seeds():
     clean = torch.zeros(3, 3, 8, 8)
     A = Composed([Colorization(), SuperResolution(2)], sigma=0.5)
