@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a class-conditional checkpoint or run directory")
     parser.add_argument("--n", type=int, default=100, help="how many held-out digits to edit")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", default="0.2,1", help="comma-separated guidance values to try")
+    parser.add_argument(
+        "--guidance", default=None, help="comma-separated guidance values to try (default: the config's, and 1)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (see source)")
     args = parser.parse_args(argv)
 
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
     print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
     phi = loaded.config.sample.guidance_rescale  # as the CLI's edit and sample
-    for w in [float(v) for v in args.guidance.split(",")]:
-        spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=True)
+    guidance = args.guidance or f"{loaded.config.sample.guidance:g},1"
+    for w in [float(v) for v in guidance.split(",")]:
+        clip_x0 = loaded.config.sample.clip_x0  # as the CLI's sample, and its edit for SDEdit (DDIB never clips)
+        spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0)
         fresh, _ = generate(
             loaded,
             noise_model(loaded, guidance=w, guidance_rescale=phi),
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             from_source = options.pop("from_source", False)
             edit_spec = SamplerSpec(
-                "ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=options["method"] == "sdedit"
+                "ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0 and options["method"] == "sdedit"
             )
             edited = edit_images(
                 loaded,

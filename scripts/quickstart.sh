@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv and train the offline digits quickstart into runs/digits (5.5-6.5 minutes on 2 CPU
+# Set up .venv and train the offline digits quickstart into runs/digits (2-6 minutes on 2 CPU
 # cores). Re-running starts that run afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
