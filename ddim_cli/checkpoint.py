@@ -45,6 +45,28 @@ _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 # What torch.load(weights_only=True) raises for files that are not plain tensors (or not pickles).
 UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
+_UNPICKLER_REASON = "WeightsUnpickler error:"
+
+
+def load_tensors_only(source: Path | str | io.BytesIO) -> Any:
+    """``torch.load(source, map_location="cpu", weights_only=True)``, without torch's warning about
+    pickle protocols above 2 (common in real checkpoints, and not the user's problem); raises one of
+    :data:`UNPICKLE_ERRORS`, which :func:`unpickle_reason` puts in one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def unpickle_reason(error: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line: torch wraps the unpickler's own
+    reason in a paragraph of general advice (its first line is the same for every file)."""
+    text = str(error)
+    if _UNPICKLER_REASON in text:
+        reason = " ".join(text.split(_UNPICKLER_REASON, 1)[1].split("Check the documentation", 1)[0].split())
+        if reason:
+            return reason
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class CheckpointError(RuntimeError):
@@ -240,10 +262,9 @@ def _training_state(path: Path, stored: torch.Tensor | None) -> dict[str, Any]:
         if not source.is_file():
             raise CheckpointError(f"cannot resume from {path}: it holds no training state and {source.name} is missing")
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return load_tensors_only(source)
     except UNPICKLE_ERRORS as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{name} is damaged ({first})") from None
+        raise CheckpointError(f"{name} is damaged ({unpickle_reason(error)})") from None
 
 
 def newest_intact(candidates: list[Path], *, training_state: bool = False) -> Checkpoint:

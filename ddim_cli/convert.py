@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ddim_cli.checkpoint import UNPICKLE_ERRORS, describe_mismatch, write_weights
+from ddim_cli.checkpoint import UNPICKLE_ERRORS, describe_mismatch, load_tensors_only, unpickle_reason, write_weights
 from ddim_cli.config import Config, ConfigError, config_from_dict
 from ddim_cli.unet import UNet
 
@@ -147,11 +147,11 @@ def _load_tensors(path: Path) -> Any:
         except (SafetensorError, OSError) as error:
             raise ConversionError(f"cannot read {path}: {error}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors_only(path)
     except UNPICKLE_ERRORS as error:
         raise ConversionError(
             f"cannot read {path} with torch.load(weights_only=True) (it must hold tensors only): "
-            f"{str(error).splitlines()[0]}"
+            f"{unpickle_reason(error)}"
         ) from None
 
 

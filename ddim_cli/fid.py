@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ddim_cli.checkpoint import UNPICKLE_ERRORS
+from ddim_cli.checkpoint import UNPICKLE_ERRORS, load_tensors_only, unpickle_reason
 from ddim_cli.distributed import Shard
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -40,11 +40,9 @@ def inception_extractor(weights: Path | None = None, device: str | torch.device 
         if not Path(weights).is_file():
             raise FIDError(f"Inception weights {weights} do not exist")
         try:  # torch-fidelity unpickles the file itself; accept only files that hold tensors alone
-            torch.load(weights, map_location="cpu", weights_only=True)
+            load_tensors_only(weights)
         except UNPICKLE_ERRORS as error:
-            raise FIDError(
-                f"{weights} is not an Inception state dict of tensors: {str(error).splitlines()[0]}"
-            ) from None
+            raise FIDError(f"{weights} is not an Inception state dict of tensors: {unpickle_reason(error)}") from None
     try:
         model = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
