@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (see source)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.methods.split(",") if name not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
 
     from ddim_cli.data import DigitsDataset
     from ddim_cli.generate import SamplerSpec, edit_images, generate, load_model, noise_model, resolve_checkpoint
@@ -66,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
     phi = loaded.config.sample.guidance_rescale  # as the CLI's edit and sample
     guidance = args.guidance or f"{loaded.config.sample.guidance:g},1"
+    clip_x0 = loaded.config.sample.clip_x0  # as the CLI's sample, and its edit for SDEdit (DDIB never clips)
     for w in [float(v) for v in guidance.split(",")]:
-        clip_x0 = loaded.config.sample.clip_x0  # as the CLI's sample, and its edit for SDEdit (DDIB never clips)
         spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0)
         fresh, _ = generate(
             loaded,
