@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ddim_cli.sampling import EpsModel, FixedPointStep, Generator, invert, sample
+from ddim_cli.sampling import EXACT_TOL, EpsModel, ExactInversionReport, Generator, invert, sample
 
 
 def ddib(
@@ -31,8 +31,8 @@ def ddib(
     prediction: str = "eps",
     exact: bool = True,
     max_iter: int = 10,
-    tol: float = 1e-3,
-    report: list[FixedPointStep] | None = None,
+    tol: float = EXACT_TOL,
+    report: list[ExactInversionReport] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(edited, latent)``: ``x_0`` inverted under ``source_model``, decoded under ``target_model``
     (deterministic DDIM both ways, no clipping, so that equal models give back ``x_0``)."""

@@ -27,9 +27,9 @@ from ddim_cli.config import Config
 from ddim_cli.distributed import Shard
 from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.guidance import classifier_free_guidance
-from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
+from ddim_cli.null_text import NULL_TEXT_INNER_STEPS, NullTextInversion, null_text_guidance, null_text_inversion
 from ddim_cli.restoration import Degradation, model_calls, restore
-from ddim_cli.sampling import EpsModel, FixedPointStep, invert, plan, sample
+from ddim_cli.sampling import EXACT_TOL, EpsModel, ExactInversionReport, invert, plan, sample
 from ddim_cli.schedule import SPACINGS, timesteps
 from ddim_cli.seeding import cycle_classes, draw_classes, seeded_noise, side_generator
 from ddim_cli.unet import UNet
@@ -275,8 +275,8 @@ def invert_images(
     batch_size: int,
     exact: bool = False,
     max_iter: int = 10,
-    tol: float = 1e-3,
-    report: list[FixedPointStep] | None = None,
+    tol: float = EXACT_TOL,
+    report: list[ExactInversionReport] | None = None,
     progress: Progress | None = None,
     shard: Shard | None = None,
 ) -> torch.Tensor:
@@ -330,11 +330,11 @@ def invert_null_text(
     batch_size: int,
     exact: bool = False,
     max_iter: int = 10,
-    tol: float = 1e-3,
-    inner_steps: int = 10,
+    tol: float = EXACT_TOL,
+    inner_steps: int = NULL_TEXT_INNER_STEPS,
     lr: float = 0.1,
     early_stop: float = 1e-5,
-    report: list[FixedPointStep] | None = None,
+    report: list[ExactInversionReport] | None = None,
     progress: Progress | None = None,
     shard: Shard | None = None,
 ) -> NullTextInversion:

@@ -129,13 +129,22 @@ def plan(
     ]
 
 
-@dataclass(frozen=True)
-class FixedPointStep:
-    """How exact inversion's fixed-point iteration went on one step (see :func:`invert`)."""
+EXACT_TOL = 1 / 255  # default promise: reconstruction RMS on [-1, 1] of half a uint8 level (a level is 2/255)
+EXACT_ROUNDS = 4  # inversion passes at most: the first, then tightened ones for images that missed
+EXACT_FIRST_STEP_TOL = 0.5  # the first pass's step tolerance, as a fraction of tol
+_AIM = 0.5
+_SMALLEST_SCALE = 1e-2  # sqrt(ab_t) floor: a zero-terminal-SNR step is left to the check
+_ANDERSON_MEMORY = 2  # past iterations Anderson acceleration combines
 
-    timestep: int  # the training timestep the step inverts to
-    model_calls: int  # including the plain step's first guess
-    residual: float  # the largest RMS over the batch of the last iteration's change of z_t
+
+@dataclass(frozen=True)
+class ExactInversionReport:
+    """How exact inversion went for one image (see :func:`invert`)."""
+
+    reconstruction_rms: float  # RMS over the image of sample(latent) - x_0, as the last check decoded it
+    model_calls: int  # every call spent on the image: first guesses, fixed-point iterations, checking decodes
+    rounds: int  # inversion passes: 1, and one more for each tightening after a failed check
+    converged: bool  # reconstruction_rms <= tol
 
 
 @torch.no_grad()
@@ -149,8 +158,8 @@ def invert(
     prediction: str = "eps",
     exact: bool = False,
     max_iter: int = 10,
-    tol: float = 1e-3,
-    report: list[FixedPointStep] | None = None,
+    tol: float = EXACT_TOL,
+    report: list[ExactInversionReport] | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: map data ``x_0`` to the latent at ``timesteps[0]``.
@@ -162,12 +171,18 @@ def invert(
 
     Plain inversion takes each step's noise at the point it starts from, an error of the order of
     the step. ``exact=True`` instead solves each step's implicit equation ``z_t = sqrt(ab_t) (x -
-    sqrt(1 - ab_prev) eps(z_t)) / sqrt(ab_prev) + sqrt(1 - ab_t) eps(z_t)`` by fixed-point
-    iteration from the plain step (AIDI, Pan et al. 2023; ReNoise, Garibi et al. 2024): the DDIM
-    step from its solution lands on ``x`` exactly, so sampling returns ``x_0`` up to the
-    iteration's tolerance. Each image iterates until the RMS change of its ``z_t`` is at most
-    ``tol`` or ``max_iter`` iterations (model calls beyond the plain step's) are spent; with a
-    ``report`` list, one :class:`FixedPointStep` per step is appended to it.
+    sqrt(1 - ab_prev) eps(z_t)) / sqrt(ab_prev) + sqrt(1 - ab_t) eps(z_t)`` by Anderson-accelerated
+    fixed-point iteration from the plain step (AIDI, Pan et al. 2023; ReNoise, Garibi et al. 2024):
+    the DDIM step from its solution lands on ``x`` exactly. ``tol`` is the promise on the result:
+    the RMS over each image of ``sample(latent) - x_0`` (on the data's scale, [-1, 1] for images).
+    Each step iterates until its residual, scaled by ``1 / sqrt(ab_t)`` (how far a DDIM decode
+    with the noise held fixed carries an error of ``z_t`` into ``x_0``), is at most the image's
+    step tolerance, or ``max_iter`` iterations are spent. Then the latents are decoded and checked:
+    an image whose reconstruction misses ``tol`` (the model can magnify an error far more than
+    that estimate, on inputs unlike its training data) is solved again from its last trajectory
+    with a tolerance tightened in proportion to the miss, up to ``EXACT_ROUNDS`` passes. With a
+    ``report`` list, one :class:`ExactInversionReport` per image is appended to it. ``callback``
+    sees the final trajectory, after the last check.
     """
     check_prediction(prediction)
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
@@ -185,45 +200,101 @@ def invert(
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     _check_state(x_0)
-    x = x_0
-    for i, step in enumerate(steps):
-        t = torch.full((x.shape[0],), step.model_t, dtype=torch.long, device=x.device)
-
-        def noise_at(z: torch.Tensor, t=t, step=step) -> torch.Tensor:
-            return _model_eps(eps_model, z, t, step.model_alpha_bar, prediction)
-
-        def implicit_step(eps: torch.Tensor, x=x, step=step) -> torch.Tensor:
-            x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)  # Eq. 9
-            return step.a * x0_hat + step.b * eps
-
-        z = implicit_step(noise_at(x))  # the plain step: the noise at the starting point
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        residual = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (z, F(z)) of the last iterations
-        calls = 1
-        while calls <= max_iter and bool(active.any()):
-            mapped = implicit_step(noise_at(z))
-            calls += 1
-            change = (mapped - z).double().flatten(1).pow(2).mean(1).sqrt()
-            residual = torch.where(active, change, residual)
-            history = [*history[-_ANDERSON_MEMORY:], (z, mapped)]
-            z_new = _anderson(history)
-            keep = active.view(-1, *([1] * (z.dim() - 1)))
-            # An image that has converged keeps F(z), one plain iteration past its last z.
-            z = torch.where(keep, torch.where((change > tol).view_as(keep), z_new, mapped), z)
-            active &= change > tol
-        if report is not None:
-            report.append(FixedPointStep(step.model_t, calls, float(residual.max())))
-        if callback is not None:
-            # The x0_hat both ends share: x = a_from x0 + s_from eps and z = a_to x0 + s_to eps.
+    decode = plan(alpha_bars, timesteps)
+    n, device = x_0.shape[0], x_0.device
+    # The whole batch is evaluated on every call (a model may bind per-image labels to it); images
+    # that are done ride along unchanged, so an image's result does not depend on its batch.
+    trajectory: list[torch.Tensor] = []  # the solved point of every step
+    step_tol = torch.full((n,), EXACT_FIRST_STEP_TOL * tol, dtype=torch.float64, device=device)
+    calls = torch.zeros(n, dtype=torch.long, device=device)
+    error = torch.zeros(n, dtype=torch.float64, device=device)
+    rounds = torch.zeros(n, dtype=torch.long, device=device)
+    todo = torch.ones(n, dtype=torch.bool, device=device)
+    for round_ in range(EXACT_ROUNDS):
+        x = x_0
+        for k, step in enumerate(steps):
+            # An error of z_t reaches x_0 as about error / sqrt(ab_t) (the decode with eps held fixed).
+            z_tol = step_tol * max(math.sqrt(step.model_alpha_bar), _SMALLEST_SCALE)
+            start = trajectory[k] if round_ else None
+            z, used = _solve_step(eps_model, step, x, start, todo, z_tol, max_iter, prediction)
+            calls += used
+            if round_:
+                trajectory[k] = z
+            else:
+                trajectory.append(z)
+            x = z
+        # The check: decode exactly as sample() will, and measure the reconstruction.
+        missed = _rms(_run(eps_model, x, decode, False, prediction, None, None) - x_0)
+        calls += todo * len(decode)
+        rounds += todo
+        error = torch.where(todo, missed, error)
+        todo &= missed > tol
+        if not bool(todo.any()):
+            break
+        # The reconstruction error scales about linearly with the step tolerance: aim below tol.
+        step_tol = torch.where(todo, step_tol * (_AIM * tol / missed).clamp(0.02, 0.5), step_tol)
+    if report is not None:
+        report.extend(
+            ExactInversionReport(e, c, r, e <= tol)
+            for e, c, r in zip(error.tolist(), calls.tolist(), rounds.tolist(), strict=True)
+        )
+    if callback is not None:
+        lower = x_0
+        for k, (step, z) in enumerate(zip(steps, trajectory, strict=True)):
+            # The x0_hat both ends share: lower = a_from x0 + s_from eps and z = a_to x0 + s_to eps.
             s_from = math.sqrt(1.0 - step.alpha_bar)
-            x0_hat = (step.b * x - s_from * z) / (step.b * math.sqrt(step.alpha_bar) - s_from * step.a)
-            callback(i, step.model_t, z, x0_hat)
-        x = z
-    return x
+            x0_hat = (step.b * lower - s_from * z) / (step.b * math.sqrt(step.alpha_bar) - s_from * step.a)
+            callback(k, step.model_t, z, x0_hat)
+            lower = z
+    return trajectory[-1]
 
 
-_ANDERSON_MEMORY = 2  # past iterations Anderson acceleration combines
+def _solve_step(
+    eps_model: EpsModel,
+    step: _Step,
+    x: torch.Tensor,
+    start: torch.Tensor | None,
+    todo: torch.Tensor,
+    z_tol: torch.Tensor,
+    max_iter: int,
+    prediction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, calls)``: the fixed point of one inversion step for the images in the ``todo`` mask,
+    from ``start`` (the plain step where None), iterated until the RMS change of each image's ``z``
+    is at most its ``z_tol`` or ``max_iter`` iterations are spent; ``calls`` per image. The other
+    images keep ``start``."""
+    t = torch.full((x.shape[0],), step.model_t, dtype=torch.long, device=x.device)
+
+    def mapped(z: torch.Tensor) -> torch.Tensor:
+        eps = _model_eps(eps_model, z, t, step.model_alpha_bar, prediction)
+        x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)  # Eq. 9
+        return step.a * x0_hat + step.b * eps
+
+    calls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    if start is None:
+        z, calls = mapped(x), calls + todo  # the plain step: the noise at the starting point
+    else:
+        z = start
+    active = todo.clone()
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (z, F(z)) of the last iterations
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        image = mapped(z)
+        calls += active
+        change = _rms(image - z)
+        history = [*history[-_ANDERSON_MEMORY:], (z, image)]
+        going = active & (change > z_tol)
+        keep = active.view(-1, *[1] * (z.dim() - 1))
+        # An image that has converged keeps F(z), one plain iteration past its last z.
+        z = torch.where(keep, torch.where(going.view_as(keep), _anderson(history), image), z)
+        active = going
+    return z, calls
+
+
+def _rms(difference: torch.Tensor) -> torch.Tensor:
+    """Per-image root mean square, in float64."""
+    return difference.double().flatten(1).pow(2).mean(1).sqrt()
 
 
 def _anderson(history: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

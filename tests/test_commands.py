@@ -388,8 +388,10 @@ def test_invert_exact_reconstructs_to_the_tolerance_and_reports_its_iterations(r
     assert "exact inversion: " in result.output and "model calls per step" in result.output
     plain, exact = mean_csv_mse(tmp_path / "plain" / "metrics.csv"), mean_csv_mse(tmp_path / "exact" / "metrics.csv")
     assert exact < 1e-6 < plain / 100
+    assert "every image reconstructs within --tol 1e-05 RMS" in result.output
     capped = ok("invert", run_dir, *images, "--steps", 5, "--exact", "--max-iter", 1, "--tol", "1e-12")
-    assert "stopped at --max-iter 1" in capped.output
+    assert f"{len(images)} of {len(images)} image(s) missed --tol 1e-12 RMS" in capped.output
+    assert all(f"{image}: reconstruction RMS" in capped.output for image in images)
     bad = ddim("invert", run_dir, *images, "--exact", "--tol", 0)
     assert bad.exit_code == 2 and "--tol must be > 0" in bad.output
 

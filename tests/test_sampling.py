@@ -5,8 +5,9 @@ import pytest
 import torch
 from oracles import gaussian_eps_model, mixture_eps_model, ode_solution
 
+import ddim_cli.sampling as sampling_module
 from ddim_cli import alpha_bars, classifier_free_guidance, invert, sample, timesteps
-from ddim_cli.sampling import FixedPointStep
+from ddim_cli.sampling import ExactInversionReport
 
 F64 = torch.float64
 AB = alpha_bars("linear", 1000)
@@ -167,31 +168,59 @@ def test_invert_follows_the_ode_forward():
 
 
 # --- Exact (fixed-point) inversion ----------------------------------------------------------------
-def mixture_round_trip(steps: int, **kwargs) -> tuple[float, list[FixedPointStep]]:
+def mixture_round_trip(steps: int, x0=None, **kwargs) -> tuple[torch.Tensor, list[ExactInversionReport]]:
+    """Per-image reconstruction RMS of inverting then sampling data of the two-mode mixture."""
     eps_model = mixture_eps_model((-0.6, 0.6), 0.1, AB)
-    x0 = 0.6 * torch.sign(gaussian_noise(300, 7)) + 0.1 * gaussian_noise(300, 8)
+    if x0 is None:
+        x0 = 0.6 * torch.sign(gaussian_noise(300, 7)) + 0.1 * gaussian_noise(300, 8)
     ts = timesteps(1000, steps)
-    report: list[FixedPointStep] = []
+    report: list[ExactInversionReport] = []
     latent = invert(eps_model, x0, AB, ts, report=report, **kwargs)
-    return (sample(eps_model, latent, AB, ts) - x0).pow(2).mean().item(), report
+    return (sample(eps_model, latent, AB, ts) - x0).pow(2).flatten(1).mean(1).sqrt(), report
 
 
 def test_exact_inversion_error_goes_to_the_tolerance_not_the_step_size():
-    plain = {steps: mixture_round_trip(steps)[0] for steps in (10, 100)}
+    plain = {steps: mixture_round_trip(steps)[0].pow(2).mean() for steps in (10, 100)}
     assert plain[10] > 1e-3 and plain[10] > 10 * plain[100]  # plain inversion: an error of the step size
-    errors = {}
     for tol in (1e-3, 1e-6, 1e-9):
-        errors[tol], report = mixture_round_trip(10, exact=True, tol=tol, max_iter=50)
-        assert [step.timestep for step in report] == timesteps(1000, 10).flip(0).tolist()
-        assert all(2 <= step.model_calls <= 51 and step.residual <= tol for step in report)
-        assert errors[tol] < 100 * tol**2  # the error of z is of the order of tol, the MSE of tol^2
-    assert errors[1e-9] < 1e-16 < plain[10] / 1e12
+        errors, report = mixture_round_trip(10, exact=True, tol=tol, max_iter=50)
+        assert len(report) == len(errors)
+        assert all(image.converged and image.reconstruction_rms <= tol for image in report)
+        assert float(errors.max()) <= tol  # the promise holds when sampled again
+        assert all(image.model_calls >= 2 * 10 + 10 for image in report)  # a guess, an iteration, the check
+    assert float(errors.pow(2).mean()) < 1e-18 < float(plain[10]) / 1e12
 
 
-def test_exact_inversion_stops_at_max_iter_and_reports_the_residual():
-    _, report = mixture_round_trip(10, exact=True, tol=1e-14, max_iter=2)
-    assert all(step.model_calls == 3 for step in report)
-    assert max(step.residual for step in report) > 1e-14
+# Points between the mixture's two modes are unlike its data: there the DDIM map magnifies an error of the
+# latent by far more than 1 / sqrt(alpha_bar), so a per-step stopping rule alone stops too early.
+BETWEEN_MODES = 0.25 * torch.randn(6, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_per_step_rule_alone_stops_early_where_the_map_magnifies_errors(monkeypatch):
+    tol = 1e-3
+    monkeypatch.setattr(sampling_module, "EXACT_ROUNDS", 1)  # one pass: each step's own residual decides
+    errors, report = mixture_round_trip(10, BETWEEN_MODES, exact=True, tol=tol)
+    assert float(errors.max()) > 4 * tol  # "converged" steps, a reconstruction far outside the tolerance
+    # ... and the report says so, image by image, with the error as sampling gives it.
+    assert [image.converged for image in report] == (errors <= tol).tolist()
+    torch.testing.assert_close(torch.tensor([image.reconstruction_rms for image in report], dtype=F64), errors)
+
+
+def test_exact_inversion_checks_the_reconstruction_and_solves_again_where_it_missed():
+    tol = 1e-3
+    errors, report = mixture_round_trip(10, BETWEEN_MODES, exact=True, tol=tol)
+    assert float(errors.max()) <= tol and all(image.converged for image in report)
+    assert {image.rounds for image in report} == {1, 2}  # only the images that missed were solved again
+    tighter, _ = mixture_round_trip(10, BETWEEN_MODES, exact=True, tol=1e-6)
+    assert float(tighter.max()) <= 1e-6
+
+
+def test_exact_inversion_stops_at_max_iter_and_reports_the_miss():
+    errors, report = mixture_round_trip(10, exact=True, tol=1e-14, max_iter=1)
+    # Pass 1: a first guess and one iteration per step, then the check; passes 2-4: one iteration and the check.
+    assert all(image.model_calls == 3 * 10 + 3 * 2 * 10 and image.rounds == 4 for image in report)
+    assert not any(image.converged for image in report)
+    torch.testing.assert_close(torch.tensor([image.reconstruction_rms for image in report], dtype=F64), errors)
 
 
 def test_exact_inversion_of_an_image_does_not_depend_on_its_batch():
