@@ -42,3 +42,25 @@ def use_channels_last(device: torch.device, resolution: int, *, training: bool) 
 
 def autocast(precision: Literal["fp32", "bf16"], device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def describe_device(device: torch.device) -> str:
+    """The hardware a timing was measured on, for logs: the GPU's name, or the CPU's model, the
+    vector instructions PyTorch's kernels use on it (AVX2 or AVX512: the same CPU training can run
+    2-4x faster with AVX-512) and the threads it uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from ddim_cli import __version__
 
@@ -20,6 +21,9 @@ class _Group(TyperGroup):
     turned into a message (a full disk, a permission, a read-only file system) is one line and exit
     1; any other exception is a bug, reported in one line with how to see its traceback
     (``DDIM_DEBUG=1`` re-raises both)."""
+
+    def get_params(self, ctx):
+        return _without_flag_metavars(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -45,6 +49,21 @@ class _Group(TyperGroup):
             raise typer.Exit(code=1) from None
 
 
+def _without_flag_metavars(params: list) -> list:
+    """Flags take no value, so --help shows none for them (typer would show ``<bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """Every command: its --help shows no value for flags."""
+
+    def get_params(self, ctx):
+        return _without_flag_metavars(super().get_params(ctx))
+
+
 app = typer.Typer(
     cls=_Group,
     name="ddim",
@@ -52,6 +71,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings' single line breaks rewrap; `code` shows as code
 )
 
 
@@ -88,7 +108,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config_path: Annotated[
         Path | None, typer.Argument(metavar="CONFIG", help="YAML config (see configs/). Not needed with --resume.")
@@ -109,8 +129,10 @@ def train(
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    device: Annotated[Device, typer.Option(help="Where to train; auto picks CUDA when available.")] = Device.auto,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: Annotated[
+        Device, typer.Option(help="Where to train; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL)
+    ] = Device.auto,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.", rich_help_panel=OUTPUT_PANEL)] = True,
 ) -> None:
     """Train a diffusion model from a YAML config (multi-GPU: launch with torchrun)."""
     from ddim_cli.checkpoint import CheckpointError
@@ -173,14 +195,22 @@ CheckpointArg = Annotated[
         show_default=False,
     ),
 ]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the config's sample.steps).")]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option("--steps", help="Sampling steps (default: the config's sample.steps).", rich_help_panel=SAMPLER_PANEL),
+]
 EtaOpt = Annotated[
-    float | None, typer.Option("--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like (default: config).")
+    float | None,
+    typer.Option(
+        "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like (default: config).", rich_help_panel=SAMPLER_PANEL
+    ),
 ]
 SkipOpt = Annotated[
     str | None,
     typer.Option(
-        "--skip", help="Timestep spacing: uniform, quad, linspace, trailing, logsnr, or sections like '10,15,20'."
+        "--skip",
+        help="Timestep spacing: uniform, quad, linspace, trailing, logsnr, or sections like '10,15,20'.",
+        rich_help_panel=SAMPLER_PANEL,
     ),
 ]
 InvertClassesOpt = Annotated[
@@ -190,6 +220,7 @@ InvertClassesOpt = Annotated[
         metavar="K[,K...]",
         help="The class each image shows, cycled over the images (--class 3,7: 3, 7, 3, ...); default: the null label.",
         show_default=False,
+        rich_help_panel=CLASSES_PANEL,
     ),
 ]
 ClassesOpt = Annotated[
@@ -247,6 +278,7 @@ SampleGuidanceOpt = Annotated[
         min=0.0,
         help="Classifier-free guidance w: out = (1+w) out(y) - w out(null) (default: the config's sample.guidance).",
         show_default=False,
+        rich_help_panel=CLASSES_PANEL,
     ),
 ]
 GuidanceRescaleOpt = Annotated[
@@ -259,25 +291,48 @@ GuidanceRescaleOpt = Annotated[
         "std, which keeps many-step sampling from overexposing; null-text guidance is not rescaled "
         "(default: the config's sample.guidance_rescale).",
         show_default=False,
+        rich_help_panel=CLASSES_PANEL,
     ),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: config's sample.seed).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks CUDA when available.")]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images per model call.", rich_help_panel=HARDWARE_PANEL)
+]
+DeviceOpt = Annotated[
+    Device,
+    typer.Option("--device", help="Where to run; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL),
+]
 PrecisionOpt = Annotated[
     Precision,
-    typer.Option("--precision", help="Model precision: fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 on CPU)."),
+    typer.Option(
+        "--precision",
+        help="Model precision: fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 on CPU).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
 ]
-EmaOpt = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
+EmaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.", rich_help_panel=HARDWARE_PANEL
+    ),
+]
 ClipOpt = Annotated[
-    bool | None, typer.Option("--clip-x0/--no-clip-x0", help="Clamp predicted x_0 to [-1, 1] (default: config).")
+    bool | None,
+    typer.Option(
+        "--clip-x0/--no-clip-x0",
+        help="Clamp predicted x_0 to [-1, 1] (default: config).",
+        rich_help_panel=SAMPLER_PANEL,
+    ),
 ]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+ProgressOpt = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Show a progress bar.", rich_help_panel=OUTPUT_PANEL)
+]
 InvertPrecisionOpt = Annotated[
     Precision,
     typer.Option(
         "--precision",
         help="Model precision: fp32 (default here: inversion is only as exact as eps), bf16 autocast, or auto.",
+        rich_help_panel=HARDWARE_PANEL,
     ),
 ]
 CompileOpt = Annotated[
@@ -287,6 +342,7 @@ CompileOpt = Annotated[
         help="torch.compile the model: faster per step after a build of a minute or more "
         "(default: on for CUDA, off for CPU).",
         show_default=False,
+        rich_help_panel=HARDWARE_PANEL,
     ),
 ]
 
@@ -435,7 +491,7 @@ def _rank_progress(bar, shard):
     return lambda done: bar.update(min(done * shard.world, bar.total - bar.n))
 
 
-@app.command()
+@app.command(cls=_Command)
 def sample(
     checkpoint: CheckpointArg = None,
     steps: StepsOpt = None,
@@ -443,20 +499,36 @@ def sample(
     skip: SkipOpt = None,
     sampler: Annotated[
         Sampler,
-        typer.Option("--sampler", help="ddim; ddpm ancestral sampling; or dpm++2m, DPM-Solver++(2M) (logsnr spacing)."),
+        typer.Option(
+            "--sampler",
+            help="ddim; ddpm ancestral sampling; or dpm++2m, DPM-Solver++(2M) (logsnr spacing).",
+            rich_help_panel=SAMPLER_PANEL,
+        ),
     ] = Sampler.ddim,
-    variance: Annotated[Variance, typer.Option("--variance", help="DDPM variance: posterior or beta.")] = (
-        Variance.posterior
-    ),
+    variance: Annotated[
+        Variance, typer.Option("--variance", help="DDPM variance: posterior or beta.", rich_help_panel=SAMPLER_PANEL)
+    ] = (Variance.posterior),
     clip_x0: ClipOpt = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="Number of images (default: config's sample.n).")] = None,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = None,
     latents: Annotated[
         Path | None,
-        typer.Option("--latents", help="Start from these x_T (.npy, float32, (N, C, H, W)), e.g. from invert."),
+        typer.Option(
+            "--latents",
+            help="Start from these x_T (.npy, float32, (N, C, H, W)), from invert or --save-latents (then with the "
+            "seed and classes it recorded, unless --seed, --class or --unconditional say otherwise).",
+        ),
     ] = None,
-    save_latents: Annotated[Path | None, typer.Option("--save-latents", help="Write the x_T used (.npy).")] = None,
+    save_latents: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-latents",
+            help="Write the x_T used (.npy), and beside it (FILE.json) the seed and classes: --latents FILE then "
+            "gives the same images.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
     null_embeddings: Annotated[
         Path | None,
         typer.Option(
@@ -464,18 +536,26 @@ def sample(
             help="With --latents from `ddim invert --null-text`: guide each step with its fitted null embedding "
             "(DDIM, eta 0, no clipping unless asked), which reproduces the reconstruction; the file's classes "
             "and guidance unless --class / --guidance say otherwise (another class edits the image).",
+            rich_help_panel=CLASSES_PANEL,
         ),
     ] = None,
     classes: ClassesOpt = None,
     unconditional: UnconditionalOpt = False,
     guidance: SampleGuidanceOpt = None,
     guidance_rescale: GuidanceRescaleOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Grid PNG (default: in the run's samples/).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Grid PNG (default: in the run's samples/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out-dir", help="Also write each image as its own PNG here.")
+        Path | None,
+        typer.Option("--out-dir", help="Also write each image as its own PNG here.", rich_help_panel=OUTPUT_PANEL),
     ] = None,
     npz: Annotated[
-        Path | None, typer.Option("--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.")
+        Path | None,
+        typer.Option(
+            "--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.", rich_help_panel=OUTPUT_PANEL
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -530,9 +610,11 @@ def sample(
         if out is None:
             _check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
         spec = _spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
-        first_seed = loaded.config.sample.seed if seed is None else seed
         shape = loaded.image_shape
         given = None if latents is None else load_latents(latents, shape)
+        if given is not None and null_embeddings is None:
+            seed, classes, unconditional = _recorded_draws(latents, seed, classes, unconditional, main)
+        first_seed = loaded.config.sample.seed if seed is None else seed
         if given is not None and n is not None and n != len(given):
             raise ValueError(f"--n {n} does not match the {len(given)} latents in {latents}")
         count = len(given) if given is not None else (loaded.config.sample.n if n is None else n)
@@ -557,6 +639,7 @@ def sample(
             settings=settings,
             resume=resume and null_embeddings is None,  # --null-embeddings: a few images, made at once
             enabled=main,
+            draws={"seed": first_seed, "classes": classes, "unconditional": unconditional},
         )
         done = shard.broadcast(outputs.done)
         if done and main:
@@ -623,6 +706,27 @@ def sample(
     timing = f" in {seconds / made:.4f} s/image" if made else ""
     typer.echo(f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
     typer.echo("wrote " + ", ".join(outputs.written))
+
+
+def _recorded_draws(latents: Path, seed: int | None, classes: str | None, unconditional: bool, main: bool):
+    """``(seed, classes, unconditional)``: what ``--save-latents`` recorded beside ``latents`` (the
+    seed decides each image's class draw and sampler noise), unless --seed, --class or
+    --unconditional say otherwise. Latents without a record (``ddim invert``'s) change nothing."""
+    from ddim_cli.images import draws_path, load_draws
+
+    record = load_draws(latents)
+    if record is None:
+        return seed, classes, unconditional
+    taken = []
+    if seed is None:
+        seed = record["seed"]
+        taken.append(f"seed {seed}")
+    if classes is None and not unconditional:
+        classes, unconditional = record.get("classes"), bool(record.get("unconditional"))
+        taken += ["--unconditional"] if unconditional else [f"--class {classes}"] if classes else []
+    if taken and main:
+        typer.echo(f"note: {' and '.join(taken)} from {draws_path(latents)}, as the latents were sampled", err=True)
+    return seed, classes, unconditional
 
 
 def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None, guidance: float | None):
@@ -747,7 +851,7 @@ def _load_inputs(loaded, images: list[Path]):
     return originals
 
 
-@app.command()
+@app.command(cls=_Command)
 def invert(
     paths: CheckpointAndImagesArg,
     steps: StepsOpt = None,
@@ -783,7 +887,10 @@ def invert(
         int,
         typer.Option("--interpolate", min=0, help="With two images: decode N frames slerped between their latents."),
     ] = 0,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's invert/).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: the run's invert/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
     precision: InvertPrecisionOpt = Precision.fp32,
@@ -899,13 +1006,19 @@ class EditMethod(str, Enum):
     sdedit = "sdedit"
 
 
-@app.command()
+@app.command(cls=_Command)
 def edit(
     paths: CheckpointAndImagesArg,
-    to_class: Annotated[int, typer.Option("--to-class", help="The class to turn every image into.")],
+    to_class: Annotated[
+        int, typer.Option("--to-class", help="The class to turn every image into.", rich_help_panel=CLASSES_PANEL)
+    ],
     from_class: Annotated[
         int | None,
-        typer.Option("--from-class", help="ddib: the class the images show (default: invert with the null label)."),
+        typer.Option(
+            "--from-class",
+            help="ddib: the class the images show (default: invert with the null label).",
+            rich_help_panel=CLASSES_PANEL,
+        ),
     ] = None,
     method: Annotated[
         EditMethod,
@@ -933,9 +1046,17 @@ def edit(
         ),
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="sdedit: image i is noised with seed + i.")] = 0,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's edit/).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: the run's edit/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
     npz: Annotated[
-        Path | None, typer.Option("--npz", help="Also write arr_0 = uint8 (N, H, W, C) of the edits, in input order.")
+        Path | None,
+        typer.Option(
+            "--npz",
+            help="Also write arr_0 = uint8 (N, H, W, C) of the edits, in input order.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
     ] = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
@@ -1109,7 +1230,7 @@ def _observations(loaded, degradation, images: list[Path], sr: int | None):
     return y if observed is None else torch.where(observed, y, torch.zeros_like(y))
 
 
-@app.command()
+@app.command(cls=_Command)
 def restore(
     paths: CheckpointAndImagesArg,
     mask: Annotated[
@@ -1184,6 +1305,7 @@ def restore(
             min=0.0,
             help="DDIM eta of each step: 1 (DDPM-like, as RePaint samples) measured best on the digits; 0 is "
             "deterministic.",
+            rich_help_panel=SAMPLER_PANEL,
         ),
     ] = 1.0,
     skip: SkipOpt = None,
@@ -1193,17 +1315,23 @@ def restore(
             "--clip-x0/--no-clip-x0",
             help="Clamp predicted x_0 to [-1, 1], so that the result is the nearest image in [-1, 1] with A x = y "
             "(whatever the config's sample.clip_x0); --no-clip-x0 is the paper's unclamped projection.",
+            rich_help_panel=SAMPLER_PANEL,
         ),
     ] = True,
     seed: SeedOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", min=1, help="Restorations per input (seeds differ), to show the uncertainty.")
     ] = 1,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's restore/).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: the run's restore/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
     npz: Annotated[
         Path | None,
         typer.Option(
-            "--npz", help="Also write arr_0 = uint8 (N x n-samples, H, W, C) of the restorations, in input order."
+            "--npz",
+            help="Also write arr_0 = uint8 (N x n-samples, H, W, C) of the restorations, in input order.",
+            rich_help_panel=OUTPUT_PANEL,
         ),
     ] = None,
     batch_size: BatchOpt = 64,
@@ -1326,7 +1454,10 @@ InceptionOpt = Annotated[
         "--inception-weights", help="Local TF-FID Inception weights (.pth); default: download once into the cache."
     ),
 ]
-SaveStatsOpt = Annotated[Path | None, typer.Option("--save-stats", help="Write the reference statistics here (.npz).")]
+SaveStatsOpt = Annotated[
+    Path | None,
+    typer.Option("--save-stats", help="Write the reference statistics here (.npz).", rich_help_panel=OUTPUT_PANEL),
+]
 DataRootOpt = Annotated[
     Path | None, typer.Option("--data-root", help="Where a named dataset lives (default data/NAME).")
 ]
@@ -1352,7 +1483,7 @@ def _save_stats(f, stats, path: Path | None) -> None:
         typer.echo(f"wrote reference statistics to {path}", err=True)
 
 
-@app.command(name="fid")
+@app.command(name="fid", cls=_Command)
 def fid_command(
     samples: Annotated[str, typer.Argument(help="A folder of images or an .npz (arr_0 = uint8 (N, H, W, C)).")],
     reference: Annotated[
@@ -1395,18 +1526,31 @@ def _number_list(text: str, kind: type, option: str) -> list:
     return values
 
 
-@app.command()
+@app.command(cls=_Command)
 def compare(
     checkpoint: CheckpointArg = None,
-    steps: Annotated[str, typer.Option("--steps", help="Comma-separated DDIM step counts.")] = "10,20,50,100",
-    eta: Annotated[str, typer.Option("--eta", help="Comma-separated DDIM etas.")] = "0,0.5,1",
+    steps: Annotated[
+        str, typer.Option("--steps", help="Comma-separated DDIM step counts.", rich_help_panel=SAMPLER_PANEL)
+    ] = "10,20,50,100",
+    eta: Annotated[
+        str, typer.Option("--eta", help="Comma-separated DDIM etas.", rich_help_panel=SAMPLER_PANEL)
+    ] = "0,0.5,1",
     skip: SkipOpt = None,
     ddpm_reference: Annotated[
-        bool, typer.Option("--ddpm-reference/--no-ddpm-reference", help="Add DDPM over all T steps as a reference row.")
+        bool,
+        typer.Option(
+            "--ddpm-reference/--no-ddpm-reference",
+            help="Add DDPM over all T steps as a reference row.",
+            rich_help_panel=SAMPLER_PANEL,
+        ),
     ] = True,
     dpm_solver: Annotated[
         bool,
-        typer.Option("--dpm-solver/--no-dpm-solver", help="Add DPM-Solver++(2M) rows (logsnr spacing) per step count."),
+        typer.Option(
+            "--dpm-solver/--no-dpm-solver",
+            help="Add DPM-Solver++(2M) rows (logsnr spacing) per step count.",
+            rich_help_panel=SAMPLER_PANEL,
+        ),
     ] = True,
     clip_x0: ClipOpt = None,
     classes: ClassesOpt = None,
@@ -1416,7 +1560,10 @@ def compare(
     n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
     seed: SeedOpt = None,
     batch_size: BatchOpt = 64,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's compare/).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: the run's compare/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
     fid: Annotated[
         int,
         typer.Option("--fid", min=0, help="Also compute FID from N samples per row (kept and reused in OUT/samples)."),
@@ -1522,7 +1669,7 @@ class Preset(str, Enum):
     lsun_cat = "lsun-cat"
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     source: Annotated[
         Path,
@@ -1532,7 +1679,12 @@ def convert(
             show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="The checkpoint to write (.safetensors).", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="The checkpoint to write (.safetensors).", show_default=False, rich_help_panel=OUTPUT_PANEL
+        ),
+    ],
     preset: Annotated[
         Preset | None,
         typer.Option("--preset", help="Architecture of an original-layout file (the DDIM code's configs)."),
@@ -1562,10 +1714,12 @@ class ExportFormat(str, Enum):
     diffusers = "diffusers"
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     checkpoint: CheckpointArg = None,
-    out: Annotated[Path, typer.Option("--out", help="The folder to write.", show_default=False)] = ...,
+    out: Annotated[
+        Path, typer.Option("--out", help="The folder to write.", show_default=False, rich_help_panel=OUTPUT_PANEL)
+    ] = ...,
     export_format: Annotated[
         ExportFormat,
         typer.Option(
@@ -1595,4 +1749,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main() -> None:
     warnings.showwarning = _one_line_warning
+    if hasattr(signal, "SIGPIPE"):
+        # A reader that closed the pipe (`ddim sample --help | head`) ends the command quietly, as it
+        # ends other Unix tools, instead of an "error: Broken pipe". That stop is no worse than kill -9,
+        # which training and sampling runs are built to survive (their --resume).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     app()

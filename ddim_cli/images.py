@@ -5,6 +5,7 @@ Model space is float in [-1, 1], shape (N, C, H, W); files hold uint8 pixels.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -75,6 +76,7 @@ def save_npz(images: np.ndarray, path: Path) -> None:
 def save_latents(latents: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, latents.detach().float().cpu().numpy())
+    draws_path(path).unlink(missing_ok=True)  # a record of other latents would mislead
 
 
 def load_latents(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -244,12 +246,33 @@ class PartialNpz:
         self.partial.unlink()
 
 
+def draws_path(latents: Path) -> Path:
+    """Where ``--save-latents`` records what else decided the images: ``z.npy`` -> ``z.npy.json``."""
+    return Path(latents).with_name(f"{Path(latents).name}.json")
+
+
+def load_draws(latents: Path) -> dict | None:
+    """The record beside a latents file (:func:`draws_path`), or None if it has none (``ddim invert``'s)."""
+    path = draws_path(latents)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("seed"), int):
+            raise ValueError("no integer seed")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ImageFileError(f"cannot read {path} (what decided the latents' images): {error}") from None
+    return record
+
+
 class StreamingLatents:
     """A float32 ``.npy`` of (N, C, H, W) latents filled batch by batch through a memory map, written
-    under a temporary name and renamed when complete (a context manager; an error removes it)."""
+    under a temporary name and renamed when complete (a context manager; an error removes it).
+    ``draws``, if given, is written beside it as JSON (:func:`draws_path`): the seed and classes that,
+    with the latents, decide the images."""
 
-    def __init__(self, path: Path, count: int, shape: tuple[int, int, int]):
-        self.path, self.count = Path(path), count
+    def __init__(self, path: Path, count: int, shape: tuple[int, int, int], draws: dict | None = None):
+        self.path, self.count, self.draws = Path(path), count, draws
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A fixed name: a file that a killed run left is written over by the next one.
         self.tmp = self.path.with_name(f".{self.path.name}.partial.npy")
@@ -269,5 +292,11 @@ class StreamingLatents:
             del self.array
             if kind is None and self.written == self.count:
                 os.replace(self.tmp, self.path)
+                record = draws_path(self.path)
+                if self.draws is not None:
+                    record.with_name(f".{record.name}.tmp").write_text(json.dumps(self.draws) + "\n")
+                    os.replace(record.with_name(f".{record.name}.tmp"), record)
+                else:
+                    record.unlink(missing_ok=True)  # a record of other latents would mislead
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -60,9 +60,12 @@ def completed_images(journal: Path | None, settings: dict, resume: bool) -> int:
 class SampleFiles:
     """The outputs of one ``ddim sample`` run (a context manager). ``done`` images were completed
     by an interrupted run (see :func:`completed_images`); feed the rest with :meth:`add` and those
-    with :meth:`skip`. ``enabled=False`` (another rank than torchrun's 0) writes nothing."""
+    with :meth:`skip`. ``enabled=False`` (another rank than torchrun's 0) writes nothing. ``draws``
+    is recorded beside the latents file (:class:`ddim_cli.images.StreamingLatents`)."""
 
-    def __init__(self, grid, out_dir, npz, latents, count, shape, *, settings: dict, resume: bool, enabled=True):
+    def __init__(
+        self, grid, out_dir, npz, latents, count, shape, *, settings: dict, resume: bool, enabled=True, draws=None
+    ):
         self.grid, self.out_dir, self.npz, self.latents, self.count = grid, out_dir, npz, latents, count
         self.shape, self.settings, self.enabled = shape, settings, enabled
         self.grid_images, self.stack, self.written = [], ExitStack(), []
@@ -79,7 +82,7 @@ class SampleFiles:
         if out_dir is not None and not all((out_dir / f"{i:06d}.png").is_file() for i in range(self.done)):
             self.done = 0
         if latents is not None:
-            self.latents_writer = self.stack.enter_context(StreamingLatents(latents, count, shape))
+            self.latents_writer = self.stack.enter_context(StreamingLatents(latents, count, shape, draws))
 
     def add(self, first: int, x_T: torch.Tensor, images: torch.Tensor) -> None:
         """Images ``first ..`` and their x_T, written; the journal then counts them as done."""

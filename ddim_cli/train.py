@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddim_cli import distributed
-from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
+from ddim_cli.acceleration import autocast, describe_device, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -78,8 +78,9 @@ class TrainResult:
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing run unless asked (this touches nothing)."""
     if resume:
-        if not list_checkpoints(run_dir / "checkpoints"):
-            raise TrainingError(f"cannot resume: {run_dir} has no checkpoints")
+        # A run stopped before its first checkpoint (config.yaml written) is resumed from step 0.
+        if not list_checkpoints(run_dir / "checkpoints") and not (run_dir / "config.yaml").is_file():
+            raise TrainingError(f"cannot resume: {run_dir} holds no run (no config.yaml, no checkpoints)")
     elif _holds_run(run_dir) and not overwrite:
         raise TrainingError(f"run directory {run_dir} already holds a run; pass --resume to continue it or --overwrite")
 
@@ -161,8 +162,8 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
         model.to(memory_format=layout)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = _optimizer(model, config)
-    start = 0
-    start = _restore(run_dir, model, ema, optimizer) if resume else 0
+    restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
+    start = _restore(run_dir, model, ema, optimizer) if resume and not restart else 0
     if rank == 0:
         if overwrite and not resume:
             _clear_run(run_dir)
@@ -188,9 +189,12 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     if cfg.fid_every and rank == 0:
         name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
         fid = TrainingFID(run_dir, dataset, config, fid_extractor, name, device_)
+    if restart:
+        log.message(f"{run_dir} has no checkpoint yet (it stopped before its first): starting it again from step 0")
+    hardware = describe_device(device_)
     log.message(
         f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world} "
-        f"({', '.join(fast_path)}); {len(dataset)} images; "
+        f"[{hardware}] ({', '.join(fast_path)}); {len(dataset)} images; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     if resume:
@@ -201,6 +205,7 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
     window_loss, window_start, window_steps = torch.zeros((), device=device_), time.perf_counter(), 0
     step, checkpoint = start, None
+    run_start = time.perf_counter()
 
     with (
         stop.installed(),
@@ -275,7 +280,11 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
                 raise TrainingInterrupted(step, run_dir)
     bar.close()
     _barrier(world)
-    log.message(f"finished at step {step}")
+    seconds = time.perf_counter() - run_start
+    log.message(
+        f"finished at step {step}: {step - start} steps in {seconds:.0f} s, "
+        f"{(step - start) * cfg.batch_size / max(seconds, 1e-9):.0f} images/s on {hardware}"
+    )
     return TrainResult(run_dir, step, checkpoint or list_checkpoints(run_dir / "checkpoints")[-1])
 
 

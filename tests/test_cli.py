@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from ddim_cli import __version__
@@ -17,3 +18,43 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ["train", "sample", "invert", "compare"]:
         assert command in result.output
+
+
+def test_invert_defaults_are_the_library_defaults():
+    # cli.py states them as literals so that --help does not import torch; they must not drift.
+    import inspect
+
+    from ddim_cli.cli import invert
+    from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
+    from ddim_cli.sampling import EXACT_TOL
+
+    defaults = inspect.signature(invert).parameters
+    assert defaults["tol"].default == EXACT_TOL
+    assert defaults["inner_steps"].default == NULL_TEXT_INNER_STEPS
+
+
+@pytest.mark.parametrize("args", [["sample", "--help"], ["train", "configs/digits.yaml", "--dry-run"]])
+def test_a_closed_pipe_ends_the_command_quietly(args):
+    # `ddim sample --help | head`: the reader is gone before the command writes; as with other Unix tools,
+    # SIGPIPE ends it, with nothing on stderr.
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "ddim_cli", *args]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == -signal.SIGPIPE
+    assert stderr == ""
+
+
+def test_help_shows_no_value_for_flags_and_groups_the_options():
+    result = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output
+    for panel in ("Sampler", "Classes and guidance", "Outputs", "Hardware and speed"):
+        assert f" {panel} " in result.output
+    assert "<bool>" not in runner.invoke(app, ["--help"]).output

@@ -657,3 +657,57 @@ def test_compare_sample_folders_cycle_classes_by_image_index_across_batches(guid
     assert np.abs(to_uint8(written).astype(int) - to_uint8(expected).astype(int)).max() <= 2
     wrong, _ = generate(loaded, make_eps, spec, x_T, generators, labels=cycle_classes([7, 1, 3], 5), batch_size=5)
     assert np.abs(to_uint8(written).astype(int) - to_uint8(wrong).astype(int)).max() > 20
+
+
+@pytest.mark.parametrize("eta", ["0", "1"])
+def test_saved_latents_give_back_the_same_images_with_no_other_options(conditional_run, tmp_path, eta):
+    common = ("--steps", 3, "--eta", eta, "--out", tmp_path / "g.png")
+    first = ok(
+        "sample",
+        conditional_run,
+        "--n",
+        6,
+        "--seed",
+        14,
+        "--save-latents",
+        tmp_path / "z.npy",
+        *common,
+        "--npz",
+        tmp_path / "a.npz",
+    )
+    assert (tmp_path / "z.npy.json").is_file()
+    again = ok("sample", conditional_run, "--latents", tmp_path / "z.npy", *common, "--npz", tmp_path / "b.npz")
+    assert f"seed 14 from {tmp_path / 'z.npy.json'}" in again.output
+    assert np.array_equal(npz(tmp_path / "a.npz"), npz(tmp_path / "b.npz"))  # classes and eta's noise too
+    assert first.output.splitlines()[-2].split(" from ")[0] == again.output.splitlines()[-2].split(" from ")[0]
+    # --seed says otherwise: other classes (and noise) from the same x_T.
+    other = ok(
+        "sample", conditional_run, "--latents", tmp_path / "z.npy", "--seed", 0, *common, "--npz", tmp_path / "c.npz"
+    )
+    assert "from " + str(tmp_path / "z.npy.json") not in other.output
+    assert not np.array_equal(npz(tmp_path / "a.npz"), npz(tmp_path / "c.npz"))
+
+
+def test_saved_latents_keep_their_classes_and_invert_latents_have_no_record(conditional_run, tmp_path):
+    ok(
+        "sample",
+        conditional_run,
+        "--n",
+        4,
+        "--steps",
+        3,
+        "--class",
+        "3,7",
+        "--save-latents",
+        tmp_path / "z.npy",
+        "--out",
+        tmp_path / "g.png",
+    )
+    again = ok("sample", conditional_run, "--latents", tmp_path / "z.npy", "--steps", 3, "--out", tmp_path / "h.png")
+    assert "--class 3,7 from" in again.output and "classes 3: 2, 7: 2" in again.output
+    ok("invert", conditional_run, *digit_pngs(tmp_path), "--steps", 3, "--out", tmp_path)  # latents.npy, no record
+    assert (tmp_path / "latents.npy").is_file() and not (tmp_path / "latents.npy.json").exists()
+    plain = ok(
+        "sample", conditional_run, "--latents", tmp_path / "latents.npy", "--steps", 3, "--out", tmp_path / "i.png"
+    )
+    assert "note:" not in plain.output

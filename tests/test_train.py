@@ -70,6 +70,11 @@ def test_a_run_writes_config_metrics_checkpoints_and_grids(tmp_path):
     assert set(checkpoint.model) == set(checkpoint.ema) and len(checkpoint.model) > 10
     state = checkpoint.training_state  # one file holds weights and training state
     assert state["step"] == 6 and "optimizer" in state
+    log = (tmp_path / "run" / "train.log").read_text()  # timings name the CPU's vector instructions
+    capability = f", {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads]"
+    assert capability in log.splitlines()[0]
+    last = log.splitlines()[-1]
+    assert "finished at step 6: 6 steps in" in last and "images/s on " in last and last.endswith(capability[2:-1])
     assert state["data_position"] == {"epoch": 0, "batch_in_epoch": 6, "dataset_size": 1797}
 
 
@@ -123,13 +128,28 @@ def test_an_existing_run_is_never_clobbered(tmp_path):
     with pytest.raises(TrainingError, match="not found"):  # a bad dataset is caught before --overwrite deletes
         run(tiny_config(data={"dataset": "cifar10", "root": str(tmp_path / "none")}), tmp_path / "run", overwrite=True)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    with pytest.raises(TrainingError, match="no checkpoints"):
+    with pytest.raises(TrainingError, match="holds no run"):
         run(config, tmp_path / "other", resume=True)
     assert not (tmp_path / "other").exists()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     run(tiny_config(train={"steps": 1, "sample_every": 0}), tmp_path / "run", overwrite=True)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000001.safetensors"]
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_from_step_0(tmp_path):
+    config = tiny_config(train={"steps": 4, "checkpoint_every": 4, "sample_every": 0})
+    straight = run(config, tmp_path / "straight")
+    crashed = tmp_path / "crashed"  # as a run killed after writing config.yaml and logging two steps
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text(config.to_yaml())
+    (crashed / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 2, "loss": 9}\n')
+    resumed = run(config, crashed, resume=True)
+    assert_same_run_state(straight.checkpoint, resumed.checkpoint)
+    assert [m["loss"] for m in metrics(crashed)] == [m["loss"] for m in metrics(tmp_path / "straight")]
+    assert "has no checkpoint yet (it stopped before its first): starting it again from step 0" in (
+        crashed / "train.log"
+    ).read_text()
 
 
 def test_a_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
