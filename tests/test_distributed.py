@@ -122,7 +122,8 @@ def test_sample_on_two_ranks_writes_byte_identical_outputs_and_a_conditional_run
     one_process("sample", run, *common, *outputs("one"))
     two = two_ranks("sample", run, *common, *outputs("two"), module=True)
     assert two.stdout.count("7 images with") == 1  # rank 0 alone reports (and writes)
-    assert assert_same_files(tmp_path / "one", tmp_path / "two") == 3 + 7
+    # grid, npz, x_T.npy and its record x_T.npy.json, and 7 PNGs
+    assert assert_same_files(tmp_path / "one", tmp_path / "two") == 4 + 7
     assert np.load(tmp_path / "two" / "s.npz")["arr_0"].shape == (7, 8, 8, 1)
     if not conditional:
         return  # resuming does not depend on the labels: the conditional case alone checks it
@@ -132,7 +133,7 @@ def test_sample_on_two_ranks_writes_byte_identical_outputs_and_a_conditional_run
     monkeypatch.undo()
     resumed = two_ranks("sample", run, *common, *outputs("resumed"), module=True)
     assert "3 of 7 images are done" in resumed.stderr
-    assert assert_same_files(tmp_path / "one", tmp_path / "resumed") == 3 + 7
+    assert assert_same_files(tmp_path / "one", tmp_path / "resumed") == 4 + 7
 
 
 def test_compare_with_fid_on_two_ranks_matches_one_process_and_resumes(conditional_run, tmp_path):
