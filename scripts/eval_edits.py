@@ -31,64 +31,49 @@ METHODS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a class-conditional checkpoint or run directory")
-    parser.add_argument("--n", type=int, default=100, help="how many held-out digits to edit")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument(
-        "--guidance", default=None, help="comma-separated guidance values to try (default: the config's, and 1)"
-    )
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (see source)")
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.methods.split(",") if name not in METHODS]
-    if unknown:
-        parser.error(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
-
+def edit_scores(
+    loaded, judge: DigitJudge, n: int, steps: int, guidance: list[float], methods: list[str], echo=None
+) -> list[dict]:
+    """One row per (guidance, method), and a fresh sample of the target per guidance as the yardstick:
+    ``{"name", "to_target", "kept_source", "mse_source"}``."""
     from ddim_cli.data import DigitsDataset
-    from ddim_cli.generate import SamplerSpec, edit_images, generate, load_model, noise_model, resolve_checkpoint
+    from ddim_cli.generate import SamplerSpec, edit_images, generate, noise_model
     from ddim_cli.seeding import seeded_noise
 
-    torch.manual_seed(0)
-    loaded = load_model(resolve_checkpoint(args.run)[0])
-    judge = DigitJudge()
-    chosen = judge.held_out_index[: args.n]
+    torch.manual_seed(0)  # nothing here should draw from it; it pins anything that does
+    chosen = judge.held_out_index[:n]
     sources = DigitsDataset(loaded.config.data).images[chosen]
-    labels = torch.as_tensor(judge.held_out_labels[: args.n], dtype=torch.long)
-    targets = (labels + 1 + torch.arange(args.n) % 9) % 10
-    x_T, generators = seeded_noise(loaded.image_shape, list(range(args.n)))
+    labels = torch.as_tensor(judge.held_out_labels[:n], dtype=torch.long)
+    targets = (labels + 1 + torch.arange(n) % 9) % 10
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(n)))
+    rows = []
 
     def report(name: str, images: torch.Tensor) -> None:
         predicted = judge.classifier.predict(to_digit_scale(images))
-        to_target = float((predicted == targets.numpy()).mean())
-        kept_source = float((predicted == labels.numpy()).mean())
-        mse = float((images.clamp(-1, 1) - sources).pow(2).flatten(1).mean(1).mean())
-        print(f"{name:<44} {to_target:>9.3f} {kept_source:>11.3f} {mse:>10.4f}", flush=True)
+        row = {
+            "name": name,
+            "to_target": float((predicted == targets.numpy()).mean()),
+            "kept_source": float((predicted == labels.numpy()).mean()),
+            "mse_source": float((images.clamp(-1, 1) - sources).pow(2).flatten(1).mean(1).mean()),
+        }
+        rows.append(row)
+        if echo:
+            echo(row)
 
-    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
-    print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
     phi = loaded.config.sample.guidance_rescale  # as the CLI's edit and sample
-    guidance = args.guidance or f"{loaded.config.sample.guidance:g},1"
     clip_x0 = loaded.config.sample.clip_x0  # as the CLI's sample, and its edit for SDEdit (DDIB never clips)
-    for w in [float(v) for v in guidance.split(",")]:
-        spec = SamplerSpec("ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0)
-        fresh, _ = generate(
-            loaded,
-            noise_model(loaded, guidance=w, guidance_rescale=phi),
-            spec,
-            x_T,
-            generators,
-            labels=targets,
-            batch_size=250,
-        )
+    for w in guidance:
+        spec = SamplerSpec("ddim", steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0)
+        make_eps = noise_model(loaded, guidance=w, guidance_rescale=phi)
+        fresh, _ = generate(loaded, make_eps, spec, x_T, generators, labels=targets, batch_size=250)
         report(f"fresh sample of the target, w={w:g}", fresh)
-        for name in args.methods.split(","):
+        for name in methods:
             options = dict(METHODS[name])
             if options.pop("null_text", False) and not w:
                 continue
             from_source = options.pop("from_source", False)
             edit_spec = SamplerSpec(
-                "ddim", args.steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0 and options["method"] == "sdedit"
+                "ddim", steps, 0.0, loaded.config.sample.skip, clip_x0=clip_x0 and options["method"] == "sdedit"
             )
             edited = edit_images(
                 loaded,
@@ -104,6 +89,35 @@ def main(argv: list[str] | None = None) -> int:
                 **options,
             )
             report(f"{name}, w={w:g}", edited)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a class-conditional checkpoint or run directory")
+    parser.add_argument("--n", type=int, default=100, help="how many held-out digits to edit")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--guidance", default=None, help="comma-separated guidance values to try (default: the config's, and 1)"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (see source)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.methods.split(",") if name not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+
+    from ddim_cli.generate import load_model, resolve_checkpoint
+
+    loaded = load_model(resolve_checkpoint(args.run)[0])
+    guidance = args.guidance or f"{loaded.config.sample.guidance:g},1"
+    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
+    print(f"{'method':<44} {'to_target':>9} {'kept_source':>11} {'mse_source':>10}")
+
+    def echo(row: dict) -> None:
+        print(f"{row['name']:<44} {row['to_target']:>9.3f} {row['kept_source']:>11.3f} {row['mse_source']:>10.4f}")
+
+    methods = args.methods.split(",")
+    edit_scores(loaded, DigitJudge(), args.n, args.steps, [float(v) for v in guidance.split(",")], methods, echo)
     return 0
 
 

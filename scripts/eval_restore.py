@@ -46,47 +46,32 @@ def psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((10 * torch.log10(4 / mse)).mean())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="the quickstart checkpoint or run directory")
-    parser.add_argument("--n", type=int, default=100, help="how many held-out digits")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--tasks", default="inpaint,sr4,denoise0.3", help="comma-separated subset of the tasks")
-    args = parser.parse_args(argv)
-
+def restore_scores(loaded, judge: DigitJudge, n: int, steps: int, tasks: list[str], settings=SETTINGS, echo=None):
+    """One row per task and setting: ``{"task", "setting", "psnr", "obs_rmse", "read"}`` (None where a
+    figure does not apply; ``read``: how often the judge reads the result as the original digit)."""
     from ddim_cli.data import DigitsDataset
-    from ddim_cli.generate import (
-        SamplerSpec,
-        degrade_images,
-        load_model,
-        noise_model,
-        resolve_checkpoint,
-        restore_images,
-    )
+    from ddim_cli.generate import SamplerSpec, degrade_images, noise_model, restore_images
     from ddim_cli.restoration import Denoising, Inpainting, SuperResolution, mask_preset
 
-    torch.manual_seed(0)
-    loaded = load_model(resolve_checkpoint(args.run)[0])
-    judge = DigitJudge()
-    originals = DigitsDataset(loaded.config.data).images[judge.held_out_index[: args.n]]
-    labels = torch.as_tensor(judge.held_out_labels[: args.n], dtype=torch.long)
+    torch.manual_seed(0)  # nothing here should draw from it; it pins anything that does
+    originals = DigitsDataset(loaded.config.data).images[judge.held_out_index[:n]]
+    labels = torch.as_tensor(judge.held_out_labels[:n], dtype=torch.long)
     size = loaded.config.data.image_size
     degradations = {
         "inpaint": Inpainting(mask_preset("bottom-half", size, size)),
         "sr4": SuperResolution(4),
         "denoise0.3": Denoising(0.3),
     }
-    tasks = args.tasks.split(",")
+    rows = []
 
     def read_as_truth(images: torch.Tensor) -> float:
         return float((judge.classifier.predict(to_digit_scale(images)) == labels.numpy()).mean())
 
     def row(task: str, setting: str, quality: float | None = None, rmse: float | None = None, read=None) -> None:
-        cells = [f"{v:>{w}{f}}" if v is not None else " " * w for v, w, f in ((quality, 8, ".2f"), (rmse, 9, ".2g"))]
-        print(f"{task:<11} {setting:<42} {' '.join(cells)} {'' if read is None else f'{read:>13.3f}'}", flush=True)
+        rows.append({"task": task, "setting": setting, "psnr": quality, "obs_rmse": rmse, "read": read})
+        if echo:
+            echo(rows[-1])
 
-    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
-    print(f"{'task':<11} {'setting':<42} {'PSNR dB':>8} {'obs RMSE':>9} {'read as truth':>13}")
     for task in tasks:
         A = degradations[task]
         y = degrade_images(A, originals, seed=0)
@@ -108,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             best = max(blurs, key=blurs.get)
             row(task, f"best Gaussian blur (sigma {best:g} px)", blurs[best])
-        for setting in [s for s in SETTINGS if s[0] == task]:
+        for setting in [s for s in settings if s[0] == task]:
             _, method, eta, jump, resample, in_class = setting
-            spec = SamplerSpec("ddim", args.steps, eta, loaded.config.sample.skip, clip_x0=True)
+            spec = SamplerSpec("ddim", steps, eta, loaded.config.sample.skip, clip_x0=True)
             guidance = loaded.config.sample.guidance if in_class else 0.0
             restored = restore_images(
                 loaded,
@@ -129,6 +114,30 @@ def main(argv: list[str] | None = None) -> int:
             read = read_as_truth(restored) if task == "inpaint" else None
             rmse = float(A.observation_error(restored, y).pow(2).mean().sqrt())  # every image observes as much
             row(task, name, psnr(restored, originals), rmse, read)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="the quickstart checkpoint or run directory")
+    parser.add_argument("--n", type=int, default=100, help="how many held-out digits")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--tasks", default="inpaint,sr4,denoise0.3", help="comma-separated subset of the tasks")
+    args = parser.parse_args(argv)
+
+    from ddim_cli.generate import load_model, resolve_checkpoint
+
+    loaded = load_model(resolve_checkpoint(args.run)[0])
+    print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")
+    print(f"{'task':<11} {'setting':<42} {'PSNR dB':>8} {'obs RMSE':>9} {'read as truth':>13}")
+
+    def echo(r: dict) -> None:
+        figures = ((r["psnr"], 8, ".2f"), (r["obs_rmse"], 9, ".2g"))
+        cells = [f"{v:>{w}{f}}" if v is not None else " " * w for v, w, f in figures]
+        read = "" if r["read"] is None else f"{r['read']:>13.3f}"
+        print(f"{r['task']:<11} {r['setting']:<42} {' '.join(cells)} {read}", flush=True)
+
+    restore_scores(loaded, DigitJudge(), args.n, args.steps, args.tasks.split(","), echo=echo)
     return 0
 
 
