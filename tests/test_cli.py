@@ -21,10 +21,10 @@ def test_help_lists_the_commands():
 
 
 def test_invert_defaults_are_the_library_defaults():
-    # cli.py states them as literals so that --help does not import torch; they must not drift.
+    # commands/invert.py states them as literals so that --help does not import torch; they must not drift.
     import inspect
 
-    from ddim_cli.cli import invert
+    from ddim_cli.commands.invert import invert
     from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
     from ddim_cli.sampling import EXACT_TOL
 

@@ -1,0 +1,44 @@
+"""ddim export: a diffusers pipeline of a checkpoint."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddim_cli.commands.common import check_outputs, load_run, user_errors
+from ddim_cli.commands.options import OUTPUT_PANEL, CheckpointArg, Device, EmaOpt
+
+
+class ExportFormat(str, Enum):
+    diffusers = "diffusers"
+
+
+def export(
+    checkpoint: CheckpointArg = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="The folder to write.", show_default=False, rich_help_panel=OUTPUT_PANEL)
+    ] = ...,
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="diffusers: a save_pretrained layout (unet/, scheduler/, model_index.json) that "
+            "DDIMPipeline.from_pretrained loads.",
+        ),
+    ] = ExportFormat.diffusers,
+    ema: EmaOpt = True,
+) -> None:
+    """Export a checkpoint for other tools (diffusers: UNet2DModel + DDIMScheduler)."""
+    from ddim_cli.export import export_diffusers
+
+    with user_errors():
+        check_outputs(directories=[("--out", out)], inputs=[checkpoint])
+        loaded = load_run(checkpoint, ema, Device.cpu)
+        written = export_diffusers(loaded.config, loaded.model.state_dict(), out)
+    typer.echo(
+        f"exported {loaded.checkpoint} ({'EMA' if ema else 'raw'} weights) to {out}/ ({len(written)} files); "
+        f"load it with DDIMPipeline.from_pretrained({str(out)!r})"
+    )

@@ -1,0 +1,210 @@
+"""ddim invert: real images to latents (plain, exact or null-text inversion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddim_cli.commands.common import (
+    check_outputs,
+    checkpoint_and_images,
+    command_noise_model,
+    fail,
+    invert_labels,
+    load_inputs,
+    load_run,
+    progress_bar,
+    sampler_spec,
+    user_errors,
+)
+from ddim_cli.commands.options import (
+    OUTPUT_PANEL,
+    BatchOpt,
+    CheckpointAndImagesArg,
+    CompileOpt,
+    Device,
+    DeviceOpt,
+    EmaOpt,
+    ExactOpt,
+    GuidanceOpt,
+    GuidanceRescaleOpt,
+    InvertClassesOpt,
+    InvertPrecisionOpt,
+    MaxIterOpt,
+    Precision,
+    ProgressOpt,
+    Sampler,
+    SkipOpt,
+    StepsOpt,
+    TolOpt,
+    Variance,
+)
+
+
+def _summary_of_exact_inversion(report, images: list, steps: int, tol: float, max_iter: int) -> list[str]:
+    """How exact inversion kept its promise: calls per step, and every image that missed --tol."""
+    calls = sum(image.model_calls for image in report) / len(report) / steps
+    worst = max(image.reconstruction_rms for image in report)
+    lines = [f"exact inversion: {calls:.1f} model calls per step and image on average (plain: 1), checks included"]
+    missed = [(path, image) for path, image in zip(images, report, strict=True) if not image.converged]
+    if not missed:
+        lines[0] += f"; every image reconstructs within --tol {tol:.2g} RMS (worst {worst:.2g})"
+        return lines
+    lines[0] += f"; {len(missed)} of {len(report)} image(s) missed --tol {tol:.2g} RMS:"
+    lines += [
+        f"  {path}: reconstruction RMS {image.reconstruction_rms:.2g} after {image.rounds} passes "
+        f"(--max-iter {max_iter} per step and pass: raise it, or accept this)"
+        for path, image in missed
+    ]
+    return lines
+
+
+def invert(
+    paths: CheckpointAndImagesArg,
+    steps: StepsOpt = None,
+    skip: SkipOpt = None,
+    class_label: InvertClassesOpt = None,
+    guidance: GuidanceOpt = 0.0,
+    guidance_rescale: GuidanceRescaleOpt = None,
+    exact: ExactOpt = False,
+    max_iter: MaxIterOpt = 10,
+    tol: TolOpt = 1 / 255,  # sampling.EXACT_TOL, without importing torch for --help
+    null_text: Annotated[
+        bool,
+        typer.Option(
+            "--null-text",
+            help="With --class K --guidance W: null-text inversion (Mokady et al. 2022), fitting the null "
+            "label's embedding per step so that guided sampling reconstructs the image; writes "
+            "null_embeddings.safetensors for `ddim sample --null-embeddings` (runs in fp32, eager).",
+        ),
+    ] = False,
+    inner_steps: Annotated[
+        int, typer.Option("--inner-steps", min=0, help="--null-text: most Adam iterations per step.")
+    ] = 30,  # null_text.NULL_TEXT_INNER_STEPS
+    null_lr: Annotated[
+        float, typer.Option("--null-lr", min=0.0, help="--null-text: Adam learning rate on the null embedding.")
+    ] = 0.1,
+    early_stop: Annotated[
+        float,
+        typer.Option(
+            "--early-stop", min=0.0, help="--null-text: a step stops once its per-dimension loss is below this."
+        ),
+    ] = 1e-5,
+    interpolate: Annotated[
+        int,
+        typer.Option("--interpolate", min=0, help="With two images: decode N frames slerped between their latents."),
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: the run's invert/).", rich_help_panel=OUTPUT_PANEL),
+    ] = None,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = Device.auto,
+    precision: InvertPrecisionOpt = Precision.fp32,
+    ema: EmaOpt = True,
+    progress: ProgressOpt = True,
+    compile_model: CompileOpt = None,
+) -> None:
+    """Invert real images to latents with deterministic DDIM, reconstruct them, and report the error.
+
+    Plain inversion takes each step's noise where the step starts, an error of the order of the
+    step; --exact solves each step for the latent that DDIM maps back exactly. Writes latents.npy
+    (usable with `ddim sample --latents`), grid.png (originals, reconstructions, latents),
+    metrics.csv (per-dimension MSE on [-1, 1] and PSNR) and, with --interpolate, interpolation.png.
+    """
+    import torch
+
+    from ddim_cli import generate as g
+    from ddim_cli.images import save_grid, save_latents, save_null_embeddings
+
+    checkpoint, images_in = checkpoint_and_images(paths, "invert")
+    if interpolate and len(images_in) != 2:
+        fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
+    if not tol > 0:
+        fail(f"--tol must be > 0, got {tol:g}", code=2)
+    if null_text and (class_label is None or not guidance):
+        fail("--null-text needs --class K and --guidance W > 0 (unguided inversion is faithful as it is)", code=2)
+    if null_text and interpolate:
+        fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
+    with user_errors():
+        check_outputs([], [("--out", out)], inputs=[checkpoint, *images_in])
+        loaded = load_run(checkpoint, ema, device)
+        check_outputs(directories=[("--out", out or loaded.run_dir / "invert")])
+        originals = load_inputs(loaded, images_in)
+        # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
+        spec = sampler_spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
+        labels = invert_labels(loaded, class_label, guidance, len(originals))
+        make_eps = command_noise_model(loaded, guidance, guidance_rescale, precision, compile_model)
+        steps_run = len(spec.timesteps(loaded.alpha_bars))
+        report: list = []
+        fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report}
+        with progress_bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
+            if null_text:
+                fitted = g.invert_null_text(
+                    loaded,
+                    originals,
+                    spec,
+                    labels,
+                    guidance=guidance,
+                    batch_size=batch_size,
+                    inner_steps=inner_steps,
+                    lr=null_lr,
+                    early_stop=early_stop,
+                    progress=bar.update,
+                    **fixed_point,
+                )
+                latents, recon = fitted.latent, fitted.reconstruction
+            else:
+                latents = g.invert_images(
+                    loaded,
+                    make_eps,
+                    originals,
+                    spec,
+                    labels=labels,
+                    batch_size=batch_size,
+                    progress=bar.update,
+                    **fixed_point,
+                )
+                unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
+                recon, _ = g.generate(
+                    loaded, make_eps, spec, latents, unused, labels=labels, batch_size=batch_size, progress=bar.update
+                )
+        metrics = g.reconstruction_metrics(originals, recon)
+
+        directory = out or loaded.run_dir / "invert"
+        save_latents(latents, directory / "latents.npy")
+        latent_view = (latents * 0.25).clamp(-1, 1)  # N(0, 1) shown with +-4 sigma across the range
+        save_grid(torch.cat([originals, recon.clamp(-1, 1), latent_view]), directory / "grid.png", nrow=len(originals))
+        lines = ["image,mse,psnr_db"] + [f"{p},{m:.6g},{q:.3f}" for p, (m, q) in zip(images_in, metrics, strict=True)]
+        (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
+        written = ["latents.npy", "grid.png", "metrics.csv"]
+        if null_text:
+            save_null_embeddings(
+                directory / "null_embeddings.safetensors", fitted.null_embeddings, fitted.timesteps, labels, guidance
+            )
+            written.append("null_embeddings.safetensors")
+        if interpolate:
+            written.append("interpolation.png")
+            alphas = torch.linspace(0, 1, interpolate)
+            frames_T = g.slerp(latents[0], latents[1], alphas)
+            unused = [torch.Generator() for _ in frames_T]
+            frame_labels = None if labels is None else labels[:1].expand(len(frames_T))
+            frames, _ = g.generate(loaded, make_eps, spec, frames_T, unused, labels=frame_labels, batch_size=batch_size)
+            save_grid(frames, directory / "interpolation.png", nrow=interpolate)
+    for path, (mse, psnr) in zip(images_in, metrics, strict=True):
+        typer.echo(f"{path}: MSE {mse:.4g} per dimension, PSNR {psnr:.2f} dB")
+    mean = sum(m for m, _ in metrics) / len(metrics)
+    if exact:
+        for line in _summary_of_exact_inversion(report, images_in, steps_run, tol, max_iter):
+            typer.echo(line)
+    if null_text:
+        typer.echo(
+            f"null-text inversion at guidance {guidance:g}: largest step loss {float(fitted.step_losses.max()):.3g} "
+            f"(early stop {early_stop:g}); reproduce with: ddim sample {loaded.checkpoint} --latents "
+            f"{directory}/latents.npy --null-embeddings {directory}/null_embeddings.safetensors --steps {spec.steps} "
+            f"--skip {spec.skip} --no-clip-x0"
+        )
+    typer.echo(f"inverted {len(originals)} image(s) with {spec.label} from {loaded.checkpoint}; mean MSE {mean:.4g}")
+    typer.echo(f"wrote {directory}/ ({', '.join(written)})")
