@@ -141,9 +141,9 @@ _ANDERSON_MEMORY = 2  # past iterations Anderson acceleration combines
 class ExactInversionReport:
     """How exact inversion went for one image (see :func:`invert`)."""
 
-    reconstruction_rms: float  # RMS over the image of sample(latent) - x_0, as the last check decoded it
+    reconstruction_rms: float  # RMS over the image of sample(latent) - x_0, as the best pass's check decoded it
     model_calls: int  # every call spent on the image: first guesses, fixed-point iterations, checking decodes
-    rounds: int  # inversion passes: 1, and one more for each tightening after a failed check
+    rounds: int  # inversion passes: 1, and one more for each tightening after a failed check (the best is kept)
     converged: bool  # reconstruction_rms <= tol
 
 
@@ -179,10 +179,11 @@ def invert(
     with the noise held fixed carries an error of ``z_t`` into ``x_0``), is at most the image's
     step tolerance, or ``max_iter`` iterations are spent. Then the latents are decoded and checked:
     an image whose reconstruction misses ``tol`` (the model can magnify an error far more than
-    that estimate, on inputs unlike its training data) is solved again from its last trajectory
-    with a tolerance tightened in proportion to the miss, up to ``EXACT_ROUNDS`` passes. With a
+    that estimate, on inputs unlike its training data) is solved again from its best trajectory
+    with a tolerance tightened in proportion to the miss, up to ``EXACT_ROUNDS`` passes; each image
+    keeps its best pass (a step that iteration cannot contract can make a later pass worse). With a
     ``report`` list, one :class:`ExactInversionReport` per image is appended to it. ``callback``
-    sees the final trajectory, after the last check.
+    sees the kept trajectory, after the last check.
     """
     check_prediction(prediction)
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
@@ -204,31 +205,35 @@ def invert(
     n, device = x_0.shape[0], x_0.device
     # The whole batch is evaluated on every call (a model may bind per-image labels to it); images
     # that are done ride along unchanged, so an image's result does not depend on its batch.
-    trajectory: list[torch.Tensor] = []  # the solved point of every step
+    trajectory: list[torch.Tensor] = []  # each step's solved point, of the best pass so far per image
     step_tol = torch.full((n,), EXACT_FIRST_STEP_TOL * tol, dtype=torch.float64, device=device)
     calls = torch.zeros(n, dtype=torch.long, device=device)
-    error = torch.zeros(n, dtype=torch.float64, device=device)
+    error = torch.full((n,), math.inf, dtype=torch.float64, device=device)
     rounds = torch.zeros(n, dtype=torch.long, device=device)
     todo = torch.ones(n, dtype=torch.bool, device=device)
     for round_ in range(EXACT_ROUNDS):
-        x = x_0
+        x, solved = x_0, []
         for k, step in enumerate(steps):
             # An error of z_t reaches x_0 as about error / sqrt(ab_t) (the decode with eps held fixed).
             z_tol = step_tol * max(math.sqrt(step.model_alpha_bar), _SMALLEST_SCALE)
             start = trajectory[k] if round_ else None
             z, used = _solve_step(eps_model, step, x, start, todo, z_tol, max_iter, prediction)
             calls += used
-            if round_:
-                trajectory[k] = z
-            else:
-                trajectory.append(z)
+            solved.append(z)
             x = z
         # The check: decode exactly as sample() will, and measure the reconstruction.
         missed = _rms(_run(eps_model, x, decode, False, prediction, None, None) - x_0)
         calls += todo * len(decode)
         rounds += todo
-        error = torch.where(todo, missed, error)
-        todo &= missed > tol
+        # A pass that made an image worse (a step that iteration cannot contract) is not kept.
+        better = todo & (missed < error)
+        keep = better.view(-1, *[1] * (x_0.dim() - 1))
+        if trajectory:
+            trajectory = [torch.where(keep, new, old) for new, old in zip(solved, trajectory, strict=True)]
+        else:
+            trajectory = solved
+        error = torch.where(better, missed, error)
+        todo &= error > tol
         if not bool(todo.any()):
             break
         # The reconstruction error scales about linearly with the step tolerance: aim below tol.
