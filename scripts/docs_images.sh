@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate README's walkthrough images and numbers from runs/digits (after scripts/quickstart.sh).
-# Writes docs/*.png and prints the numbers README quotes; scratch files go to ${WORK:-/tmp/ddim-docs}.
+# Regenerate the docs' walkthrough images and numbers from runs/digits (after scripts/quickstart.sh).
+# Writes docs/*.png and prints the numbers docs/ quote; scratch files go to ${WORK:-/tmp/ddim-docs}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${WORK:-/tmp/ddim-docs}; rm -rf "$W"; mkdir -p "$W"

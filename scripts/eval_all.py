@@ -1,4 +1,4 @@
-"""The quality gate: re-measure every figure README and BENCHMARKS.md promise for the digits quickstart.
+"""The quality gate: re-measure every figure README, docs/ and BENCHMARKS.md promise for the digits quickstart.
 
 Runs the judges of eval_digits.py (sampling at 20/50/200 steps, --unconditional, --class k),
 eval_inversion.py (plain, exact and null-text inversion of in-distribution and bilinear-upscaled
@@ -9,7 +9,7 @@ for the goals issues set, a hard limit), prints a table and exits 1 if any figur
 
 It takes about 10 minutes on 2 CPU cores: too slow for CI. Run it after any change to training, the
 U-Net, a sampler, a default or a config, on a freshly trained `bash scripts/quickstart.sh`, and put
-what it printed in your note. README's and BENCHMARKS.md's quickstart figures come from its last run.
+what it printed in your note. The quickstart figures of README, docs/ and BENCHMARKS.md come from its last run.
 
 Usage:
   python scripts/eval_all.py runs/digits                        # all groups; exit 1 on a regression

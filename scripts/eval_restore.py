@@ -1,4 +1,4 @@
-"""Score `ddim restore` on real digits against classical baselines (what README's table reports).
+"""Score `ddim restore` on real digits against classical baselines (what docs/restoration.md's table reports).
 
 Takes real digits the judge of eval_digits.py did not fit on (the diffusion model may have trained
 on them: the quickstart trains on all 1797), degrades each as `ddim restore --degrade` does, and
