@@ -308,7 +308,7 @@ def sample_outputs(folder):
 def assert_same_outputs(one, two):
     names = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
-    assert len(names) == 3 + 10  # no journal or partial file is left
+    assert len(names) == 4 + 10  # grid, npz, x_T.npy and its .json record, 10 PNGs: no journal or partial file
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
 

@@ -147,9 +147,10 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_from_step
     resumed = run(config, crashed, resume=True)
     assert_same_run_state(straight.checkpoint, resumed.checkpoint)
     assert [m["loss"] for m in metrics(crashed)] == [m["loss"] for m in metrics(tmp_path / "straight")]
-    assert "has no checkpoint yet (it stopped before its first): starting it again from step 0" in (
-        crashed / "train.log"
-    ).read_text()
+    assert (
+        "has no checkpoint yet (it stopped before its first): starting it again from step 0"
+        in (crashed / "train.log").read_text()
+    )
 
 
 def test_a_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
