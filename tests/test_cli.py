@@ -20,19 +20,6 @@ def test_help_lists_the_commands():
         assert command in result.output
 
 
-def test_invert_defaults_are_the_library_defaults():
-    # commands/invert.py states them as literals so that --help does not import torch; they must not drift.
-    import inspect
-
-    from ddim_cli.commands.invert import invert
-    from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
-    from ddim_cli.sampling import EXACT_TOL
-
-    defaults = inspect.signature(invert).parameters
-    assert defaults["tol"].default == EXACT_TOL
-    assert defaults["inner_steps"].default == NULL_TEXT_INNER_STEPS
-
-
 @pytest.mark.parametrize("args", [["sample", "--help"], ["train", "configs/digits.yaml", "--dry-run"]])
 def test_a_closed_pipe_ends_the_command_quietly(args):
     # `ddim sample --help | head`: the reader is gone before the command writes; as with other Unix tools,

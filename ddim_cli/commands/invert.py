@@ -41,6 +41,8 @@ from ddim_cli.commands.options import (
     TolOpt,
     Variance,
 )
+from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
+from ddim_cli.sampling import EXACT_TOL
 
 
 def _summary_of_exact_inversion(report, images: list, steps: int, tol: float, max_iter: int) -> list[str]:
@@ -70,7 +72,7 @@ def invert(
     guidance_rescale: GuidanceRescaleOpt = None,
     exact: ExactOpt = False,
     max_iter: MaxIterOpt = 10,
-    tol: TolOpt = 1 / 255,  # sampling.EXACT_TOL, without importing torch for --help
+    tol: TolOpt = EXACT_TOL,
     null_text: Annotated[
         bool,
         typer.Option(
@@ -82,7 +84,7 @@ def invert(
     ] = False,
     inner_steps: Annotated[
         int, typer.Option("--inner-steps", min=0, help="--null-text: most Adam iterations per step.")
-    ] = 30,  # null_text.NULL_TEXT_INNER_STEPS
+    ] = NULL_TEXT_INNER_STEPS,
     null_lr: Annotated[
         float, typer.Option("--null-lr", min=0.0, help="--null-text: Adam learning rate on the null embedding.")
     ] = 0.1,

@@ -120,6 +120,7 @@ TolOpt = Annotated[
         "--tol",
         help="--exact: the reconstruction promised, as RMS on [-1, 1] of sampling the latent minus the image "
         "(default 1/255, half a uint8 level); an image that misses it after 4 passes is named.",
+        show_default=False,
     ),
 ]
 SampleGuidanceOpt = Annotated[
