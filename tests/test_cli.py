@@ -45,3 +45,11 @@ def test_help_shows_no_value_for_flags_and_groups_the_options():
     for panel in ("Sampler", "Classes and guidance", "Outputs", "Hardware and speed"):
         assert f" {panel} " in result.output
     assert "<bool>" not in runner.invoke(app, ["--help"]).output
+
+
+def test_the_jobs_a_python_user_needs_import_from_the_package():
+    import ddim_cli
+
+    jobs = {"load_model", "noise_model", "generate", "invert_images", "invert_null_text", "edit_images"}
+    assert jobs | {"restore_images", "sample", "invert", "restore"} <= set(ddim_cli.__all__)
+    assert all(callable(getattr(ddim_cli, name)) for name in ddim_cli.__all__ if name != "__version__")
