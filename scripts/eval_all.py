@@ -7,7 +7,7 @@ super-resolution, denoising) on a trained quickstart run, compares every figure 
 baseline (scripts/gate_baseline.json: each figure's value, which way is better, its tolerance and,
 for the goals issues set, a hard limit), prints a table and exits 1 if any figure regressed.
 
-It takes about 10 minutes on 2 CPU cores: too slow for CI. Run it after any change to training, the
+It takes about 13 minutes on 2 idle AVX2 CPU cores: too slow for CI. Run it after any change to training, the
 U-Net, a sampler, a default or a config, on a freshly trained `bash scripts/quickstart.sh`, and put
 what it printed in your note. The quickstart figures of README, docs/ and BENCHMARKS.md come from its last run.
 
