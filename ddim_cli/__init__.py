@@ -6,13 +6,14 @@ The library API the ``ddim`` command is built on: the algorithms over any ``eps_
 
 and the jobs the commands run on a trained checkpoint::
 
-    from ddim_cli import load_model, noise_model, generate, invert_images, edit_images, restore_images
+    from ddim_cli import load_model, noise_model, invert_images, edit_images, restore_images
+
+(sampling is ``ddim_cli.generate.generate``: exported here, the function would hide its module.)
 """
 
 from ddim_cli.generate import (
     SamplerSpec,
     edit_images,
-    generate,
     invert_images,
     invert_null_text,
     load_model,
@@ -35,7 +36,6 @@ __all__ = [
     "betas",
     "classifier_free_guidance",
     "edit_images",
-    "generate",
     "invert",
     "invert_images",
     "invert_null_text",
