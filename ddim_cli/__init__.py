@@ -6,21 +6,18 @@ The library API the ``ddim`` command is built on: the algorithms over any ``eps_
 
 and the jobs the commands run on a trained checkpoint::
 
-    from ddim_cli import load_model, noise_model, invert_images, edit_images, restore_images
+    from ddim_cli import load_model, noise_model, generate, invert_images, edit_images, restore_images
 
-(sampling is ``ddim_cli.generate.generate``: exported here, the function would hide its module.)
+each with a ``*_to_folder`` / ``write_*`` companion in :mod:`ddim_cli.jobs` that writes what its
+command writes.
 """
 
-from ddim_cli.generate import (
-    SamplerSpec,
-    edit_images,
-    invert_images,
-    invert_null_text,
-    load_model,
-    noise_model,
-    restore_images,
-)
 from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.jobs.edit import edit_images
+from ddim_cli.jobs.invert import invert_images, invert_null_text
+from ddim_cli.jobs.restore import restore_images
+from ddim_cli.jobs.sample import generate
+from ddim_cli.models import SamplerSpec, load_model, noise_model
 from ddim_cli.restoration import restore
 from ddim_cli.sampling import invert, sample
 from ddim_cli.schedule import alpha_bars, betas, timesteps
@@ -36,6 +33,7 @@ __all__ = [
     "betas",
     "classifier_free_guidance",
     "edit_images",
+    "generate",
     "invert",
     "invert_images",
     "invert_null_text",

@@ -18,8 +18,9 @@ import torch
 
 from ddim_cli.distributed import Shard
 from ddim_cli.fid import frechet_distance, source_batches, statistics
-from ddim_cli.generate import LoadedModel, MakeEps, SamplerSpec, class_labels, generate
 from ddim_cli.images import load_images, save_labelled_rows, save_pngs
+from ddim_cli.jobs.sample import generate
+from ddim_cli.models import LoadedModel, MakeEps, SamplerSpec, class_labels
 from ddim_cli.seeding import seeded_noise
 
 # The DDIM paper's Table 1 (FID of 50k samples; rows eta = 0, 0.2, 0.5, 1 and sigma-hat, i.e. DDPM

@@ -59,7 +59,7 @@ def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
     from eval_inversion import inversion_scores
     from eval_restore import SETTINGS, restore_scores
 
-    from ddim_cli.generate import load_model, resolve_checkpoint
+    from ddim_cli.models import load_model, resolve_checkpoint
 
     loaded = load_model(resolve_checkpoint(run)[0])
     judge = DigitJudge()

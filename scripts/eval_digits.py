@@ -92,7 +92,8 @@ def sample_checkpoint(
     path: Path, mode: str, steps: int, n: int, seed: int, guidance: float | None, rescale: float | None = None
 ):
     """Images from the library as ``ddim sample`` makes them, and the classes asked for."""
-    from ddim_cli.generate import SamplerSpec, class_labels, generate, load_model, noise_model, resolve_checkpoint
+    from ddim_cli.jobs.sample import generate
+    from ddim_cli.models import SamplerSpec, class_labels, load_model, noise_model, resolve_checkpoint
     from ddim_cli.seeding import seeded_noise
 
     loaded = load_model(resolve_checkpoint(path)[0])
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((args.source.name, judge.score(to_digit_scale(images))))
     else:
         from ddim_cli.data import DigitsDataset
-        from ddim_cli.generate import load_model, resolve_checkpoint
+        from ddim_cli.models import load_model, resolve_checkpoint
 
         config = load_model(resolve_checkpoint(args.source)[0]).config
         trained_on = DigitsDataset(config.data)

@@ -37,7 +37,9 @@ def edit_scores(
     """One row per (guidance, method), and a fresh sample of the target per guidance as the yardstick:
     ``{"name", "to_target", "kept_source", "mse_source"}``."""
     from ddim_cli.data import DigitsDataset
-    from ddim_cli.generate import SamplerSpec, edit_images, generate, noise_model
+    from ddim_cli.jobs.edit import edit_images
+    from ddim_cli.jobs.sample import generate
+    from ddim_cli.models import SamplerSpec, noise_model
     from ddim_cli.seeding import seeded_noise
 
     torch.manual_seed(0)  # nothing here should draw from it; it pins anything that does
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
 
-    from ddim_cli.generate import load_model, resolve_checkpoint
+    from ddim_cli.models import load_model, resolve_checkpoint
 
     loaded = load_model(resolve_checkpoint(args.run)[0])
     guidance = args.guidance or f"{loaded.config.sample.guidance:g},1"

@@ -55,7 +55,9 @@ def _errors(name: str, originals: torch.Tensor, reconstructions: torch.Tensor, *
 def inversion_scores(loaded, judge: DigitJudge, echo=None) -> list[dict]:
     """Rows ``{"name", "mean_mse", "max_mse", "over_1e-4", "over_1e-3"}`` (and ``calls_per_step``,
     ``missed`` for --exact): each setting as `ddim invert` runs it by default."""
-    from ddim_cli.generate import SamplerSpec, generate, invert_images, invert_null_text, noise_model
+    from ddim_cli.jobs.invert import invert_images, invert_null_text
+    from ddim_cli.jobs.sample import generate
+    from ddim_cli.models import SamplerSpec, noise_model
 
     kinds, labels = inversion_digits(judge)
     rows = []
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the quickstart checkpoint or run directory")
     args = parser.parse_args(argv)
 
-    from ddim_cli.generate import load_model, resolve_checkpoint
+    from ddim_cli.models import load_model, resolve_checkpoint
 
     loaded = load_model(resolve_checkpoint(args.run)[0])
     print(f"{PER_CLASS * 10} held-out digits each way, {loaded.checkpoint}")

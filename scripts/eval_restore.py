@@ -50,7 +50,8 @@ def restore_scores(loaded, judge: DigitJudge, n: int, steps: int, tasks: list[st
     """One row per task and setting: ``{"task", "setting", "psnr", "obs_rmse", "read"}`` (None where a
     figure does not apply; ``read``: how often the judge reads the result as the original digit)."""
     from ddim_cli.data import DigitsDataset
-    from ddim_cli.generate import SamplerSpec, degrade_images, noise_model, restore_images
+    from ddim_cli.jobs.restore import degrade_images, restore_images
+    from ddim_cli.models import SamplerSpec, noise_model
     from ddim_cli.restoration import Denoising, Inpainting, SuperResolution, mask_preset
 
     torch.manual_seed(0)  # nothing here should draw from it; it pins anything that does
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="inpaint,sr4,denoise0.3", help="comma-separated subset of the tasks")
     args = parser.parse_args(argv)
 
-    from ddim_cli.generate import load_model, resolve_checkpoint
+    from ddim_cli.models import load_model, resolve_checkpoint
 
     loaded = load_model(resolve_checkpoint(args.run)[0])
     print(f"{args.n} held-out digits, {args.steps} DDIM steps, {loaded.checkpoint}")

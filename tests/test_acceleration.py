@@ -10,7 +10,7 @@ from ddim_cli import acceleration
 from ddim_cli.acceleration import resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.checkpoint import write_weights
 from ddim_cli.config import config_from_dict
-from ddim_cli.generate import load_model, noise_model
+from ddim_cli.models import load_model, noise_model
 from ddim_cli.train import train
 from ddim_cli.unet import UNet
 

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from ddim_cli.checkpoint import save_checkpoint
 from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
-from ddim_cli.generate import SamplerSpec, generate, load_model, noise_model
 from ddim_cli.images import load_images, to_uint8
+from ddim_cli.jobs.sample import generate
+from ddim_cli.models import SamplerSpec, load_model, noise_model
 from ddim_cli.seeding import seeded_noise
 from ddim_cli.train import train
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ddim_cli.cli import app  # noqa: E402
 from ddim_cli.convert import ConversionError, convert, preset_config  # noqa: E402
-from ddim_cli.generate import load_model  # noqa: E402
+from ddim_cli.models import load_model  # noqa: E402
 from ddim_cli.sampling import sample  # noqa: E402
 from ddim_cli.schedule import alpha_bars, timesteps  # noqa: E402
 from ddim_cli.unet import UNet, UNetConfig  # noqa: E402

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
 from ddim_cli.export import scheduler_config
-from ddim_cli.generate import load_model, resolve_checkpoint
 from ddim_cli.images import save_latents
+from ddim_cli.models import load_model, resolve_checkpoint
 
 
 def cli(*args):

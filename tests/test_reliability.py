@@ -216,7 +216,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(fresh_copy, cap
     ],
 )
 def test_unwritable_outputs_fail_before_any_sampling(finished_run, tmp_path, monkeypatch, option, value, message):
-    import ddim_cli.generate as generate
+    import ddim_cli.jobs.sample as generate
 
     def never(*args, **kwargs):
         raise AssertionError("sampled before checking the outputs")
@@ -315,7 +315,7 @@ def assert_same_outputs(one, two):
 
 def interrupt_after(monkeypatch, batches):
     """Ctrl-C while the batch after ``batches`` batches is being sampled; returns the image counts sampled."""
-    import ddim_cli.generate as generate
+    import ddim_cli.jobs.sample as generate
 
     real, made = generate.generate, []
 

@@ -11,8 +11,9 @@ from PIL import Image
 from test_commands import TINY, ddim, ok  # the same tiny runs and CLI helpers
 
 from ddim_cli.config import config_from_dict
-from ddim_cli.generate import SamplerSpec, degrade_images, load_model, noise_model, resolve_checkpoint, restore_images
 from ddim_cli.images import load_images
+from ddim_cli.jobs.restore import degrade_images, restore_images
+from ddim_cli.models import SamplerSpec, load_model, noise_model, resolve_checkpoint
 from ddim_cli.restoration import Colorization, Composed, Inpainting, SuperResolution, mask_preset
 from ddim_cli.train import train
 

@@ -315,8 +315,8 @@ def test_fid_during_training_is_logged_plotted_and_its_reference_cached(tmp_path
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
     # The FID is that of the EMA samples `ddim sample` draws by default, against the training set.
     from ddim_cli.fid import frechet_distance, statistics
-    from ddim_cli.generate import load_model
     from ddim_cli.images import to_uint8
+    from ddim_cli.models import load_model
     from ddim_cli.monitor import sample_ema
 
     loaded = load_model(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])

@@ -75,7 +75,7 @@ def fail_if_compile_error(error: Exception, remedy: str) -> None:
 
 def load_run(checkpoint: Path | None, ema: bool, device: Device, where=None):
     """The checkpoint on ``where`` (a torch.device chosen elsewhere, e.g. this rank's GPU) or ``device``."""
-    from ddim_cli.generate import load_model, resolve_checkpoint
+    from ddim_cli.models import load_model, resolve_checkpoint
 
     candidates, note = resolve_checkpoint(checkpoint)
     if note:
@@ -84,7 +84,7 @@ def load_run(checkpoint: Path | None, ema: bool, device: Device, where=None):
 
 
 def sampler_spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x0):
-    from ddim_cli.generate import SamplerSpec
+    from ddim_cli.models import SamplerSpec
 
     cfg = loaded.config.sample
     if sampler is not Sampler.ddim and eta:
@@ -116,7 +116,7 @@ def labels_and_guidance(
     guidance w, as `sample` and `compare` choose them; an explicit --guidance that cannot apply is an
     error, the config's is dropped."""
     from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.generate import class_labels
+    from ddim_cli.models import class_labels
 
     labels = class_labels(
         loaded, generators, classes=parse_classes(classes), unconditional=unconditional, first_index=first_index
@@ -137,7 +137,7 @@ def rescale_or_config(loaded, option: float | None) -> float:
 def command_noise_model(loaded, guidance: float, rescale_option: float | None, precision, compile_model):
     """The checkpoint's noise model as the sampling commands run it: guidance w, its rescale
     (--guidance-rescale or the config's), --precision and --compile."""
-    from ddim_cli import generate as g
+    from ddim_cli import models as g
 
     return g.noise_model(
         loaded,
@@ -164,7 +164,7 @@ def rank_progress(bar, shard):
 def invert_labels(loaded, classes: str | None, guidance: float, count: int):
     """``--class K[,K...]`` cycled over the images to invert, or None (the null label)."""
     from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.generate import check_classes
+    from ddim_cli.models import check_classes
     from ddim_cli.seeding import cycle_classes
 
     if classes is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,7 +21,6 @@ from ddim_cli.commands.common import (
     user_errors,
 )
 from ddim_cli.commands.options import (
-    OUTPUT_PANEL,
     SAMPLER_PANEL,
     BatchOpt,
     CheckpointArg,
@@ -45,6 +43,7 @@ from ddim_cli.commands.options import (
     SeedOpt,
     SkipOpt,
     UnconditionalOpt,
+    out_folder_option,
 )
 
 
@@ -81,10 +80,7 @@ def compare(
     n: Annotated[int, typer.Option("--n", min=1, help="Images per row.")] = 8,
     seed: SeedOpt = None,
     batch_size: BatchOpt = 64,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Output folder (default: the run's compare/).", rich_help_panel=OUTPUT_PANEL),
-    ] = None,
+    out: out_folder_option("compare") = None,
     fid: Annotated[
         int,
         typer.Option("--fid", min=0, help="Also compute FID from N samples per row (kept and reused in OUT/samples)."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,7 +21,6 @@ from ddim_cli.commands.common import (
 )
 from ddim_cli.commands.options import (
     CLASSES_PANEL,
-    OUTPUT_PANEL,
     BatchOpt,
     CheckpointAndImagesArg,
     Device,
@@ -35,6 +33,8 @@ from ddim_cli.commands.options import (
     SkipOpt,
     StepsOpt,
     Variance,
+    npz_option,
+    out_folder_option,
 )
 
 
@@ -82,18 +82,8 @@ def edit(
         ),
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="sdedit: image i is noised with seed + i.")] = 0,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Output folder (default: the run's edit/).", rich_help_panel=OUTPUT_PANEL),
-    ] = None,
-    npz: Annotated[
-        Path | None,
-        typer.Option(
-            "--npz",
-            help="Also write arr_0 = uint8 (N, H, W, C) of the edits, in input order.",
-            rich_help_panel=OUTPUT_PANEL,
-        ),
-    ] = None,
+    out: out_folder_option("edit") = None,
+    npz: npz_option("the edits, in input order") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
     ema: EmaOpt = True,
@@ -105,9 +95,11 @@ def edit(
     edit's per-dimension MSE to its source on [-1, 1]). Guidance defaults to the config's
     sample.guidance. Under torchrun the ranks share every batch; rank 0 writes.
     """
-    from ddim_cli import generate as g
+    import torch
+
+    from ddim_cli import distributed
     from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
+    from ddim_cli.jobs.edit import edit_images, write_edits
     from ddim_cli.seeding import seeded_noise
 
     checkpoint, images_in = checkpoint_and_images(paths, "edit")
@@ -116,14 +108,11 @@ def edit(
     if null_text and (method != EditMethod.ddib or from_class is None or guidance == 0):
         fail("--null-text needs --method ddib, --from-class J and --guidance W > 0", code=2)
     with user_errors():
-        import torch
-
-        from ddim_cli import distributed
-
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device, where)
-        check_outputs(directories=[("--out", out or loaded.run_dir / "edit")])
+        directory = out or loaded.run_dir / "edit"
+        check_outputs(directories=[("--out", directory)])
         if loaded.config.model.num_classes is None:
             raise CheckpointError("--to-class needs a class-conditional model; this one is unconditional")
         num_classes = loaded.config.model.num_classes
@@ -137,19 +126,20 @@ def edit(
         count = len(originals)
         ddib_spec = method == EditMethod.ddib
         spec = sampler_spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False if ddib_spec else None)
-        noise = seeded_noise(loaded.image_shape, list(range(seed, seed + count)))[0]
+        to_labels = torch.full((count,), to_class, dtype=torch.long)
+        from_labels = None if from_class is None else torch.full((count,), from_class, dtype=torch.long)
         with progress_bar(count, progress and shard.main, f"edit ({method.value}) S={spec.steps}") as bar:
-            edited = g.edit_images(
+            edited = edit_images(
                 loaded,
                 originals,
                 spec,
-                torch.full((count,), to_class, dtype=torch.long),
-                from_labels=None if from_class is None else torch.full((count,), from_class, dtype=torch.long),
+                to_labels,
+                from_labels=from_labels,
                 method=method.value,
                 guidance=w,
                 guidance_rescale=rescale_or_config(loaded, guidance_rescale),
                 strength=strength,
-                noise=noise,
+                noise=seeded_noise(loaded.image_shape, list(range(seed, seed + count)))[0],
                 exact=exact_inversion,
                 null_text=null_text,
                 batch_size=batch_size,
@@ -159,19 +149,8 @@ def edit(
         distributed.finish(shard)
         if not shard.main:  # rank 0 writes
             return
-        distances = (edited.clamp(-1, 1) - originals).pow(2).flatten(1).mean(1).tolist()
-        directory = out or loaded.run_dir / "edit"
-        save_grid(torch.cat([originals, edited.clamp(-1, 1)]), directory / "grid.png", nrow=count)
-        save_pngs(edited, directory / "edited")
-        source = "null" if from_class is None else from_class
-        lines = ["image,from_class,to_class,mse_to_source"] + [
-            f"{p},{source},{to_class},{d:.6g}" for p, d in zip(images_in, distances, strict=True)
-        ]
-        (directory / "distances.csv").write_text("\n".join(lines) + "\n")
-        written = [f"{directory}/ (grid.png, edited/, distances.csv)"]
-        if npz is not None:
-            save_npz(to_uint8(edited), npz)
-            written.append(str(npz))
+        names = [str(path) for path in images_in]
+        distances, written = write_edits(directory, originals, edited, names, to_labels, from_labels, npz)
     how = method.value + (
         " + null-text" if null_text else " + exact inversion" if ddib_spec and exact_inversion else ""
     )

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ddim_cli.commands.common import (
+    auto_switch,
     check_outputs,
     checkpoint_and_images,
-    command_noise_model,
     fail,
     invert_labels,
     load_inputs,
     load_run,
     progress_bar,
+    rescale_or_config,
     sampler_spec,
     user_errors,
 )
 from ddim_cli.commands.options import (
-    OUTPUT_PANEL,
     BatchOpt,
     CheckpointAndImagesArg,
     CompileOpt,
@@ -40,6 +39,7 @@ from ddim_cli.commands.options import (
     StepsOpt,
     TolOpt,
     Variance,
+    out_folder_option,
 )
 from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
 from ddim_cli.sampling import EXACT_TOL
@@ -98,10 +98,7 @@ def invert(
         int,
         typer.Option("--interpolate", min=0, help="With two images: decode N frames slerped between their latents."),
     ] = 0,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Output folder (default: the run's invert/).", rich_help_panel=OUTPUT_PANEL),
-    ] = None,
+    out: out_folder_option("invert") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
     precision: InvertPrecisionOpt = Precision.fp32,
@@ -116,10 +113,7 @@ def invert(
     (usable with `ddim sample --latents`), grid.png (originals, reconstructions, latents),
     metrics.csv (per-dimension MSE on [-1, 1] and PSNR) and, with --interpolate, interpolation.png.
     """
-    import torch
-
-    from ddim_cli import generate as g
-    from ddim_cli.images import save_grid, save_latents, save_null_embeddings
+    from ddim_cli.jobs.invert import invert_to_folder
 
     checkpoint, images_in = checkpoint_and_images(paths, "invert")
     if interpolate and len(images_in) != 2:
@@ -133,80 +127,47 @@ def invert(
     with user_errors():
         check_outputs([], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device)
-        check_outputs(directories=[("--out", out or loaded.run_dir / "invert")])
+        directory = out or loaded.run_dir / "invert"
+        check_outputs(directories=[("--out", directory)])
         originals = load_inputs(loaded, images_in)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
         spec = sampler_spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
-        labels = invert_labels(loaded, class_label, guidance, len(originals))
-        make_eps = command_noise_model(loaded, guidance, guidance_rescale, precision, compile_model)
         steps_run = len(spec.timesteps(loaded.alpha_bars))
-        report: list = []
-        fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report}
         with progress_bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
-            if null_text:
-                fitted = g.invert_null_text(
-                    loaded,
-                    originals,
-                    spec,
-                    labels,
-                    guidance=guidance,
-                    batch_size=batch_size,
-                    inner_steps=inner_steps,
-                    lr=null_lr,
-                    early_stop=early_stop,
-                    progress=bar.update,
-                    **fixed_point,
-                )
-                latents, recon = fitted.latent, fitted.reconstruction
-            else:
-                latents = g.invert_images(
-                    loaded,
-                    make_eps,
-                    originals,
-                    spec,
-                    labels=labels,
-                    batch_size=batch_size,
-                    progress=bar.update,
-                    **fixed_point,
-                )
-                unused = [torch.Generator() for _ in latents]  # eta = 0 draws no noise
-                recon, _ = g.generate(
-                    loaded, make_eps, spec, latents, unused, labels=labels, batch_size=batch_size, progress=bar.update
-                )
-        metrics = g.reconstruction_metrics(originals, recon)
-
-        directory = out or loaded.run_dir / "invert"
-        save_latents(latents, directory / "latents.npy")
-        latent_view = (latents * 0.25).clamp(-1, 1)  # N(0, 1) shown with +-4 sigma across the range
-        save_grid(torch.cat([originals, recon.clamp(-1, 1), latent_view]), directory / "grid.png", nrow=len(originals))
-        lines = ["image,mse,psnr_db"] + [f"{p},{m:.6g},{q:.3f}" for p, (m, q) in zip(images_in, metrics, strict=True)]
-        (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
-        written = ["latents.npy", "grid.png", "metrics.csv"]
-        if null_text:
-            save_null_embeddings(
-                directory / "null_embeddings.safetensors", fitted.null_embeddings, fitted.timesteps, labels, guidance
+            run = invert_to_folder(
+                loaded,
+                originals,
+                [str(path) for path in images_in],
+                spec,
+                directory,
+                labels=invert_labels(loaded, class_label, guidance, len(originals)),
+                guidance=guidance,
+                guidance_rescale=rescale_or_config(loaded, guidance_rescale),
+                exact=exact,
+                max_iter=max_iter,
+                tol=tol,
+                null_text=null_text,
+                inner_steps=inner_steps,
+                lr=null_lr,
+                early_stop=early_stop,
+                interpolate=interpolate,
+                precision=precision.value,
+                compile=auto_switch(compile_model),
+                batch_size=batch_size,
+                progress=bar.update,
             )
-            written.append("null_embeddings.safetensors")
-        if interpolate:
-            written.append("interpolation.png")
-            alphas = torch.linspace(0, 1, interpolate)
-            frames_T = g.slerp(latents[0], latents[1], alphas)
-            unused = [torch.Generator() for _ in frames_T]
-            frame_labels = None if labels is None else labels[:1].expand(len(frames_T))
-            frames, _ = g.generate(loaded, make_eps, spec, frames_T, unused, labels=frame_labels, batch_size=batch_size)
-            save_grid(frames, directory / "interpolation.png", nrow=interpolate)
-    for path, (mse, psnr) in zip(images_in, metrics, strict=True):
+    for path, (mse, psnr) in zip(images_in, run.metrics, strict=True):
         typer.echo(f"{path}: MSE {mse:.4g} per dimension, PSNR {psnr:.2f} dB")
-    mean = sum(m for m, _ in metrics) / len(metrics)
     if exact:
-        for line in _summary_of_exact_inversion(report, images_in, steps_run, tol, max_iter):
+        for line in _summary_of_exact_inversion(run.report, images_in, steps_run, tol, max_iter):
             typer.echo(line)
     if null_text:
         typer.echo(
-            f"null-text inversion at guidance {guidance:g}: largest step loss {float(fitted.step_losses.max()):.3g} "
-            f"(early stop {early_stop:g}); reproduce with: ddim sample {loaded.checkpoint} --latents "
-            f"{directory}/latents.npy --null-embeddings {directory}/null_embeddings.safetensors --steps {spec.steps} "
-            f"--skip {spec.skip} --no-clip-x0"
+            f"null-text inversion at guidance {guidance:g}: largest step loss "
+            f"{float(run.null_text.step_losses.max()):.3g} (early stop {early_stop:g}); reproduce with: ddim sample "
+            f"{loaded.checkpoint} --latents {directory}/latents.npy --null-embeddings "
+            f"{directory}/null_embeddings.safetensors --steps {spec.steps} --skip {spec.skip} --no-clip-x0"
         )
+    mean = sum(m for m, _ in run.metrics) / len(run.metrics)
     typer.echo(f"inverted {len(originals)} image(s) with {spec.label} from {loaded.checkpoint}; mean MSE {mean:.4g}")
-    typer.echo(f"wrote {directory}/ ({', '.join(written)})")
+    typer.echo(f"wrote {directory}/ ({', '.join(run.written)})")

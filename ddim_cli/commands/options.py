@@ -229,3 +229,21 @@ DataRootOpt = Annotated[
     Path | None, typer.Option("--data-root", help="Where a named dataset lives (default data/NAME).")
 ]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download a named reference dataset.")]
+
+
+def out_folder_option(default_folder: str):
+    """``--out DIR`` of a command that writes a folder, by default ``default_folder`` in the run."""
+    return Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help=f"Output folder (default: the run's {default_folder}/).", rich_help_panel=OUTPUT_PANEL
+        ),
+    ]
+
+
+def npz_option(what: str, shape: str = "N, H, W, C"):
+    """``--npz FILE``: ``what`` also as one uint8 array, for FID tools and other programs."""
+    return Annotated[
+        Path | None,
+        typer.Option("--npz", help=f"Also write arr_0 = uint8 ({shape}) of {what}.", rich_help_panel=OUTPUT_PANEL),
+    ]

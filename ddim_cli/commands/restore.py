@@ -23,7 +23,6 @@ from ddim_cli.commands.common import (
     user_errors,
 )
 from ddim_cli.commands.options import (
-    OUTPUT_PANEL,
     SAMPLER_PANEL,
     BatchOpt,
     CheckpointAndImagesArg,
@@ -39,6 +38,8 @@ from ddim_cli.commands.options import (
     SkipOpt,
     StepsOpt,
     Variance,
+    npz_option,
+    out_folder_option,
 )
 
 
@@ -70,8 +71,8 @@ def _degradation(loaded, mask: str | None, sr: int | None, sigma: float, gray: b
     """The degradation the options describe, checked against the model (one-line errors)."""
     from ddim_cli import restoration as r
     from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.generate import mask_generator
     from ddim_cli.images import image_sizes, load_mask
+    from ddim_cli.jobs.restore import mask_generator
 
     channels, size, _ = loaded.image_shape
     parts = []
@@ -216,18 +217,8 @@ def restore(
     n_samples: Annotated[
         int, typer.Option("--n-samples", min=1, help="Restorations per input (seeds differ), to show the uncertainty.")
     ] = 1,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Output folder (default: the run's restore/).", rich_help_panel=OUTPUT_PANEL),
-    ] = None,
-    npz: Annotated[
-        Path | None,
-        typer.Option(
-            "--npz",
-            help="Also write arr_0 = uint8 (N x n-samples, H, W, C) of the restorations, in input order.",
-            rich_help_panel=OUTPUT_PANEL,
-        ),
-    ] = None,
+    out: out_folder_option("restore") = None,
+    npz: npz_option("the restorations, in input order", "N x n-samples, H, W, C") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
     ema: EmaOpt = True,
@@ -243,8 +234,9 @@ def restore(
     the observed values (~0 for noiseless inputs: known pixels are kept). Under torchrun the
     ranks share every batch; rank 0 writes.
     """
-    from ddim_cli import generate as g
-    from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
+    from ddim_cli import distributed
+    from ddim_cli.jobs.restore import degrade_images, restore_images, write_restorations
+    from ddim_cli.models import noise_model
     from ddim_cli.restoration import model_calls
 
     checkpoint, images_in = checkpoint_and_images(paths, "restore")
@@ -254,31 +246,27 @@ def restore(
     default_jump, default_resample = _RESTORE_TRAVEL[method]
     jump, resample = jump or default_jump, resample or default_resample
     with user_errors():
-        import torch
-
-        from ddim_cli import distributed
-
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device, where)
-        check_outputs(directories=[("--out", out or loaded.run_dir / "restore")])
+        directory = out or loaded.run_dir / "restore"
+        check_outputs(directories=[("--out", directory)])
         seed = loaded.config.sample.seed if seed is None else seed
         degradation = _degradation(loaded, mask, sr, sigma, gray, seed, images_in)
         count = len(images_in)
         labels = invert_labels(loaded, class_label, guidance or 0.0, count)
         if degrade:
             originals = load_inputs(loaded, images_in)
-            observations = g.degrade_images(degradation, originals, seed)
+            observations = degrade_images(degradation, originals, seed)
         else:
             originals, observations = None, _observations(loaded, degradation, images_in, sr)
         w = 0.0 if labels is None else (loaded.config.sample.guidance if guidance is None else guidance)
         spec = sampler_spec(loaded, Sampler.ddim, steps, eta, skip, Variance.posterior, clip_x0)
-        make_eps = g.noise_model(loaded, guidance=w, guidance_rescale=rescale_or_config(loaded, guidance_rescale))
+        make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale_or_config(loaded, guidance_rescale))
         calls = model_calls(len(spec.timesteps(loaded.alpha_bars)), jump, resample)
-        with progress_bar(
-            count * n_samples * calls, progress and shard.main, f"restore ({method.value}) S={spec.steps}"
-        ) as bar:
-            restored = g.restore_images(
+        desc = f"restore ({method.value}) S={spec.steps}"
+        with progress_bar(count * n_samples * calls, progress and shard.main, desc) as bar:
+            restored = restore_images(
                 loaded,
                 make_eps,
                 observations,
@@ -293,44 +281,24 @@ def restore(
                 batch_size=batch_size,
                 progress=rank_progress(bar, shard),
                 shard=shard,
-            ).clamp(-1, 1)
+            )
         distributed.finish(shard)
         if not shard.main:  # rank 0 writes
             return
-        shown = degradation.show(observations).clamp(-1, 1)
-        repeated = observations.repeat_interleave(n_samples, 0)
-        errors = degradation.observation_error(restored, repeated).tolist()
-        quality = [None] * len(restored)
-        if originals is not None:
-            quality = [q for _, q in g.reconstruction_metrics(originals.repeat_interleave(n_samples, 0), restored)]
-            baseline = [q for _, q in g.reconstruction_metrics(originals, shown)]
-
-        directory = out or loaded.run_dir / "restore"
-        by_sample = restored.view(count, n_samples, *restored.shape[1:]).transpose(0, 1).reshape(restored.shape)
-        rows = ([] if originals is None else [originals]) + [shown, by_sample]
-        save_grid(torch.cat(rows), directory / "grid.png", nrow=count)
-        save_pngs(restored, directory / "restored")
-        lines = ["image,sample,psnr_db,psnr_degraded_db,observation_rmse"]
-        for k, (error, psnr) in enumerate(zip(errors, quality, strict=True)):
-            i, j = divmod(k, n_samples)
-            scores = "," if psnr is None else f"{psnr:.3f},{baseline[i]:.3f}"
-            # Six decimals on the [-1, 1] scale: far finer than a uint8 level; below that is rounding noise.
-            lines.append(f"{images_in[i]},{j},{scores},{error:.6f}")
-        (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
-        written = [f"{directory}/ (grid.png, restored/, metrics.csv)"]
-        if npz is not None:
-            save_npz(to_uint8(restored), npz)
-            written.append(str(npz))
+        names = [str(path) for path in images_in]
+        scores, written = write_restorations(
+            directory, restored, observations, degradation, names, originals=originals, npz=npz
+        )
     how = method.value + (" (DDNM+)" if sigma and method is RestoreMethod.ddnm else "")
     travel = f", time travel jump {jump} x {resample}" if resample > 1 else ""
     typer.echo(
         f"restored {count} image(s) x {n_samples} with {how}, {spec.label}{travel}"
         + (f", class {class_summary(labels)} guidance {w:g}" if labels is not None else "")
-        + f"; observation error (RMS of A x - y) {max(errors):.3g} at most"
+        + f"; observation error (RMS of A x - y) {max(scores.observation_errors):.3g} at most"
     )
-    if originals is not None:
+    if scores.psnr is not None:
         typer.echo(
-            f"PSNR {sum(quality) / len(quality):.2f} dB against the originals "
-            f"(degraded input shown at full size: {sum(baseline) / len(baseline):.2f} dB)"
+            f"PSNR {sum(scores.psnr) / len(scores.psnr):.2f} dB against the originals "
+            f"(degraded input shown at full size: {sum(scores.degraded_psnr) / len(scores.degraded_psnr):.2f} dB)"
         )
     typer.echo("wrote " + ", ".join(written))

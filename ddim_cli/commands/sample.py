@@ -8,15 +8,14 @@ from typing import Annotated
 import typer
 
 from ddim_cli.commands.common import (
+    auto_switch,
     check_outputs,
     class_summary,
-    command_noise_model,
     fail,
     labels_and_guidance,
     load_run,
     parse_classes,
     progress_bar,
-    rank_progress,
     rescale_or_config,
     sampler_spec,
     user_errors,
@@ -45,6 +44,7 @@ from ddim_cli.commands.options import (
     StepsOpt,
     UnconditionalOpt,
     Variance,
+    npz_option,
 )
 
 
@@ -107,12 +107,7 @@ def sample(
         Path | None,
         typer.Option("--out-dir", help="Also write each image as its own PNG here.", rich_help_panel=OUTPUT_PANEL),
     ] = None,
-    npz: Annotated[
-        Path | None,
-        typer.Option(
-            "--npz", help="Also write arr_0 = uint8 (N, H, W, C), for FID tools.", rich_help_panel=OUTPUT_PANEL
-        ),
-    ] = None,
+    npz: npz_option("the images, for FID tools") = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -138,13 +133,9 @@ def sample(
     command runs again. Under torchrun the ranks share every batch (--batch-size is all ranks'
     batch) and rank 0 writes: `torchrun --nproc_per_node 8 -m ddim_cli -- sample ...`.
     """
-    from time import perf_counter
-
-    import torch
-
-    from ddim_cli import generate as g
-    from ddim_cli.images import load_latents
-    from ddim_cli.sample_files import SampleFiles
+    from ddim_cli import distributed
+    from ddim_cli.jobs.invert import null_text_sample_to_files
+    from ddim_cli.jobs.sample import sample_to_files
     from ddim_cli.seeding import seeded_noise
 
     if null_embeddings is not None:
@@ -156,112 +147,83 @@ def sample(
             fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
         clip_x0 = False if clip_x0 is None else clip_x0
     with user_errors():
-        from ddim_cli import distributed
-
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
-        main = shard.main
         files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
         check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
         loaded = load_run(checkpoint, ema, device, where)
         if out is None:
             check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
         spec = sampler_spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
-        shape = loaded.image_shape
-        given = None if latents is None else load_latents(latents, shape)
-        if given is not None and null_embeddings is None:
-            seed, classes, unconditional = _recorded_draws(latents, seed, classes, unconditional, main)
-        first_seed = loaded.config.sample.seed if seed is None else seed
-        if given is not None and n is not None and n != len(given):
-            raise ValueError(f"--n {n} does not match the {len(given)} latents in {latents}")
-        count = len(given) if given is not None else (loaded.config.sample.n if n is None else n)
-        steps_run = len(spec.timesteps(loaded.alpha_bars))
+        if latents is not None and null_embeddings is None:
+            seed, classes, unconditional = _recorded_draws(latents, seed, classes, unconditional, shard.main)
+        seed = loaded.config.sample.seed if seed is None else seed
         name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
-        grid = out or loaded.run_dir / "samples" / f"{name}-seed{first_seed}.png"
-        if null_embeddings is not None:
-            fitted, null_labels, w = _null_text_inputs(loaded, spec, null_embeddings, count, classes, guidance)
-        else:
-            w = labels_and_guidance(loaded, seeded_noise(shape, [first_seed])[1], classes, unconditional, guidance)[1]
-        phi = rescale_or_config(loaded, guidance_rescale) if w and null_embeddings is None else 0.0
-        settings = _sample_settings(
-            loaded, spec, first_seed, count, classes, unconditional, (w, phi), latents, ema, precision
-        )
-        outputs = SampleFiles(
-            grid,
-            out_dir,
-            npz,
-            save_latents,
-            count,
-            shape,
-            settings=settings,
-            resume=resume and null_embeddings is None,  # --null-embeddings: a few images, made at once
-            enabled=main,
-            draws={"seed": first_seed, "classes": classes, "unconditional": unconditional},
-        )
-        done = shard.broadcast(outputs.done)
-        if done and main:
-            typer.echo(f"note: continuing an interrupted run: {done} of {count} images are done", err=True)
-        label_batches, seconds = [], 0.0
-        with outputs, progress_bar(count * steps_run, progress and main, spec.label) as bar:
+        outputs = {
+            "grid": out or loaded.run_dir / "samples" / f"{name}-seed{seed}.png",
+            "out_dir": out_dir,
+            "npz": npz,
+            "save_latents": save_latents,
+        }
+        count = _count(loaded, latents, n)
+        steps_run = len(spec.timesteps(loaded.alpha_bars))
+        with progress_bar(count * steps_run, progress and shard.main, spec.label) as bar:
+            jobs = {"batch_size": batch_size, "progress": bar.update, "shard": shard}
             if null_embeddings is not None:
-                start = perf_counter()
-                images = g.sample_null_text(
+                run = null_text_sample_to_files(
                     loaded,
-                    given,
-                    null_labels,
-                    fitted,
                     spec,
-                    guidance=w,
-                    batch_size=batch_size,
-                    progress=rank_progress(bar, shard),
-                    shard=shard,
+                    latents=latents,
+                    null_embeddings=null_embeddings,
+                    classes=parse_classes(classes),
+                    guidance=guidance,
+                    **outputs,
+                    **jobs,
                 )
-                seconds = perf_counter() - start
-                outputs.add(0, given, images)
-                label_batches.append(null_labels)
-            else:  # batch by batch, so that no output holds every image in memory
-                make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model)
-                bar.update(done * steps_run)
-                for first in range(0, count, batch_size):
-                    seeds = list(range(first_seed + first, first_seed + min(count, first + batch_size)))
-                    # Each seed's first draw is its x_T (or the given latent instead); its class and noise follow.
-                    x_T, generators = seeded_noise(shape, seeds)
-                    if given is not None:
-                        x_T = given[first : first + len(seeds)]
-                    labels = labels_and_guidance(loaded, generators, classes, unconditional, guidance, first)[0]
-                    label_batches.append(labels)
-                    ready = max(0, min(done - first, len(seeds)))  # made by the interrupted run
-                    if ready:
-                        outputs.skip(first, x_T[:ready])
-                    if ready == len(seeds):
-                        continue
-                    new = slice(ready, None)
-                    images, per_image = g.generate(
-                        loaded,
-                        make_eps,
-                        spec,
-                        x_T[new],
-                        generators[new],
-                        labels=None if labels is None else labels[new],
-                        batch_size=batch_size,
-                        progress=rank_progress(bar, shard),
-                        shard=shard,
-                    )
-                    seconds += per_image * len(images)
-                    outputs.add(first + ready, x_T[new], images)
-                    bar.n = (first + len(seeds)) * steps_run  # the other ranks' share too
-                    bar.refresh()
+            else:
+                w = labels_and_guidance(
+                    loaded, seeded_noise(loaded.image_shape, [seed])[1], classes, unconditional, guidance
+                )[1]
+                run = sample_to_files(
+                    loaded,
+                    spec,
+                    count=count,
+                    seed=seed,
+                    latents=latents,
+                    classes=parse_classes(classes),
+                    unconditional=unconditional,
+                    guidance=w,
+                    guidance_rescale=rescale_or_config(loaded, guidance_rescale) if w else 0.0,
+                    precision=precision.value,
+                    compile=auto_switch(compile_model),
+                    resume=resume,
+                    notify=lambda note: typer.echo(f"note: {note}", err=True) if shard.main else None,
+                    **outputs,
+                    **jobs,
+                )
         distributed.finish(shard)
-    if not main:
+    if not shard.main:
         return
-    if label_batches[0] is None:
+    if run.labels is None:
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
-        rescaled = f", rescale {phi:g}" if phi else ""
-        conditioning = f" (classes {class_summary(torch.cat(label_batches))}, guidance {w:g}{rescaled})"
-    made = count - done
-    timing = f" in {seconds / made:.4f} s/image" if made else ""
-    typer.echo(f"{count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
-    typer.echo("wrote " + ", ".join(outputs.written))
+        rescaled = f", rescale {run.guidance_rescale:g}" if run.guidance_rescale else ""
+        conditioning = f" (classes {class_summary(run.labels)}, guidance {run.guidance:g}{rescaled})"
+    made = run.count - run.resumed
+    timing = f" in {run.seconds / made:.4f} s/image" if made else ""
+    typer.echo(f"{run.count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
+    typer.echo("wrote " + ", ".join(run.written))
+
+
+def _count(loaded, latents: Path | None, n: int | None) -> int:
+    """How many images: --n, else every latent given, else the config's sample.n."""
+    if latents is None:
+        return loaded.config.sample.n if n is None else n
+    from ddim_cli.images import load_latents
+
+    given = len(load_latents(latents, loaded.image_shape))
+    if n is not None and n != given:
+        raise ValueError(f"--n {n} does not match the {given} latents in {latents}")
+    return given
 
 
 def _recorded_draws(latents: Path, seed: int | None, classes: str | None, unconditional: bool, main: bool):
@@ -278,59 +240,10 @@ def _recorded_draws(latents: Path, seed: int | None, classes: str | None, uncond
         seed = record["seed"]
         taken.append(f"seed {seed}")
     if classes is None and not unconditional:
-        classes, unconditional = record.get("classes"), bool(record.get("unconditional"))
+        recorded = record.get("classes")  # a list (older records: the option's text)
+        classes = ",".join(map(str, recorded)) if isinstance(recorded, list) else recorded
+        unconditional = bool(record.get("unconditional"))
         taken += ["--unconditional"] if unconditional else [f"--class {classes}"] if classes else []
     if taken and main:
         typer.echo(f"note: {' and '.join(taken)} from {draws_path(latents)}, as the latents were sampled", err=True)
     return seed, classes, unconditional
-
-
-def _null_text_inputs(loaded, spec, path: Path, count: int, classes: str | None, guidance: float | None):
-    """The fitted embeddings of ``ddim invert --null-text``, checked against this run, with the
-    labels (the file's, or --class cycled) and guidance (the file's, or --guidance) to use."""
-    import torch
-
-    from ddim_cli.checkpoint import CheckpointError
-    from ddim_cli.generate import check_classes
-    from ddim_cli.images import load_null_embeddings
-    from ddim_cli.seeding import cycle_classes
-
-    fitted, fitted_steps, labels, fitted_guidance = load_null_embeddings(path)
-    wanted = spec.timesteps(loaded.alpha_bars)
-    if not torch.equal(fitted_steps, wanted.cpu()):
-        raise CheckpointError(
-            f"{path} was fitted on {len(fitted_steps)} timesteps ({fitted_steps[0]}..{fitted_steps[-1]}), not the "
-            f"{len(wanted)} of --steps {spec.steps} --skip {spec.skip}; pass the --steps and --skip given to invert"
-        )
-    if fitted.shape[1] != count:
-        raise CheckpointError(f"{path} holds null embeddings for {fitted.shape[1]} images, the latents are {count}")
-    if loaded.config.model.num_classes is None or fitted.shape[2] != loaded.model.temb_ch:
-        raise CheckpointError(f"{path} was not fitted for this model (embedding size {fitted.shape[2]})")
-    wanted_classes = parse_classes(classes)
-    check_classes(loaded, wanted_classes or labels.tolist())
-    if wanted_classes:
-        labels = cycle_classes(wanted_classes, count)
-    return fitted, labels, fitted_guidance if guidance is None else guidance
-
-
-def _sample_settings(loaded, spec, seed, count, classes, unconditional, guidance, latents, ema, precision) -> dict:
-    """What decides the images of a ``ddim sample`` run: a run may continue another only if these agree.
-    ``guidance`` is (w, rescale phi)."""
-    from dataclasses import asdict
-
-    made = loaded.checkpoint.stat()
-    return {
-        "checkpoint": str(loaded.checkpoint.resolve()),
-        "checkpoint_bytes": made.st_size,
-        "checkpoint_mtime_ns": made.st_mtime_ns,
-        "ema": ema,
-        **asdict(spec),
-        "seed": seed,
-        "n": count,
-        "classes": classes,
-        "unconditional": unconditional,
-        "guidance": guidance[0],
-        "guidance_rescale": guidance[1],
-        "latents": None if latents is None else str(latents.resolve()),
-        "precision": precision.value,
-    }
