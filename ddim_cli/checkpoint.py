@@ -156,7 +156,7 @@ def write_durably(path: Path, data: bytes) -> None:
 def remove_partial_writes(directory: Path) -> list[Path]:
     """Delete the temporary files of writes a killed process never finished (call while holding
     the run's lock); returns what was removed."""
-    stale = sorted(directory.glob(".step-*.tmp")) if directory.is_dir() else []
+    stale = sorted(directory.glob(".*.safetensors.*.tmp")) if directory.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ddim_cli import __version__
-from ddim_cli.commands import compare, convert, edit, export, fid, invert, restore, sample, train
+from ddim_cli.commands import compare, convert, distill, edit, export, fid, invert, restore, sample, train
 
 
 class _Group(TyperGroup):
@@ -89,7 +89,7 @@ def _root(
 
 
 # In --help's order; each module owns one command.
-for command in (train.train, sample.sample, invert.invert, edit.edit, restore.restore):
+for command in (train.train, distill.distill, sample.sample, invert.invert, edit.edit, restore.restore):
     app.command(cls=_Command)(command)
 app.command(name="fid", cls=_Command)(fid.fid_command)
 for command in (compare.compare, convert.convert, export.export):

@@ -101,6 +101,26 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """How a student was (or is being) distilled from its teacher (``ddim distill``)."""
+
+    method: Literal["progressive", "consistency"] = "progressive"  # Salimans & Ho 2022, or Song et al. 2023
+    teacher: str = ""  # the teacher's checkpoint file
+    teacher_steps: int = 64  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
+    steps: int = 4  # the student's sampling steps (progressive: the last round's)
+    round_steps: int = 400  # optimizer steps per halving round (consistency: in all)
+    lr: float = 2e-4  # peak learning rate (constant after warmup)
+    warmup: int = 20  # linear learning-rate warmup steps of each round
+    ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)
+    weighting: Literal["truncated_snr", "none"] = "truncated_snr"  # progressive: max(SNR, 1), or plain x-MSE
+    guidance: float = 0.0  # the teacher's classifier-free guidance the student learns (one call per step)
+    guidance_rescale: float = 0.0  # and its rescale phi
+    grid_points: int = 64  # consistency: the discretisation's points (trailing, plus t = 0)
+    skip_points: int = 1  # consistency: teacher DDIM step over this many grid intervals (LCM's skipping)
+    target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     name: str = "run"  # the run's name (defaults to the config file's stem)
+    distill: DistillConfig | None = None  # set for a distilled student (ddim distill)
 
     def unet_config(self) -> UNetConfig:
         network = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "prediction"}
@@ -125,7 +146,10 @@ class Config:
         return rescale_zero_terminal_snr(table) if d.rescale_zero_terminal_snr else table
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        plain = _plain(dataclasses.asdict(self))
+        if plain["distill"] is None:  # a teacher's config reads as it always did
+            del plain["distill"]
+        return plain
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -173,6 +197,8 @@ def apply_override(config: Config, override: str) -> None:
     for depth, part in enumerate(parents):
         _check_key(type(target), part, ".".join(parents[:depth]))
         target = getattr(target, part)
+    if target is None:
+        raise ConfigError(f"{key}: this config has no {'.'.join(parents)} section (only ddim distill runs do)")
     if not dataclasses.is_dataclass(target):
         raise ConfigError(f"{key}: {'.'.join(parents)} is not a section")
     _check_key(type(target), leaf, ".".join(parents))
@@ -250,6 +276,8 @@ def validate(config: Config) -> None:
         f"must be one of {', '.join(SPACINGS)}, a section list like '10,15,20' or 'ddimN', got {s.skip!r}",
     )
     need(config.diffusion.schedule in SCHEDULE_KINDS, "diffusion.schedule", "unknown schedule")
+    if config.distill is not None:
+        _validate_distill(config, need)
     levels = len(m.ch_mult) - 1
     # A bad patch_size itself is check_config's to report; here it only scales the divisor.
     patch = m.patch_size if isinstance(m.patch_size, int) and m.patch_size >= 1 else 1
@@ -265,6 +293,35 @@ def validate(config: Config) -> None:
         check_config(config.unet_config())
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_distill(config: Config, need) -> None:
+    x = config.distill
+    for key in ("teacher_steps", "steps", "round_steps", "grid_points", "skip_points"):
+        need(getattr(x, key) >= 1, f"distill.{key}", f"must be >= 1, got {getattr(x, key)}")
+    need(x.lr > 0, "distill.lr", f"must be > 0, got {x.lr}")
+    need(x.warmup >= 0, "distill.warmup", "must be >= 0")
+    for key in ("ema_decay", "target_ema"):
+        need(0 <= getattr(x, key) < 1, f"distill.{key}", f"must be in [0, 1), got {getattr(x, key)}")
+    need(x.guidance >= 0, "distill.guidance", f"must be >= 0, got {x.guidance}")
+    need(0 <= x.guidance_rescale <= 1, "distill.guidance_rescale", f"must be in [0, 1], got {x.guidance_rescale}")
+    need(
+        x.guidance == 0 or config.model.num_classes is not None,
+        "distill.guidance",
+        "needs a class-conditional teacher (this one is unconditional)",
+    )
+    need(
+        x.steps <= x.teacher_steps <= config.diffusion.num_timesteps,
+        "distill.teacher_steps",
+        f"must lie between distill.steps ({x.steps}) and diffusion.num_timesteps "
+        f"({config.diffusion.num_timesteps}), got {x.teacher_steps}",
+    )
+    need(
+        x.skip_points < x.grid_points <= config.diffusion.num_timesteps,
+        "distill.grid_points",
+        f"must exceed distill.skip_points ({x.skip_points}) and be at most diffusion.num_timesteps, "
+        f"got {x.grid_points}",
+    )
 
 
 # --- building dataclasses from plain data --------------------------------------------------------

@@ -31,7 +31,7 @@ MakeEps = Callable[..., EpsModel]
 class SamplerSpec:
     """One way of sampling: the method and its timesteps."""
 
-    method: str = "ddim"  # ddim or ddpm
+    method: str = "ddim"  # ddim, ddpm, dpm++2m, or consistency (a consistency student's own sampler)
     steps: int | None = 50  # None with a section-string skip (it fixes the count)
     eta: float = 0.0  # DDIM only
     skip: str = "uniform"  # timestep spacing
@@ -42,8 +42,8 @@ class SamplerSpec:
     def label(self) -> str:
         if self.method == "ddpm":
             return f"ddpm S={self.steps}" + ("" if self.variance == "posterior" else f" var={self.variance}")
-        if self.method == "dpm++2m":
-            return f"dpm++2m S={self.steps}"
+        if self.method in ("dpm++2m", "consistency"):
+            return f"{self.method} S={self.steps}"
         return f"ddim S={self.steps} eta={self.eta:g}"
 
     @property
@@ -57,6 +57,9 @@ class SamplerSpec:
 
     def check(self, alpha_bars: torch.Tensor) -> None:
         """Raise ValueError (naming the numbers) if this sampler cannot run on the schedule."""
+        if self.method == "consistency":
+            self.timesteps(alpha_bars)  # one model call per time; nothing else to check
+            return
         eta = self.eta if self.method == "ddim" else 0.0
         plan(alpha_bars, self.timesteps(alpha_bars), method=self.method, eta=eta, variance=self.variance)
 
@@ -84,7 +87,7 @@ class LoadedModel:
     @property
     def run_dir(self) -> Path:
         parent = self.checkpoint.parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return parent.parent if parent.name in ("checkpoints", "students") else parent
 
 
 def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> tuple[list[Path], str | None]:
@@ -214,3 +217,33 @@ def noise_model(
         return classifier_free_guidance(with_precision, labels, scale, null_label=num_classes, rescale=guidance_rescale)
 
     return make
+
+
+def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedModel:
+    """For a distilled student, the one that samples with ``steps`` (None: the run's own count): a
+    progressive run keeps one student per round (``students/S<N>.safetensors``; a run's in-progress
+    checkpoint is never sampled); a consistency student serves the step counts on its grid. A
+    CheckpointError names the step counts the run can serve. A teacher is returned as it is."""
+    distilled = loaded.config.distill
+    if distilled is None:
+        return loaded
+    steps = distilled.steps if steps is None else steps
+    if distilled.method == "consistency":
+        from ddim_cli.distillation import consistency_times
+
+        try:
+            consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_points, steps)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+    if loaded.checkpoint.parent.name == "students" and (steps == distilled.steps or distilled.method == "consistency"):
+        return loaded  # a kept student, given as a file
+    students = sorted(loaded.run_dir.glob("students/S*.safetensors"))
+    served = {int(path.stem[1:]): path for path in students if path.stem[1:].isdigit()}
+    if distilled.method == "consistency" and served:
+        return load_model(served[max(served)], use_ema=True, device=next(loaded.model.parameters()).device)
+    if steps not in served:
+        if not served:
+            raise CheckpointError(f"{loaded.run_dir} has kept no student yet: its first round has not finished")
+        counts = ", ".join(map(str, sorted(served, reverse=True)))
+        raise CheckpointError(f"this distillation run has students for {counts} steps, not {steps}")
+    return load_model(served[steps], use_ema=True, device=next(loaded.model.parameters()).device)

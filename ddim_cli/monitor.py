@@ -19,6 +19,7 @@ import torch
 from torchvision.utils import save_image
 
 from ddim_cli.config import Config
+from ddim_cli.distillation import consistency_sample
 from ddim_cli.fid import FeatureExtractor, FIDError, frechet_distance, load_statistics, save_statistics, statistics
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.images import to_uint8
@@ -53,6 +54,17 @@ def sample_ema(
             eps_model = classifier_free_guidance(
                 ema, labels[chunk].to(device), s.guidance, null_label=num_classes, rescale=s.guidance_rescale
             )
+        if config.distill is not None and config.distill.method == "consistency":
+            batch = consistency_sample(
+                eps_model,
+                x_T[chunk].to(device),
+                ab,
+                steps,
+                prediction=config.model.prediction,
+                generator=generators[chunk],
+            )
+            images.append(batch.float().cpu())
+            continue
         batch = sample(
             eps_model,
             x_T[chunk].to(device),

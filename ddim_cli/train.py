@@ -17,55 +17,44 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import math
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ddim_cli import distributed
 from ddim_cli.acceleration import autocast, describe_device, resolve_compile, resolve_precision, use_channels_last
-from ddim_cli.checkpoint import (
-    CheckpointError,
-    list_checkpoints,
-    newest_intact,
-    prune_checkpoints,
-    remove_partial_writes,
-    save_checkpoint,
-)
+from ddim_cli.checkpoint import list_checkpoints, remove_partial_writes
 from ddim_cli.config import Config
-from ddim_cli.data import NO_LABEL, DataError, build_dataset
-from ddim_cli.errors import describe_os_error
+from ddim_cli.data import DataError, build_dataset
 from ddim_cli.fid import FeatureExtractor
 from ddim_cli.monitor import TensorBoardLog, TrainingFID, plot_metrics, save_sample_grid, tensorboard_missing
 from ddim_cli.parameterization import loss_weights, training_target
+from ddim_cli.run_loop import (
+    RunLog,
+    StopFlag,
+    TrainingError,
+    TrainingInterrupted,
+    all_mean,
+    barrier,
+    check_run_dir,
+    clear_run,
+    data_batches,
+    derived_seed,
+    learning_rate,
+    make_optimizer,
+    restore_run,
+    save_run_checkpoint,
+    setup_distributed,
+    update_ema,
+)
 from ddim_cli.runlock import run_lock
 from ddim_cli.unet import UNet
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
-RUN_GLOBS = ("fid-reference-*.npz",)  # cached statistics of the training set
-RUN_DIRS = ("checkpoints", "samples")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; described in one line."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Stopped by SIGINT/SIGTERM after writing a checkpoint."""
-
-    def __init__(self, step: int, run_dir: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint written. Resume with: ddim train --resume {run_dir}")
-        self.step = step
+__all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "learning_rate", "train"]
 
 
 @dataclass
@@ -73,33 +62,6 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path
-
-
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked (this touches nothing)."""
-    if resume:
-        # A run stopped before its first checkpoint (config.yaml written) is resumed from step 0.
-        if not list_checkpoints(run_dir / "checkpoints") and not (run_dir / "config.yaml").is_file():
-            raise TrainingError(f"cannot resume: {run_dir} holds no run (no config.yaml, no checkpoints)")
-    elif _holds_run(run_dir) and not overwrite:
-        raise TrainingError(f"run directory {run_dir} already holds a run; pass --resume to continue it or --overwrite")
-
-
-def _holds_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in RUN_FILES + RUN_DIRS)
-
-
-def _clear_run(run_dir: Path) -> None:
-    """Remove our own files from a run directory (for --overwrite); anything else stays."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for pattern in RUN_GLOBS:
-        for file in run_dir.glob(pattern):
-            file.unlink()
-    for name in RUN_DIRS:
-        for file in (run_dir / name).glob("*"):
-            if file.is_file():
-                file.unlink()
 
 
 def train(
@@ -123,7 +85,7 @@ def train(
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if config.train.tensorboard and (missing := tensorboard_missing()):
         raise TrainingError(missing)
-    shard, device_ = _setup_distributed(device)
+    shard, device_ = setup_distributed(device)
     rank, world = shard.rank, shard.world
     cfg = config.train
     if cfg.batch_size % world:
@@ -155,21 +117,21 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     cfg = config.train
     num_classes = config.model.num_classes
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
+        torch.manual_seed(derived_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
         model = UNet(config.unet_config()).to(device_)
     layout = torch.channels_last if use_channels_last(device_, config.data.image_size, training=True) else None
     if layout is not None:
         model.to(memory_format=layout)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
-    start = _restore(run_dir, model, ema, optimizer) if resume and not restart else 0
+    start = int(restore_run(run_dir, model, ema, optimizer)["step"]) if resume and not restart else 0
     if rank == 0:
         if overwrite and not resume:
-            _clear_run(run_dir)
+            clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
-    _barrier(world)
+    barrier(world)
 
     net = DistributedDataParallel(model) if world > 1 else model
     compiled = resolve_compile(cfg.compile, device_)
@@ -184,7 +146,7 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     board = None
     if cfg.tensorboard and rank == 0:
         board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
-    log = _RunLog(run_dir, enabled=rank == 0, board=board)
+    log = RunLog(run_dir, enabled=rank == 0, board=board)
     fid = None
     if cfg.fid_every and rank == 0:
         name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
@@ -200,8 +162,8 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     if resume:
         log.truncate_metrics(after=start)
     local_batch = cfg.batch_size // world
-    batches = _batches(dataset, config, start, rank, world, device_)
-    stop = _StopFlag()
+    batches = data_batches(dataset, config, start, rank, world, device_)
+    stop = StopFlag()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
     window_loss, window_start, window_steps = torch.zeros((), device=device_), time.perf_counter(), 0
     step, checkpoint = start, None
@@ -215,8 +177,8 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
         model.train()
         while step < cfg.steps:
             x0, labels = next(batches)
-            generator = torch.Generator(device_).manual_seed(_seed(cfg.seed, step, rank, "noise"))
-            torch.manual_seed(_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
+            generator = torch.Generator(device_).manual_seed(derived_seed(cfg.seed, step, rank, "noise"))
+            torch.manual_seed(derived_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
             x0, labels = _augment(x0, labels, config, generator)
             t = torch.randint(0, len(ab), (local_batch,), device=device_, generator=generator)
             noise = torch.randn(x0.shape, device=device_, generator=generator)
@@ -239,7 +201,7 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             optimizer.step()
-            _update_ema(ema, model, cfg.ema_decay)
+            update_ema(ema, model, cfg.ema_decay)
             step += 1
             window_loss += loss.detach()
             window_steps += 1
@@ -249,7 +211,7 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
             at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
             stopping = stop.requested(world, check=at_log)
             if at_log or at_checkpoint or stopping:
-                mean_loss = _all_mean(window_loss, world) / window_steps
+                mean_loss = all_mean(window_loss, world) / window_steps
                 if not math.isfinite(mean_loss):
                     raise TrainingError(
                         f"the loss became non-finite between steps {step - window_steps + 1} and {step}; "
@@ -271,15 +233,15 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
                     log.metrics(step=step, fid=value)
                     log.message(f"step {step}: FID {value:.3f} ({cfg.fid_samples} EMA samples vs the training set)")
             if at_checkpoint or stopping:
-                checkpoint = _save(run_dir, step, config, model, ema, optimizer, rank, log, len(dataset))
+                checkpoint = save_run_checkpoint(run_dir, step, config, model, ema, optimizer, rank, log, len(dataset))
                 if rank == 0:
                     plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
             if stopping:
                 bar.close()
-                _barrier(world)
+                barrier(world)
                 raise TrainingInterrupted(step, run_dir)
     bar.close()
-    _barrier(world)
+    barrier(world)
     seconds = time.perf_counter() - run_start
     log.message(
         f"finished at step {step}: {step - start} steps in {seconds:.0f} s, "
@@ -289,32 +251,6 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
 
 
 # --- pieces of the loop ----------------------------------------------------------------------------
-def _seed(seed: int, step: int, rank: int, purpose: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer
-
-
-def learning_rate(cfg, step: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warmup over ``cfg.warmup``
-    steps, then constant or a cosine decay that reaches 0 after ``cfg.steps``."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    cfg = config.train
-    # fused: one kernel for all parameters, about 4x faster than the per-tensor loop on CPU.
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.weight_decay:
-        raise TrainingError("train.weight_decay needs train.optimizer: adamw")
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-
-
 def _augment(x0: torch.Tensor, labels: torch.Tensor, config: Config, generator: torch.Generator):
     if config.data.random_flip:
         flip = torch.rand(x0.shape[0], device=x0.device, generator=generator) < 0.5
@@ -324,173 +260,3 @@ def _augment(x0: torch.Tensor, labels: torch.Tensor, config: Config, generator: 
         drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < config.train.label_dropout
         labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
     return x0, labels
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    # ema <- decay * ema + (1 - decay) * theta, as one fused op over all parameters.
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def _batches(dataset, config: Config, start: int, rank: int, world: int, device: torch.device) -> Iterator:
-    """This rank's share of each global batch from ``start`` on; the order depends only on the seed."""
-    cfg = config.train
-    steps_per_epoch = len(dataset) // cfg.batch_size  # the last partial batch of an epoch is dropped
-    local = cfg.batch_size // world
-
-    def index_batches() -> Iterator[list[int]]:
-        step = start
-        while True:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 0, "order"))
-            )
-            first = position * cfg.batch_size + rank * local
-            yield order[first : first + local].tolist()
-            step += 1
-
-    loader = DataLoader(
-        dataset,
-        batch_sampler=index_batches(),
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=_ignore_sigint,
-    )
-    for images, labels in loader:
-        if bool((labels == NO_LABEL).any()) and config.model.num_classes is not None:
-            raise TrainingError("a class-conditional model needs labelled data")
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; workers must outlive it while the main process
-    # finishes its step and writes a checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _save(run_dir, step, config, model, ema, optimizer, rank, log, dataset_size: int) -> Path | None:
-    if rank != 0:
-        return None
-    epoch, batch = divmod(step, dataset_size // config.train.batch_size)
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "seed": config.train.seed,
-        # Data order, noise and dropout are derived from (seed, step, rank): the step is the RNG state.
-        "rng": "derived from (train.seed, step, rank)",
-        "data_position": {"epoch": epoch, "batch_in_epoch": batch, "dataset_size": dataset_size},
-    }
-    try:
-        path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
-    except OSError as error:
-        previous = list_checkpoints(run_dir / "checkpoints")
-        last = f"the last complete checkpoint is {previous[-1]}" if previous else "no checkpoint was written yet"
-        raise TrainingError(
-            f"could not write the checkpoint of step {step} ({describe_os_error(error)}); {last}"
-        ) from None
-    prune_checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
-    log.message(f"wrote {path}")
-    return path
-
-
-def _restore(run_dir: Path, model, ema, optimizer) -> int:
-    checkpoint = newest_intact(list_checkpoints(run_dir / "checkpoints")[::-1], training_state=True)
-    try:
-        model.load_state_dict(checkpoint.model)
-        ema.load_state_dict(checkpoint.ema)
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint.path} does not fit the config: {str(error).splitlines()[0]}") from None
-    state = checkpoint.training_state
-    optimizer.load_state_dict(state["optimizer"])
-    # Adam's moments must share their parameter's memory layout: the fused kernel walks both in
-    # memory order, so moments saved in NCHW and resumed in channels_last would be mixed up.
-    for param, moments in optimizer.state.items():
-        for key, value in moments.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                moments[key] = torch.empty_like(param).copy_(value)
-    return int(state["step"])
-
-
-class _RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, board: TensorBoardLog | None = None):
-        self.run_dir, self.enabled, self.board = run_dir, enabled, board
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)
-            with open(self.run_dir / "train.log", "a") as handle:
-                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-
-    def metrics(self, **values) -> None:
-        if self.enabled:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(values) + "\n")
-            if self.board is not None:
-                self.board.scalars(values["step"], {k: v for k, v in values.items() if k != "step"})
-
-    def grid(self, step: int, path: Path) -> None:
-        if self.enabled and self.board is not None:
-            self.board.grid(step, path)
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-    def truncate_metrics(self, after: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
-            path.write_text("".join(line + "\n" for line in kept))
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish its step, write a checkpoint and stop."""
-
-    def __init__(self):
-        self.flag = False
-
-    @contextlib.contextmanager
-    def installed(self):
-        def handler(signum, frame):
-            self.flag = True
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    def requested(self, world: int, check: bool) -> bool:
-        if world == 1:
-            return self.flag
-        if not check:  # ranks agree on stopping only at logging steps, to avoid a sync per step
-            return False
-        flag = torch.tensor([float(self.flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
-
-
-def _setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:
-    try:
-        return distributed.setup(device)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-
-
-def _all_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()

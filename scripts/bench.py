@@ -30,9 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
 from ddim_cli.config import config_from_dict
 from ddim_cli.convert import _config_from_diffusers, rename_diffusers
+from ddim_cli.run_loop import make_optimizer
 from ddim_cli.sampling import sample
 from ddim_cli.schedule import alpha_bars, timesteps
-from ddim_cli.train import _optimizer
 from ddim_cli.unet import UNet
 
 ARCHITECTURES = {
@@ -203,7 +203,7 @@ def bench_training(name: str, args, device: torch.device) -> dict:
     # Each side's optimizer as its training code builds it: ours from `ddim train`, diffusers'
     # examples' torch.optim.AdamW with its defaults (weight decay 0 here, so it is Adam).
     optimizers = {
-        "ours": _optimizer(ours, config_from_dict({"train": {"lr": 2e-4}})),
+        "ours": make_optimizer(ours, config_from_dict({"train": {"lr": 2e-4}})),
         "diffusers": torch.optim.AdamW(theirs.parameters(), 2e-4, weight_decay=0.0),
     }
 

@@ -73,20 +73,36 @@ def fail_if_compile_error(error: Exception, remedy: str) -> None:
         fail(f"torch.compile failed ({type(cause).__name__}: {first_line}); {remedy}")
 
 
-def load_run(checkpoint: Path | None, ema: bool, device: Device, where=None):
-    """The checkpoint on ``where`` (a torch.device chosen elsewhere, e.g. this rank's GPU) or ``device``."""
-    from ddim_cli.models import load_model, resolve_checkpoint
+def load_run(checkpoint: Path | None, ema: bool, device: Device, where=None, steps: int | None = None):
+    """The checkpoint on ``where`` (a torch.device chosen elsewhere, e.g. this rank's GPU) or
+    ``device``; for a distilled student's run, the student that samples with ``steps``."""
+    from ddim_cli.models import load_model, resolve_checkpoint, student_for_steps
 
     candidates, note = resolve_checkpoint(checkpoint)
     if note:
         typer.echo(note, err=True)
-    return load_model(candidates, use_ema=ema, device=torch_device(device) if where is None else where)
+    loaded = load_model(candidates, use_ema=ema, device=torch_device(device) if where is None else where)
+    return student_for_steps(loaded, steps)
+
+
+def refuse_students(loaded, command: str) -> None:
+    """invert, edit and restore follow the teacher's ODE at steps of their own: a student cannot."""
+    from ddim_cli.checkpoint import CheckpointError
+
+    distilled = loaded.config.distill
+    if distilled is not None:
+        raise CheckpointError(
+            f"{command} needs the full model, not a {distilled.steps}-step distilled student (it only samples on its "
+            f"own steps); give its teacher instead: {distilled.teacher}"
+        )
 
 
 def sampler_spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance, clip_x0):
     from ddim_cli.models import SamplerSpec
 
     cfg = loaded.config.sample
+    if loaded.config.distill is not None:
+        return _student_spec(loaded, sampler, steps, eta, skip, clip_x0)
     if sampler is not Sampler.ddim and eta:
         raise ValueError("--eta applies to --sampler ddim only")
     if sampler is Sampler.ddpm and steps is None:
@@ -105,6 +121,30 @@ def sampler_spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance,
     return spec
 
 
+def _student_spec(loaded, sampler: Sampler, steps, eta, skip, clip_x0):
+    """A student samples as it was distilled: its own sampler on the trailing grid, deterministic
+    for progressive students (DDIM, eta 0)."""
+    from ddim_cli.models import SamplerSpec
+
+    distilled = loaded.config.distill
+    own = "consistency" if distilled.method == "consistency" else "ddim"
+    if sampler is not Sampler.ddim:
+        raise ValueError(f"a {distilled.method} student samples with its own sampler ({own}); drop --sampler")
+    if eta and own == "ddim":
+        raise ValueError("a progressive student learned deterministic DDIM steps; drop --eta")
+    if skip not in (None, "trailing"):
+        raise ValueError("a distilled student samples on the trailing grid it learned; drop --skip")
+    spec = SamplerSpec(
+        own,
+        distilled.steps if steps is None else steps,
+        0.0,
+        "trailing",
+        clip_x0=(loaded.config.sample.clip_x0 if clip_x0 is None else clip_x0),
+    )
+    spec.check(loaded.alpha_bars)
+    return spec
+
+
 def parse_classes(text: str | None) -> list[int] | None:
     return None if text is None else number_list(text, int, "--class")
 
@@ -118,6 +158,12 @@ def labels_and_guidance(
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.models import class_labels
 
+    distilled = loaded.config.distill
+    if guidance and distilled is not None:
+        raise CheckpointError(
+            f"this student learned its teacher guided at w={distilled.guidance:g} and samples so in one call per "
+            "step; --guidance does not apply"
+        )
     labels = class_labels(
         loaded, generators, classes=parse_classes(classes), unconditional=unconditional, first_index=first_index
     )

@@ -17,6 +17,7 @@ from ddim_cli.commands.common import (
     parse_classes,
     progress_bar,
     rank_progress,
+    refuse_students,
     save_fid_stats,
     user_errors,
 )
@@ -116,6 +117,7 @@ def compare(
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--save-stats", save_stats)], [("--out", out)], inputs=[checkpoint])
         loaded = load_run(checkpoint, ema, device, where)
+        refuse_students(loaded, "ddim compare")
         check_outputs(directories=[("--out", out or loaded.run_dir / "compare")])
         cfg = loaded.config
         specs = c.comparison_specs(

@@ -15,6 +15,7 @@ from ddim_cli.commands.common import (
     load_run,
     progress_bar,
     rank_progress,
+    refuse_students,
     rescale_or_config,
     sampler_spec,
     user_errors,
@@ -111,6 +112,7 @@ def edit(
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device, where)
+        refuse_students(loaded, "ddim edit")
         directory = out or loaded.run_dir / "edit"
         check_outputs(directories=[("--out", directory)])
         if loaded.config.model.num_classes is None:

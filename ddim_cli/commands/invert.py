@@ -15,6 +15,7 @@ from ddim_cli.commands.common import (
     load_inputs,
     load_run,
     progress_bar,
+    refuse_students,
     rescale_or_config,
     sampler_spec,
     user_errors,
@@ -127,6 +128,7 @@ def invert(
     with user_errors():
         check_outputs([], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device)
+        refuse_students(loaded, "ddim invert")
         directory = out or loaded.run_dir / "invert"
         check_outputs(directories=[("--out", directory)])
         originals = load_inputs(loaded, images_in)

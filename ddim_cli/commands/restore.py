@@ -18,6 +18,7 @@ from ddim_cli.commands.common import (
     load_run,
     progress_bar,
     rank_progress,
+    refuse_students,
     rescale_or_config,
     sampler_spec,
     user_errors,
@@ -249,6 +250,7 @@ def restore(
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device, where)
+        refuse_students(loaded, "ddim restore")
         directory = out or loaded.run_dir / "restore"
         check_outputs(directories=[("--out", directory)])
         seed = loaded.config.sample.seed if seed is None else seed

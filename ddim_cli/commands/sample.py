@@ -150,7 +150,7 @@ def sample(
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
         check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
-        loaded = load_run(checkpoint, ema, device, where)
+        loaded = load_run(checkpoint, ema, device, where, steps)
         if out is None:
             check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
         spec = sampler_spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
@@ -165,6 +165,10 @@ def sample(
             "save_latents": save_latents,
         }
         count = _count(loaded, latents, n)
+        if null_embeddings is None:  # the first image's draws check --class / --guidance before any work
+            w = labels_and_guidance(
+                loaded, seeded_noise(loaded.image_shape, [seed])[1], classes, unconditional, guidance
+            )[1]
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with progress_bar(count * steps_run, progress and shard.main, spec.label) as bar:
             jobs = {"batch_size": batch_size, "progress": bar.update, "shard": shard}
@@ -180,9 +184,6 @@ def sample(
                     **jobs,
                 )
             else:
-                w = labels_and_guidance(
-                    loaded, seeded_noise(loaded.image_shape, [seed])[1], classes, unconditional, guidance
-                )[1]
                 run = sample_to_files(
                     loaded,
                     spec,
@@ -207,7 +208,10 @@ def sample(
         conditioning = " (null label)" if loaded.config.model.num_classes else ""
     else:
         rescaled = f", rescale {run.guidance_rescale:g}" if run.guidance_rescale else ""
-        conditioning = f" (classes {class_summary(run.labels)}, guidance {run.guidance:g}{rescaled})"
+        guided = f"guidance {run.guidance:g}{rescaled}"
+        if loaded.config.distill is not None:
+            guided = f"guidance {loaded.config.distill.guidance:g} distilled in"
+        conditioning = f" (classes {class_summary(run.labels)}, {guided})"
     made = run.count - run.resumed
     timing = f" in {run.seconds / made:.4f} s/image" if made else ""
     typer.echo(f"{run.count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")

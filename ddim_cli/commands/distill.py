@@ -1,0 +1,117 @@
+"""ddim distill: a few-step student of a trained model (progressive or consistency distillation)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
+from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device
+
+
+class DistillMethod(str, Enum):
+    progressive = "progressive"
+    consistency = "consistency"
+
+
+def distill(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SOURCE",
+            help="The teacher: a run directory or a checkpoint (v or x0 prediction). With --resume, the "
+            "distillation run itself may be given instead.",
+            show_default=False,
+        ),
+    ],
+    method: Annotated[
+        DistillMethod,
+        typer.Option(
+            "--method",
+            help="progressive: rounds that halve the step count (Salimans & Ho 2022), every round's student "
+            "kept; consistency: one student that samples in 1 step or a few (Song et al. 2023).",
+        ),
+    ] = DistillMethod.progressive,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
+    ] = 4,
+    overrides: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a config key, e.g. --set distill.round_steps=200 or --set train.batch_size=64. Repeatable.",
+        ),
+    ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            help="Where the student run goes (default: runs/<teacher>-<method>-S<steps>).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the distillation run from its latest checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    device: Annotated[
+        Device,
+        typer.Option(help="Where to distil; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL),
+    ] = Device.auto,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.", rich_help_panel=OUTPUT_PANEL)] = True,
+) -> None:
+    """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
+
+    Progressive distillation halves the teacher's 64 DDIM steps round by round down to --steps,
+    keeping every round's student in RUN_DIR/students/ (S32, S16, ... .safetensors); `ddim sample
+    RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A class-conditional
+    student learns the teacher guided at its sample.guidance: one call per step gives the guided
+    image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
+    """
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.config import load_config
+    from ddim_cli.distill import distill as run_distillation
+    from ddim_cli.distill import student_config
+    from ddim_cli.models import load_model, resolve_checkpoint
+    from ddim_cli.run_loop import TrainingError, TrainingInterrupted
+    from ddim_cli.runlock import RunBusyError
+
+    with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
+        existing = source / "config.yaml"
+        if resume and existing.is_file() and "distill:" in existing.read_text():
+            directory = run_dir or source  # the distillation run itself
+            config = load_config(directory / "config.yaml", overrides)
+        else:
+            teacher = load_model(resolve_checkpoint(source)[0])
+            config = student_config(
+                teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
+            )
+            directory = run_dir or Path("runs") / config.name
+            if resume and (directory / "config.yaml").is_file():
+                config = load_config(directory / "config.yaml", overrides)
+        if dry_run:
+            typer.echo(config.to_yaml(), nl=False)
+            return
+        check_outputs(directories=[("the run directory", directory)])
+    try:
+        result = run_distillation(
+            config, directory, resume=resume, overwrite=overwrite, device=device.value, progress=progress
+        )
+    except TrainingInterrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(code=130) from None
+    except (TrainingError, CheckpointError, RunBusyError) as error:
+        fail(str(error))
+    except Exception as error:
+        fail_if_compile_error(error, "run again with --set train.compile=false")
+        raise
+    kept = ", ".join(f"{count} steps: {path}" for count, path in result.students.items())
+    typer.echo(f"distilled to step {result.step}; students ({kept})")
+    typer.echo(f"sample with: ddim sample {directory}")

@@ -1,0 +1,275 @@
+"""The pieces of a run that ``ddim train`` and ``ddim distill`` share: its directory and lock, its
+log and metrics, the data stream, the optimizer and EMA, durable checkpoints and their restore,
+the stop flag that Ctrl-C sets, and the calls that keep torchrun's ranks in step.
+
+Every random draw of step ``k`` on rank ``r`` comes from :func:`derived_seed` ``(seed, k, r,
+purpose)``, so a run's whole state is its weights, its optimizer state and its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ddim_cli import distributed
+from ddim_cli.checkpoint import CheckpointError, list_checkpoints, newest_intact, prune_checkpoints, save_checkpoint
+from ddim_cli.config import Config
+from ddim_cli.data import NO_LABEL
+from ddim_cli.errors import describe_os_error
+from ddim_cli.monitor import TensorBoardLog
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
+RUN_GLOBS = ("fid-reference-*.npz",)  # cached statistics of the training set
+RUN_DIRS = ("checkpoints", "samples")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; described in one line."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, step: int, run_dir: Path, command: str = "ddim train"):
+        super().__init__(f"interrupted at step {step}; checkpoint written. Resume with: {command} --resume {run_dir}")
+        self.step = step
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked (this touches nothing)."""
+    if resume:
+        # A run stopped before its first checkpoint (config.yaml written) is resumed from step 0.
+        if not list_checkpoints(run_dir / "checkpoints") and not (run_dir / "config.yaml").is_file():
+            raise TrainingError(f"cannot resume: {run_dir} holds no run (no config.yaml, no checkpoints)")
+    elif holds_run(run_dir) and not overwrite:
+        raise TrainingError(f"run directory {run_dir} already holds a run; pass --resume to continue it or --overwrite")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES + RUN_DIRS)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove our own files from a run directory (for --overwrite); anything else stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for pattern in RUN_GLOBS:
+        for file in run_dir.glob(pattern):
+            file.unlink()
+    for name in RUN_DIRS:
+        for file in (run_dir / name).glob("*"):
+            if file.is_file():
+                file.unlink()
+
+
+def derived_seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer
+
+
+def learning_rate(cfg, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup over ``cfg.warmup``
+    steps, then constant or a cosine decay that reaches 0 after ``cfg.steps``."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    cfg = config.train
+    # fused: one kernel for all parameters, about 4x faster than the per-tensor loop on CPU.
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.weight_decay:
+        raise TrainingError("train.weight_decay needs train.optimizer: adamw")
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    # ema <- decay * ema + (1 - decay) * theta, as one fused op over all parameters.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def data_batches(dataset, config: Config, start: int, rank: int, world: int, device: torch.device) -> Iterator:
+    """This rank's share of each global batch from ``start`` on; the order depends only on the seed."""
+    cfg = config.train
+    steps_per_epoch = len(dataset) // cfg.batch_size  # the last partial batch of an epoch is dropped
+    local = cfg.batch_size // world
+
+    def indexdata_batches() -> Iterator[list[int]]:
+        step = start
+        while True:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = torch.randperm(
+                len(dataset), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, "order"))
+            )
+            first = position * cfg.batch_size + rank * local
+            yield order[first : first + local].tolist()
+            step += 1
+
+    loader = DataLoader(
+        dataset,
+        batch_sampler=indexdata_batches(),
+        num_workers=config.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0,
+        worker_init_fn=ignore_sigint,
+    )
+    for images, labels in loader:
+        if bool((labels == NO_LABEL).any()) and config.model.num_classes is not None:
+            raise TrainingError("a class-conditional model needs labelled data")
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; workers must outlive it while the main process
+    # finishes its step and writes a checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def save_run_checkpoint(
+    run_dir, step, config, model, ema, optimizer, rank, log, dataset_size: int, extra_state: dict | None = None
+) -> Path | None:
+    """Rank 0 writes the one-file checkpoint of ``step`` (``extra_state``: more of the run's state,
+    e.g. a distillation's target network) and prunes old ones."""
+    if rank != 0:
+        return None
+    epoch, batch = divmod(step, dataset_size // config.train.batch_size)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "seed": config.train.seed,
+        # Data order, noise and dropout are derived from (seed, step, rank): the step is the RNG state.
+        "rng": "derived from (train.seed, step, rank)",
+        "data_position": {"epoch": epoch, "batch_in_epoch": batch, "dataset_size": dataset_size},
+        **(extra_state or {}),
+    }
+    try:
+        path = save_checkpoint(run_dir / "checkpoints", step, config, model.state_dict(), ema.state_dict(), state)
+    except OSError as error:
+        previous = list_checkpoints(run_dir / "checkpoints")
+        last = f"the last complete checkpoint is {previous[-1]}" if previous else "no checkpoint was written yet"
+        raise TrainingError(
+            f"could not write the checkpoint of step {step} ({describe_os_error(error)}); {last}"
+        ) from None
+    prune_checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
+    log.message(f"wrote {path}")
+    return path
+
+
+def restore_run(run_dir: Path, model, ema, optimizer) -> dict:
+    """Load the newest intact checkpoint's weights and optimizer; returns its training state."""
+    checkpoint = newest_intact(list_checkpoints(run_dir / "checkpoints")[::-1], training_state=True)
+    try:
+        model.load_state_dict(checkpoint.model)
+        ema.load_state_dict(checkpoint.ema)
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint.path} does not fit the config: {str(error).splitlines()[0]}") from None
+    state = checkpoint.training_state
+    optimizer.load_state_dict(state["optimizer"])
+    # Adam's moments must share their parameter's memory layout: the fused kernel walks both in
+    # memory order, so moments saved in NCHW and resumed in channels_last would be mixed up.
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                moments[key] = torch.empty_like(param).copy_(value)
+    return state
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool, board: TensorBoardLog | None = None):
+        self.run_dir, self.enabled, self.board = run_dir, enabled, board
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+            with open(self.run_dir / "train.log", "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def metrics(self, **values) -> None:
+        if self.enabled:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(values) + "\n")
+            if self.board is not None:
+                self.board.scalars(values["step"], {k: v for k, v in values.items() if k != "step"})
+
+    def grid(self, step: int, path: Path) -> None:
+        if self.enabled and self.board is not None:
+            self.board.grid(step, path)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+    def truncate_metrics(self, after: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, write a checkpoint and stop."""
+
+    def __init__(self):
+        self.flag = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.flag = True
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def requested(self, world: int, check: bool) -> bool:
+        if world == 1:
+            return self.flag
+        if not check:  # ranks agree on stopping only at logging steps, to avoid a sync per step
+            return False
+        flag = torch.tensor([float(self.flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:
+    try:
+        return distributed.setup(device)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+
+
+def all_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()

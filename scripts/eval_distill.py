@@ -1,0 +1,202 @@
+"""Score distilled students against their teacher on the digits, on the same seeds and judge.
+
+For each step count S (default 1, 2, 4, 8): the teacher's DDIM (eta 0, its config's spacing) and
+DPM-Solver++(2M) (logsnr spacing), each guided as `ddim sample` guides it, and every student run
+given (progressive: the round that samples with S steps; consistency: its S-step sampler); and the
+teacher's DDIM at 50 steps as the reference. Judged like scripts/eval_digits.py: confident =
+classifier p > 0.8, PCA Fréchet distance (real held-out digits: 0.96 and 13). A guided teacher
+evaluates the network twice per step (conditional and null label, batched); a student once.
+
+With --per-class, every row also samples 500 images asked class k (50 per class) and reports the
+fraction judged k (in_class).
+
+Usage:
+  python scripts/eval_distill.py runs/digits --students runs/digits-progressive-S4,runs/digits-consistency-S1
+  python scripts/eval_distill.py runs/digits --students runs/digits-progressive-S4 --steps 4 --per-class \\
+      --json scores.jsonl --plot docs/distill-quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_digits import DigitJudge, to_digit_scale  # noqa: E402
+
+
+def sample_rows(loaded, spec, *, n: int, seed: int, classes: list[int] | None, guidance: float, rescale: float):
+    """Images as `ddim sample` makes them (each seed draws its x_T, then its class)."""
+    from ddim_cli.jobs.sample import generate
+    from ddim_cli.models import class_labels, noise_model
+    from ddim_cli.seeding import seeded_noise
+
+    x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))
+    labels = class_labels(loaded, generators, classes=classes)
+    w = guidance if labels is not None else 0.0
+    make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale, precision="fp32")
+    images, seconds = generate(loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=250)
+    return images, seconds
+
+
+def rows_for(teacher, students: list, steps: int) -> list[tuple[str, object, object, float, float, int]]:
+    """(name, loaded, spec, guidance, rescale, network calls per image)."""
+    from ddim_cli.models import SamplerSpec, student_for_steps
+
+    cfg = teacher.config.sample
+    guided = teacher.config.model.num_classes is not None and cfg.guidance > 0
+    per_step = 2 if guided else 1
+    rows = [
+        (
+            f"teacher ddim S={steps}",
+            teacher,
+            SamplerSpec("ddim", steps, 0.0, cfg.skip, clip_x0=cfg.clip_x0),
+            cfg.guidance,
+            cfg.guidance_rescale,
+            per_step * steps,
+        ),
+    ]
+    if steps > 1:
+        rows.append(
+            (
+                f"teacher dpm++2m S={steps}",
+                teacher,
+                SamplerSpec("dpm++2m", steps, 0.0, "logsnr", clip_x0=cfg.clip_x0),
+                cfg.guidance,
+                cfg.guidance_rescale,
+                per_step * steps,
+            )
+        )
+    for student in students:
+        distilled = student.config.distill
+        try:
+            chosen = student_for_steps(student, steps)
+        except Exception as error:  # a run without a student for this count: say so, go on
+            print(f"note: {student.run_dir}: {error}", file=sys.stderr)
+            continue
+        method = "consistency" if distilled.method == "consistency" else "ddim"
+        spec = SamplerSpec(method, steps, 0.0, "trailing", clip_x0=chosen.config.sample.clip_x0)
+        rows.append((f"{distilled.method} student S={steps}", chosen, spec, 0.0, 0.0, steps))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", type=Path, help="the teacher's run directory or checkpoint")
+    parser.add_argument("--students", default="", help="comma-separated distillation run directories")
+    parser.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", action="store_true", help="also score --class k for every k (n // 10 each)")
+    parser.add_argument("--json", type=Path, help="append every row here as a JSON line")
+    parser.add_argument("--plot", type=Path, help="draw PCA-FD against network calls per image here (PNG)")
+    parser.add_argument(
+        "--picture",
+        type=Path,
+        help="a grid of the same 12 seeds: teacher DDIM at the first --steps, the first "
+        "student there, teacher DDIM at 50 steps (one row each)",
+    )
+    args = parser.parse_args(argv)
+    from ddim_cli.models import SamplerSpec, load_model, resolve_checkpoint
+
+    judge = DigitJudge()
+    teacher = load_model(resolve_checkpoint(args.teacher)[0])
+    students = [load_model(resolve_checkpoint(Path(s))[0]) for s in args.students.split(",") if s]
+    cfg = teacher.config.sample
+    plan = [
+        (
+            "teacher ddim S=50 (reference)",
+            teacher,
+            SamplerSpec("ddim", 50, 0.0, cfg.skip, clip_x0=cfg.clip_x0),
+            cfg.guidance,
+            cfg.guidance_rescale,
+            (2 if cfg.guidance else 1) * 50,
+        )
+    ]
+    for steps in [int(s) for s in args.steps.split(",")]:
+        plan += rows_for(teacher, students, steps)
+
+    results = []
+    header = f"{'samples':<34} {'calls':>5} {'confident':>9} {'pca_fd':>7} {'in_class':>8} {'s/image':>8}"
+    print(header)
+    for name, loaded, spec, w, phi, calls in plan:
+        images, seconds = sample_rows(loaded, spec, n=args.n, seed=args.seed, classes=None, guidance=w, rescale=phi)
+        scores = judge.score(to_digit_scale(images))
+        if args.per_class:
+            classes = [k for k in range(10) for _ in range(args.n // 10)]
+            asked, _ = sample_rows(
+                loaded, spec, n=len(classes), seed=args.seed, classes=classes, guidance=w, rescale=phi
+            )
+            scores["in_class"] = judge.score(to_digit_scale(asked), np.array(classes))["in_class"]
+        row = {"samples": name, "steps": spec.steps, "calls": calls, "seconds_per_image": seconds, **scores}
+        results.append(row)
+        in_class = f"{scores['in_class']:.3f}" if "in_class" in scores else ""
+        print(
+            f"{name:<34} {calls:>5} {scores['confident']:>9.3f} {scores['pca_fd']:>7.1f} {in_class:>8} {seconds:>8.4f}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "a") as handle:
+            for row in results:
+                handle.write(json.dumps({"teacher": str(args.teacher), **row}) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    if args.picture:
+        steps = int(args.steps.split(",")[0])
+        chosen = [
+            row
+            for row in plan
+            if row[0] in (f"teacher ddim S={steps}", f"{students[0].config.distill.method} student S={steps}")
+        ] + plan[:1]
+        picture(chosen, args.picture, args.seed)
+    return 0
+
+
+def picture(rows, path: Path, seed: int, count: int = 12) -> None:
+    from ddim_cli.images import save_grid
+
+    images = [
+        sample_rows(loaded, spec, n=count, seed=seed, classes=None, guidance=w, rescale=phi)[0]
+        for _, loaded, spec, w, phi, _ in rows
+    ]
+    save_grid(torch.cat(images).clamp(-1, 1), path, nrow=count)
+    print(f"wrote {path}: rows " + " | ".join(name for name, *_ in rows))
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = {}
+    for row in results:
+        if "reference" not in row["samples"]:
+            groups.setdefault(row["samples"].rsplit(" S=", 1)[0], []).append(row)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in groups.items():
+        rows.sort(key=lambda r: r["calls"])
+        axis.plot([r["calls"] for r in rows], [r["pca_fd"] for r in rows], marker="o", label=name)
+    reference = next((r for r in results if "reference" in r["samples"]), None)
+    if reference is not None:
+        axis.axhline(
+            reference["pca_fd"], color="gray", linestyle="--", label=f"teacher ddim S=50 ({reference['calls']} calls)"
+        )
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("network evaluations per image")
+    axis.set_ylabel("PCA Fréchet distance (lower is better)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

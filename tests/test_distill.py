@@ -1,0 +1,209 @@
+"""`ddim distill` end to end on tiny models: both methods, students as models, resume and bad input."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from test_commands import TINY, ddim, make_run, ok
+
+from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A class-conditional v-prediction tiny run (T = 50) with label dropout and guidance."""
+    run = tmp_path_factory.mktemp("runs") / "teacher"
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(num_classes=10, prediction="v")
+    raw["train"].update(label_dropout=0.5)
+    raw["sample"].update(guidance=0.5)
+    from ddim_cli.config import config_from_dict
+    from ddim_cli.train import train
+
+    train(config_from_dict(raw), run, device="cpu", progress=False)
+    return run
+
+
+SMALL = [
+    "--set",
+    "distill.teacher_steps=8",
+    "--set",
+    "distill.round_steps=3",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "distill.grid_points=8",
+]
+# (T = 50: by default the first teacher takes 32 DDIM steps and the consistency grid has 32 points.)
+
+
+def distilled(teacher, run_dir, *args):
+    return ok("distill", teacher, "--steps", 2, *SMALL, "--run-dir", run_dir, *args)
+
+
+def one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_progressive_distillation_writes_a_run_with_every_rounds_student(teacher, tmp_path):
+    run = tmp_path / "pd"
+    result = distilled(teacher, run)
+    assert "students (4 steps:" in result.output and "2 steps:" in result.output
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["distill"]["method"] == "progressive" and config["distill"]["guidance"] == 0.5
+    assert config["sample"] == config["sample"] | {"steps": 2, "skip": "trailing", "guidance": 0.0}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["student_steps"] for m in metrics] == [4, 4, 4, 2, 2, 2]
+    assert all(m["loss"] > 0 for m in metrics)
+    for steps in (4, 2):
+        student = load_checkpoint(run / "students" / f"S{steps}.safetensors")
+        assert student.config.distill.steps == steps and student.config.sample.steps == steps
+        assert (run / "samples" / f"S{steps}-step-{3 if steps == 4 else 6:07d}.png").is_file()
+    assert (run / "metrics.png").is_file() and "finished at step 6" in (run / "train.log").read_text()
+
+    # Students are models: their own steps by default, another kept round with --steps, the rest refused.
+    made = ok("sample", run, "--n", 3, "--out", tmp_path / "a.png")
+    assert "ddim S=2 eta=0" in made.output and "S2.safetensors" in made.output and "distilled in" in made.output
+    assert "S4.safetensors" in ok("sample", run, "--n", 3, "--steps", 4, "--out", tmp_path / "b.png").output
+    ok("sample", run, "--n", 3, "--class", 7, "--npz", tmp_path / "c.npz", "--out", tmp_path / "c.png")
+    ok("sample", run, "--n", 3, "--unconditional", "--out", tmp_path / "d.png")
+    line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 8, "--out", tmp_path / "e.png"), 1)
+    assert "has students for 4, 2 steps, not 8" in line
+    assert "--guidance does not apply" in one_line_error(ddim("sample", run, "--guidance", 1), 1)
+    assert "drop --sampler" in one_line_error(ddim("sample", run, "--sampler", "dpm++2m"), 2)
+    for command in ("invert", "edit", "restore"):
+        extra = {"edit": ["--to-class", 1], "restore": ["--sr", 2]}.get(command, [])
+        line = one_line_error(ddim(command, run, tmp_path / "a.png", *extra), 1)
+        assert f"ddim {command} needs the full model" in line and str(teacher) in line
+
+
+def test_the_student_samples_what_its_grid_and_weights_say(teacher, tmp_path):
+    """`ddim sample` of a student is plain DDIM on its trailing grid with its own (v) output."""
+    from ddim_cli.models import load_model
+    from ddim_cli.sampling import sample
+    from ddim_cli.schedule import timesteps
+    from ddim_cli.seeding import seeded_noise
+
+    run = tmp_path / "pd"
+    distilled(teacher, run)
+    ok(
+        "sample",
+        run,
+        "--n",
+        2,
+        "--class",
+        3,
+        "--save-latents",
+        tmp_path / "z.npy",
+        "--npz",
+        tmp_path / "s.npz",
+        "--out",
+        tmp_path / "s.png",
+    )
+    student = load_model(run / "students" / "S2.safetensors")
+    x_T, _ = seeded_noise(student.image_shape, [0, 1])
+    labels = torch.tensor([3, 3])
+    with torch.no_grad():
+        images = sample(
+            lambda x, t: student.model(x, t, labels),
+            x_T,
+            student.alpha_bars,
+            timesteps(50, 2, "trailing"),
+            clip_x0=student.config.sample.clip_x0,
+            prediction="v",
+        )
+    import numpy as np
+
+    from ddim_cli.images import to_uint8
+
+    assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], to_uint8(images))
+
+
+def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path):
+    run = tmp_path / "cd"
+    result = distilled(teacher, run, "--method", "consistency")
+    assert "students (2 steps:" in result.output
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["distill"]["method"] == "consistency"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1], training_state=True).training_state
+    assert "target" in state  # the EMA target network is part of the run's state
+    assert "consistency S=2" in ok("sample", run, "--n", 3, "--out", tmp_path / "a.png").output
+    assert "consistency S=1" in ok("sample", run, "--n", 3, "--steps", 1, "--out", tmp_path / "b.png").output
+    line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
+    assert "samples with 1, 2, 4, 8 steps, not 3" in line
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, method):
+    args = [
+        "--steps",
+        2,
+        *SMALL,
+        "--set",
+        "distill.round_steps=4",
+        "--set",
+        "train.checkpoint_every=1",
+        "--method",
+        method,
+    ]
+    distilled(teacher, tmp_path / "reference", *args[2:])
+    command = [sys.executable, "-m", "ddim_cli", "distill", str(teacher), *map(str, args), "--no-progress"]
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*command, "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    rng = random.Random(method)
+    wanted = rng.randint(1, 6 if method == "progressive" else 3)
+    deadline = time.monotonic() + 120
+    while len(list_checkpoints(run_dir / "checkpoints")) < wanted and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([*command[:4], str(run_dir), "--resume", "--no-progress"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    kept = sorted(p.name for p in (tmp_path / "reference" / "students").iterdir())
+    assert sorted(p.name for p in (run_dir / "students").iterdir()) == kept
+    for name in kept:
+        ours, theirs = (
+            load_checkpoint(run_dir / "students" / name),
+            load_checkpoint(tmp_path / "reference" / "students" / name),
+        )
+        assert all(torch.equal(ours.ema[k], theirs.ema[k]) for k in theirs.ema), name
+    last = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    reference = load_checkpoint(list_checkpoints(tmp_path / "reference" / "checkpoints")[-1])
+    assert all(torch.equal(last.model[k], reference.model[k]) for k in reference.model)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
+    run = tmp_path / "never"
+    line = one_line_error(ddim("distill", teacher, "--steps", 3, "--run-dir", run), 2)
+    assert "--steps 3 cannot be reached by halving the teacher's 32 steps; choose one of 16, 8, 4, 2, 1" in line
+    line = one_line_error(ddim("distill", teacher, "--set", "distill.teacher_steps=100", "--run-dir", run), 2)
+    assert "distill.teacher_steps: must lie between distill.steps (4) and diffusion.num_timesteps (50)" in line
+    line = one_line_error(ddim("distill", teacher, "--set", "distill.nonsense=1", "--run-dir", run), 2)
+    assert "unknown key 'distill.nonsense'" in line
+    unconditional = make_run(tmp_path / "uncond", prediction="v")
+    line = one_line_error(ddim("distill", unconditional, "--set", "distill.guidance=1", "--run-dir", run), 2)
+    assert "distill.guidance: needs a class-conditional teacher" in line
+    eps = make_run(tmp_path / "eps")
+    line = one_line_error(ddim("distill", eps, "--run-dir", run), 2)
+    assert "needs a v- or x0-prediction teacher" in line and "--set model.prediction=v" in line
+    line = one_line_error(ddim("distill", tmp_path / "nothing-here", "--run-dir", run), 1)
+    assert not run.exists()
