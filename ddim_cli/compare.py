@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ddim_cli.checkpoint import CheckpointError
 from ddim_cli.distributed import Shard
 from ddim_cli.fid import frechet_distance, source_batches, statistics
 from ddim_cli.images import load_images, save_labelled_rows, save_pngs
@@ -61,9 +62,19 @@ class CompareRow:
     seconds_per_image: float
     fid: float | None = None
     paper_fid: float | None = None
+    model: str = ""  # "teacher" or "student" when a distilled student is compared with its teacher
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.spec.label}".strip()
+
+    @property
+    def slug(self) -> str:
+        return f"{self.model}-{self.spec.slug}" if self.model else self.spec.slug
 
     def record(self, with_fid: bool, with_paper: bool) -> dict[str, object]:
-        record: dict[str, object] = {
+        record: dict[str, object] = {"model": self.model} if self.model else {}
+        record |= {
             "sampler": self.spec.method + (f" ({self.spec.variance} variance)" if self.spec.method == "ddpm" else ""),
             "steps": self.spec.steps,
             "eta": f"{self.spec.eta:g}" if self.spec.method == "ddim" else "",
@@ -95,6 +106,47 @@ def comparison_specs(
     return specs
 
 
+def student_step_counts(student: LoadedModel, wanted: list[int]) -> list[int]:
+    """The step counts to compare a distilled student at: those of ``wanted`` it serves, else all
+    it serves (a progressive run: its kept rounds; a consistency student: its grid's counts)."""
+    from ddim_cli.models import student_for_steps
+
+    distilled = student.config.distill
+    if distilled.method == "progressive":
+        kept = sorted(int(p.stem[1:]) for p in student.run_dir.glob("students/S*.safetensors") if p.stem[1:].isdigit())
+        served = kept or [distilled.steps]
+    else:
+        served = []
+        for count in sorted(set(wanted) | {distilled.steps}):
+            try:
+                student_for_steps(student, count)
+                served.append(count)
+            except CheckpointError:
+                continue
+    chosen = [count for count in served if count in wanted]
+    return chosen or served
+
+
+def teacher_and_student_specs(
+    student: LoadedModel, teacher: LoadedModel, counts: list[int], *, dpm_solver: bool, clip_x0: bool | None
+) -> tuple[list[SamplerSpec], list[str]]:
+    """Rows comparing a student with its teacher at each step count: the teacher's DDIM (eta 0,
+    its spacing) and DPM-Solver++(2M), then the student's own sampler; and whose each row is."""
+    cfg = teacher.config.sample
+    clip = cfg.clip_x0 if clip_x0 is None else clip_x0
+    own = "consistency" if student.config.distill.method == "consistency" else "ddim"
+    specs, roles = [], []
+    for count in counts:
+        specs.append(SamplerSpec("ddim", count, 0.0, cfg.skip, clip_x0=clip))
+        roles.append("teacher")
+        if dpm_solver and count > 1:
+            specs.append(SamplerSpec("dpm++2m", count, 0.0, "logsnr", clip_x0=clip))
+            roles.append("teacher")
+        specs.append(SamplerSpec(own, count, 0.0, "trailing", clip_x0=student.config.sample.clip_x0))
+        roles.append("student")
+    return specs, roles
+
+
 def run_comparison(
     loaded: LoadedModel,
     make_eps: MakeEps,
@@ -109,20 +161,25 @@ def run_comparison(
     classes: list[int] | None = None,
     unconditional: bool = False,
     shard: Shard | None = None,
+    models: list[tuple[str, LoadedModel, MakeEps]] | None = None,
 ) -> list[CompareRow]:
     """Sample ``n`` images per row; with ``samples_dir``, ``count`` images per row are kept there as
     PNGs (for FID) and images already there are reused, so an interrupted run picks up where it was.
-    With a ``shard`` (torchrun) the ranks share every batch and rank 0 writes the PNGs."""
+    With a ``shard`` (torchrun) the ranks share every batch and rank 0 writes the PNGs. ``models``
+    gives each row its own (name, model, noise model), e.g. a distilled student and its teacher."""
     shard = shard or Shard()
-    _warm_up(loaded, make_eps, min(batch_size, max(n, count or 0)))  # one-time set-up is no row's cost
+    models = models or [("", loaded, make_eps)] * len(specs)
+    for _, model, model_eps in {id(m[1]): m for m in models}.values():
+        _warm_up(model, model_eps, min(batch_size, max(n, count or 0)))  # one-time set-up is no row's cost
     rows = []
-    for spec in specs:
+    for spec, (name, loaded, make_eps) in zip(specs, models, strict=True):
+        row = CompareRow(spec, torch.empty(0), 0.0, model=name)
         if samples_dir is None:  # images 0..n-1, the same x_T, classes and noise for every row
             images, seconds = sample_images(
                 loaded, make_eps, spec, seed, 0, n, batch_size, progress, classes, unconditional, shard
             )
         else:
-            folder = samples_dir / spec.slug
+            folder = samples_dir / row.slug
             seconds = fill_sample_folder(
                 loaded,
                 make_eps,
@@ -140,7 +197,8 @@ def run_comparison(
             images = load_images(
                 sorted(folder.glob("*.png"))[:n], loaded.config.data.image_size, loaded.config.data.channels
             )[0]
-        rows.append(CompareRow(spec, images, seconds))
+        row.images, row.seconds_per_image = images, seconds
+        rows.append(row)
     return rows
 
 
@@ -219,7 +277,7 @@ def add_fid(
     """Fill in each row's FID against ``reference`` statistics, and the paper's where it has one
     (with a ``shard``, the ranks share the feature extraction)."""
     for row in rows:
-        batches = source_batches(samples_dir / row.spec.slug, batch_size)
+        batches = source_batches(samples_dir / row.slug, batch_size)
         row.fid = frechet_distance(statistics(batches, extract, progress=progress, shard=shard), reference)
         row.paper_fid = paper_fid(preset, row.spec)
 
@@ -239,7 +297,7 @@ def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:
     """Write ``grid.png``, ``table.md``, ``table.csv`` and ``time_vs_steps.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("grid.png", "table.md", "table.csv", "time_vs_steps.png")}
-    save_labelled_rows([(row.spec.label, row.images) for row in rows], paths["grid.png"])
+    save_labelled_rows([(row.label, row.images) for row in rows], paths["grid.png"])
     with_fid = any(row.fid is not None for row in rows)
     with_paper = any(row.paper_fid is not None for row in rows)
     records = [row.record(with_fid, with_paper) for row in rows]
@@ -277,13 +335,17 @@ def _paper_layout(rows: list[CompareRow]) -> str:
         return f"| {name} | " + " | ".join(cells) + " |"
 
     lines = ["| FID | " + " | ".join(f"S={s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    etas = sorted({row.spec.eta for row in rows if row.spec.method == "ddim"})
-    lines += [
-        line_of(f"eta={eta:g}", [r for r in rows if r.spec.method == "ddim" and r.spec.eta == eta]) for eta in etas
-    ]
-    dpm = [r for r in rows if r.spec.method == "dpm++2m"]
-    if dpm:
-        lines.append(line_of("dpm++2m", dpm))
+    for model in dict.fromkeys(row.model for row in rows):
+        mine = [r for r in rows if r.model == model]
+        prefix = f"{model} " if model else ""
+        etas = sorted({row.spec.eta for row in mine if row.spec.method == "ddim"})
+        lines += [
+            line_of(f"{prefix}eta={eta:g}", [r for r in mine if r.spec.method == "ddim" and r.spec.eta == eta])
+            for eta in etas
+        ]
+        for method in ("dpm++2m", "consistency"):
+            if members := [r for r in mine if r.spec.method == method]:
+                lines.append(line_of(prefix + method, members))
     ddpm = [r for r in rows if r.spec.method == "ddpm"]
     if ddpm:
         lines.append(line_of(ddpm[0].spec.label.split(" S=")[0] + f" ({ddpm[0].spec.variance} variance)", ddpm))
@@ -297,12 +359,14 @@ def _plot(rows: list[CompareRow], path: Path, value: Callable[[CompareRow], floa
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    for eta in sorted({row.spec.eta for row in rows if row.spec.method == "ddim"}):
-        series = sorted((r.spec.steps, value(r)) for r in rows if r.spec.method == "ddim" and r.spec.eta == eta)
-        axes.plot(*zip(*series, strict=True), marker="o", label=f"ddim eta={eta:g}")
-    dpm = sorted((r.spec.steps, value(r)) for r in rows if r.spec.method == "dpm++2m")
-    if dpm:
-        axes.plot(*zip(*dpm, strict=True), marker="^", label="dpm++2m")
+    for model in dict.fromkeys(row.model for row in rows):
+        mine, prefix = [r for r in rows if r.model == model], f"{model} " if model else ""
+        for eta in sorted({row.spec.eta for row in mine if row.spec.method == "ddim"}):
+            series = sorted((r.spec.steps, value(r)) for r in mine if r.spec.method == "ddim" and r.spec.eta == eta)
+            axes.plot(*zip(*series, strict=True), marker="o", label=f"{prefix}ddim eta={eta:g}")
+        for method, marker in (("dpm++2m", "^"), ("consistency", "v")):
+            if series := sorted((r.spec.steps, value(r)) for r in mine if r.spec.method == method):
+                axes.plot(*zip(*series, strict=True), marker=marker, label=prefix + method)
     for row in rows:
         if row.spec.method == "ddpm":
             axes.plot([row.spec.steps], [value(row)], marker="s", linestyle="", label=row.spec.label)

@@ -106,10 +106,10 @@ class DistillConfig:
 
     method: Literal["progressive", "consistency"] = "progressive"  # Salimans & Ho 2022, or Song et al. 2023
     teacher: str = ""  # the teacher's checkpoint file
-    teacher_steps: int = 64  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
+    teacher_steps: int = 16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
-    round_steps: int = 400  # optimizer steps per halving round (consistency: in all)
-    lr: float = 2e-4  # peak learning rate (constant after warmup)
+    round_steps: int = 600  # optimizer steps per halving round (consistency: in all)
+    lr: float = 5e-4  # peak learning rate (constant after warmup)
     warmup: int = 20  # linear learning-rate warmup steps of each round
     ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)
     weighting: Literal["truncated_snr", "none"] = "truncated_snr"  # progressive: max(SNR, 1), or plain x-MSE

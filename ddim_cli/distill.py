@@ -93,9 +93,10 @@ def student_config(
         method=method,
         teacher=str(Path(teacher_path).resolve()),
         steps=steps,
-        # 64 DDIM steps, or the largest power of two a short schedule has: each round halves it
-        teacher_steps=max(min(64, 2 ** int(math.log2(teacher.diffusion.num_timesteps))), steps),
-        grid_points=min(64, 2 ** int(math.log2(teacher.diffusion.num_timesteps))),
+        # 16 DDIM steps (a short schedule: its largest power of two), at least one round above --steps;
+        # fewer, longer rounds measured best on the digits (BENCHMARKS.md, "Distillation")
+        teacher_steps=max(min(16, _power_of_two(teacher.diffusion.num_timesteps)), 2 * steps),
+        grid_points=min(64, _power_of_two(teacher.diffusion.num_timesteps)),
         guidance=teacher.sample.guidance if conditional else 0.0,
         guidance_rescale=teacher.sample.guidance_rescale if conditional else 0.0,
     )
@@ -105,6 +106,11 @@ def student_config(
     validate(config)
     if config.distill.method == "progressive":
         T = config.diffusion.num_timesteps
+        if config.distill.teacher_steps == config.distill.steps:
+            raise ConfigError(
+                f"distill.teacher_steps {config.distill.teacher_steps} equals --steps: nothing to distil; "
+                "the teacher needs more steps than its student"
+            )
         for count in d.halving_rounds(config.distill.teacher_steps, config.distill.steps):  # names the reachable
             # A student samples with `--skip trailing --steps N`: that must be the grid it learned.
             if not torch.equal(
@@ -117,6 +123,11 @@ def student_config(
     else:
         d.consistency_times(config.diffusion.num_timesteps, config.distill.grid_points, config.distill.steps)
     return with_student_steps(config, config.distill.steps)
+
+
+def _power_of_two(count: int) -> int:
+    """The largest power of two not above ``count``."""
+    return 2 ** int(math.log2(count))
 
 
 def with_student_steps(config: Config, steps: int) -> Config:

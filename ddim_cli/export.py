@@ -6,23 +6,32 @@ spacing, and ``OUT/model_index.json`` makes ``DDIMPipeline.from_pretrained(OUT)`
 U-Net is the DDPM one that :mod:`ddim_cli.convert` imports; this is that renaming in reverse, and
 the export checks that importing it again gives back every weight. A class-conditional model
 becomes ``num_class_embeds = num_classes + 1`` (the last embedding is our null label; diffusers
-adds the class embedding to the time embedding after its MLP, as we do). diffusers is not needed
-to export.
+adds the class embedding to the time embedding after its MLP, as we do).
+
+A patched model (``model.patch_size`` p > 1) is a plain U-Net on the pixel-unshuffled image: its
+``UNet2DModel`` takes C p^2 channels at image_size / p, and since a DDIM step is elementwise,
+stepping the scheduler on unshuffled latents and shuffling the result is exact; ``OUT/README.md``
+shows those lines (it has no ``model_index.json``, which would make ``DDIMPipeline`` run it on
+the wrong shape). Every export is loaded back with diffusers and compared with our U-Net before
+it is written (:func:`check_with_diffusers`); what diffusers cannot load is refused.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save
 
 from ddim_cli.checkpoint import write_durably
 from ddim_cli.config import Config
 from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, rename_diffusers
+from ddim_cli.unet import UNet
 
 FORMATS = ("diffusers",)
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs, as save_pretrained does (informational)
@@ -44,52 +53,163 @@ class ExportError(RuntimeError):
 
 
 def export_diffusers(config: Config, weights: dict[str, torch.Tensor], out: Path) -> list[Path]:
-    """Write ``weights`` (our U-Net's state dict) and ``config`` as a diffusers pipeline in ``out``."""
-    if config.model.patch_size != 1:
-        raise ExportError(
-            f"model.patch_size {config.model.patch_size} cannot be exported: diffusers' UNet2DModel has no "
-            "pixel-unshuffle patching, so only patch_size 1 models have a diffusers equivalent"
-        )
+    """Write ``weights`` (our U-Net's state dict) and ``config`` as a diffusers pipeline in ``out``.
+
+    The export is written to a temporary folder beside ``out`` and loaded back with diffusers
+    (``UNet2DModel`` and ``DDIMScheduler``), whose U-Net must give our U-Net's output on a test
+    input; only then are the files moved into ``out``. What diffusers cannot load is an
+    ExportError and nothing is written. Without diffusers installed the check is skipped with a
+    warning."""
+    _check_exportable(config)
     levels = len(config.model.ch_mult)
     state = {_diffusers_key(key, levels): _diffusers_value(key, value) for key, value in weights.items()}
     back = rename_diffusers(state, levels)
     if back.keys() != weights.keys() or any(not torch.equal(back[k], weights[k]) for k in weights):
         raise AssertionError("the diffusers renaming does not invert the import's")  # a bug, never the user's
-    out = Path(out)
-    (out / "unet").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    patched = config.model.patch_size > 1
     files = {
-        out / "unet" / "config.json": _json(unet_config(config)),
-        out / "unet" / "diffusion_pytorch_model.safetensors": save(
+        Path("unet") / "config.json": _json(unet_config(config)),
+        Path("unet") / "diffusion_pytorch_model.safetensors": save(
             {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata={"format": "pt"}
         ),
-        out / "scheduler" / "scheduler_config.json": _json(scheduler_config(config)),
-        out / "model_index.json": _json(
+        Path("scheduler") / "scheduler_config.json": _json(scheduler_config(config)),
+        Path("README.md"): exported_readme(config).encode(),
+    }
+    if not patched:  # a patched U-Net needs the unshuffle/shuffle around DDIMPipeline's loop (README.md)
+        files[Path("model_index.json")] = _json(
             {
                 "_class_name": "DDIMPipeline",
                 "_diffusers_version": DIFFUSERS_VERSION,
                 "scheduler": ["diffusers", "DDIMScheduler"],
                 "unet": ["diffusers", "UNet2DModel"],
             }
-        ),
-    }
-    for path, data in files.items():
-        write_durably(path, data)
-    return list(files)
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+        staging = Path(staging)
+        for relative, data in files.items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).write_bytes(data)
+        check_with_diffusers(staging, config, weights)
+        for relative, data in files.items():
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            write_durably(out / relative, data)
+    return [out / relative for relative in files]
+
+
+def _check_exportable(config: Config) -> None:
+    """What UNet2DModel cannot express, refused in one line before anything is written."""
+    m = config.model
+    if m.ch_mult[0] != 1:
+        widths = [m.ch * k for k in m.ch_mult]
+        same = f"ch {widths[0]} and ch_mult {[w // widths[0] for w in widths]} has the same level widths and exports"
+        instead = f"a model with {same}" if all(w % widths[0] == 0 for w in widths) else "only ch_mult[0] = 1 exports"
+        raise ExportError(
+            f"diffusers' UNet2DModel cannot hold model.ch {m.ch} with ch_mult {list(m.ch_mult)}: its conv_in outputs "
+            f"block_out_channels[0] = {widths[0]} channels, ours outputs ch = {m.ch}; {instead}"
+        )
+    if config.distill is not None and config.distill.method == "consistency":
+        raise ExportError(
+            "a consistency student samples with the consistency sampler, not DDIMScheduler's steps; export its "
+            f"teacher ({config.distill.teacher}) or a progressive student"
+        )
+
+
+def check_with_diffusers(folder: Path, config: Config, weights: dict[str, torch.Tensor]) -> None:
+    """Load the export in ``folder`` with diffusers and compare its U-Net with ours on a test input
+    (for a patched model, on the pixel-unshuffled input); an ExportError says what failed."""
+    try:
+        from diffusers import DDIMScheduler, UNet2DModel
+    except ImportError:
+        warnings.warn(
+            "diffusers is not installed, so the export was not loaded back to check it "
+            "(pip install 'ddim-cli[export]' adds it)",
+            stacklevel=3,
+        )
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = UNet2DModel.from_pretrained(folder / "unet").eval()
+            DDIMScheduler.from_pretrained(folder / "scheduler")
+    except Exception as error:  # whatever diffusers raises: its first line says what
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"diffusers cannot load this export ({first}); nothing was written") from None
+    ours = UNet(config.unet_config())
+    ours.load_state_dict(weights)
+    ours.eval()
+    p, c, size = config.model.patch_size, config.data.channels, config.data.image_size
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c * p * p, size // p, size // p, generator=generator)
+    t = torch.tensor([1, config.diffusion.num_timesteps - 1])
+    labels = None if config.model.num_classes is None else torch.tensor([0, config.model.num_classes])
+    with torch.no_grad():
+        expected = ours(F.pixel_shuffle(x, p) if p > 1 else x, t, labels)
+        expected = F.pixel_unshuffle(expected, p) if p > 1 else expected
+        got = theirs(x, t, class_labels=labels).sample
+    error = float((got - expected).abs().max())
+    if not error <= 1e-4 * (1 + float(expected.abs().max())):
+        raise ExportError(f"diffusers loads this export but computes another output (max difference {error:.3g})")
+
+
+def exported_readme(config: Config) -> str:
+    """How to sample the export with diffusers, as ``ddim sample`` samples the checkpoint."""
+    m, p = config.model, config.model.patch_size
+    steps = config.sample.steps
+    labels = "" if m.num_classes is None else ", class_labels=labels"
+    label_line = (
+        ""
+        if m.num_classes is None
+        else f"labels = torch.tensor([3] * 4)  # classes 0..{m.num_classes - 1}; {m.num_classes} is the null label\n"
+    )
+    shape = f"(4, {config.data.channels}, {config.data.image_size}, {config.data.image_size})"
+    noise = f"F.pixel_unshuffle(torch.randn{shape}, {p})" if p > 1 else f"torch.randn{shape}"
+    result = f"F.pixel_shuffle(x, {p})" if p > 1 else "x"
+    student = ""
+    if config.distill is not None:
+        student = (
+            f"This is a {steps}-step student distilled from {config.distill.teacher} (ddim distill): sample it with "
+            f"{steps} steps on the trailing grid, as the scheduler config says"
+            + (
+                f"; it learnt its teacher guided at w = {config.distill.guidance:g}, so no guidance is needed.\n\n"
+                if m.num_classes is not None
+                else ".\n\n"
+            )
+        )
+    patched = (
+        f"The model runs on {p}x{p} patches: its UNet2DModel sees the image pixel-unshuffled into "
+        f"{config.data.channels * p * p} channels at {config.data.image_size // p}x{config.data.image_size // p}. "
+        "A DDIM step is elementwise, so stepping the scheduler on the unshuffled latents and shuffling the result "
+        "is exact; DDIMPipeline does not know to do that, so this folder has no model_index.json.\n\n"
+        if p > 1
+        else "`DDIMPipeline.from_pretrained(THIS_FOLDER)` loads it as a pipeline too.\n\n"
+    )
+    return (
+        "# Exported by ddim-cli (`ddim export`)\n\n" + student + patched + "```python\n"
+        "import torch\nimport torch.nn.functional as F\nfrom diffusers import DDIMScheduler, UNet2DModel\n\n"
+        'unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet")\n'
+        'scheduler = DDIMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler")\n'
+        f"scheduler.set_timesteps({steps})\n" + label_line + f"x = {noise}  # x_T\n"
+        "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
+        f"        x = scheduler.step(unet(x, t{labels}).sample, t, x, eta=0.0).prev_sample\n"
+        f"images = {result}  # in [-1, 1]\n```\n"
+    )
 
 
 def unet_config(config: Config) -> dict[str, Any]:
     """The ``UNet2DModel`` config of our U-Net (single-head attention: ``attention_head_dim`` None
     makes each attention block's head as wide as its channels)."""
-    m, size = config.model, config.data.image_size
+    m = config.model
+    size, in_channels = config.data.image_size // m.patch_size, config.data.channels * m.patch_size**2
     channels = [m.ch * mult for mult in m.ch_mult]
     attended = [size // 2**level in m.attn_resolutions for level in range(len(channels))]
     return {
         "_class_name": "UNet2DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": size,
-        "in_channels": config.data.channels,
-        "out_channels": config.data.channels,
+        "in_channels": in_channels,
+        "out_channels": in_channels,
         "center_input_sample": False,
         "time_embedding_type": "positional",
         "freq_shift": 1,

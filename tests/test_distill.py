@@ -44,7 +44,7 @@ SMALL = [
     "--set",
     "distill.grid_points=8",
 ]
-# (T = 50: by default the first teacher takes 32 DDIM steps and the consistency grid has 32 points.)
+# (T = 50: by default the first teacher takes 16 DDIM steps and the consistency grid has 32 points.)
 
 
 def distilled(teacher, run_dir, *args):
@@ -85,6 +85,18 @@ def test_progressive_distillation_writes_a_run_with_every_rounds_student(teacher
     assert "has students for 4, 2 steps, not 8" in line
     assert "--guidance does not apply" in one_line_error(ddim("sample", run, "--guidance", 1), 1)
     assert "drop --sampler" in one_line_error(ddim("sample", run, "--sampler", "dpm++2m"), 2)
+    table = ok("compare", run, "--n", 2, "--no-dpm-solver", "--out", tmp_path / "cmp").output
+    rows = [
+        line.split(" | ")[:3]
+        for line in table.splitlines()
+        if line.startswith("| teacher") or line.startswith("| student")
+    ]
+    assert rows == [
+        ["| teacher", "ddim", "2"],
+        ["| student", "ddim", "2"],
+        ["| teacher", "ddim", "4"],
+        ["| student", "ddim", "4"],
+    ]
     for command in ("invert", "edit", "restore"):
         extra = {"edit": ["--to-class", 1], "restore": ["--sr", 2]}.get(command, [])
         line = one_line_error(ddim(command, run, tmp_path / "a.png", *extra), 1)
@@ -194,7 +206,11 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
 def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
     run = tmp_path / "never"
     line = one_line_error(ddim("distill", teacher, "--steps", 3, "--run-dir", run), 2)
-    assert "--steps 3 cannot be reached by halving the teacher's 32 steps; choose one of 16, 8, 4, 2, 1" in line
+    assert "--steps 3 cannot be reached by halving the teacher's 16 steps; choose one of 8, 4, 2, 1" in line
+    line = one_line_error(
+        ddim("distill", teacher, "--steps", 4, "--set", "distill.teacher_steps=4", "--run-dir", run), 2
+    )
+    assert "distill.teacher_steps 4 equals --steps: nothing to distil" in line
     line = one_line_error(ddim("distill", teacher, "--set", "distill.teacher_steps=100", "--run-dir", run), 2)
     assert "distill.teacher_steps: must lie between distill.steps (4) and diffusion.num_timesteps (50)" in line
     line = one_line_error(ddim("distill", teacher, "--set", "distill.nonsense=1", "--run-dir", run), 2)

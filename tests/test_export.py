@@ -122,10 +122,95 @@ def test_export_errors_are_one_line(run_dir, tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_a_patched_model_is_refused_in_one_line(tmp_path):
-    run = make_run(tmp_path / "patched", patch_size=2)
-    ok("sample", run, "--n", 2, "--steps", 2, "--out", tmp_path / "grid.png")  # it trains and samples
+def diffusers_steps(folder, latents, steps, labels=None, patch=1):
+    """Sample the export as its README says: the scheduler stepped over the UNet2DModel, on the
+    pixel-unshuffled latents for a patched model."""
+    import torch.nn.functional as F
+
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(steps)
+    x = F.pixel_unshuffle(latents, patch) if patch > 1 else latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
+    return F.pixel_shuffle(x, patch) if patch > 1 else x
+
+
+def test_a_patched_model_exports_and_diffusers_reproduces_it(tmp_path):
+    run = make_run(tmp_path / "patched", patch_size=2, num_classes=10)
+    result = cli_ok("export", run, "--out", tmp_path / "out")
+    assert "README.md shows" in result.output and "checked by loading them with diffusers" in result.output
+    assert not (tmp_path / "out" / "model_index.json").exists()  # DDIMPipeline would run it on the wrong shape
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "F.pixel_unshuffle" in readme and "F.pixel_shuffle(x, 2)" in readme
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    save_latents(latents, tmp_path / "z.npy")
+    ok(
+        "sample",
+        run,
+        "--latents",
+        tmp_path / "z.npy",
+        "--steps",
+        5,
+        "--class",
+        4,
+        "--guidance",
+        0,
+        "--npz",
+        tmp_path / "s.npz",
+        "--out",
+        tmp_path / "g.png",
+    )
+    theirs = diffusers_steps(tmp_path / "out", latents, 5, labels=torch.full((3,), 4), patch=2)
+    ours = np.load(tmp_path / "s.npz")["arr_0"]
+    assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
+
+
+def test_what_diffusers_cannot_load_is_refused_and_nothing_is_written(tmp_path):
+    run = make_run(tmp_path / "wide", ch_mult=[2, 2])
     result = cli("export", run, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert "model.patch_size 2 cannot be exported" in result.output
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "its conv_in outputs block_out_channels[0] = 64 channels, ours outputs ch = 32" in result.output
+    assert "a model with ch 64 and ch_mult [1, 1] has the same level widths and exports" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_load_back_writes_nothing(run_dir, tmp_path, monkeypatch):
+    import ddim_cli.export as export
+
+    monkeypatch.setattr(export, "unet_config", lambda config: {"_class_name": "UNet2DModel", "sample_size": "x"})
+    result = cli("export", run_dir, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "diffusers cannot load this export" in result.output, result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_progressive_student_exports_and_reproduces_ddim_sample(tmp_path):
+    from test_distill import SMALL
+
+    teacher = make_run(tmp_path / "teacher", prediction="v", num_classes=10)
+    student = tmp_path / "student"
+    ok("distill", teacher, "--steps", 2, *SMALL, "--run-dir", student)
+    cli_ok("export", student, "--out", tmp_path / "out")
+    assert "2-step student" in (tmp_path / "out" / "README.md").read_text()
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    save_latents(latents, tmp_path / "z.npy")
+    ok(
+        "sample",
+        student,
+        "--latents",
+        tmp_path / "z.npy",
+        "--class",
+        6,
+        "--npz",
+        tmp_path / "s.npz",
+        "--out",
+        tmp_path / "g.png",
+    )
+    theirs = diffusers_steps(tmp_path / "out", latents, 2, labels=torch.full((3,), 6))
+    assert np.abs(to_uint8(theirs).astype(int) - np.load(tmp_path / "s.npz")["arr_0"].astype(int)).max() <= 1
+    ok("distill", teacher, "--method", "consistency", "--steps", 2, *SMALL, "--run-dir", tmp_path / "cd")
+    result = cli("export", tmp_path / "cd", "--out", tmp_path / "cd-out")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "a consistency student samples with the consistency sampler" in result.output
+    assert not (tmp_path / "cd-out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +18,6 @@ from ddim_cli.commands.common import (
     parse_classes,
     progress_bar,
     rank_progress,
-    refuse_students,
     save_fid_stats,
     user_errors,
 )
@@ -105,6 +105,7 @@ def compare(
     the FID features; rank 0 writes.
     """
     from ddim_cli import compare as c
+    from ddim_cli.models import student_for_steps
     from ddim_cli.seeding import seeded_noise
 
     step_counts = number_list(steps, int, "--steps")
@@ -117,17 +118,22 @@ def compare(
         shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
         check_outputs([("--save-stats", save_stats)], [("--out", out)], inputs=[checkpoint])
         loaded = load_run(checkpoint, ema, device, where)
-        refuse_students(loaded, "ddim compare")
         check_outputs(directories=[("--out", out or loaded.run_dir / "compare")])
         cfg = loaded.config
-        specs = c.comparison_specs(
-            step_counts,
-            etas,
-            skip=cfg.sample.skip if skip is None else skip,
-            clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
-            ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
-            dpm_solver=dpm_solver,
-        )
+        teacher = None
+        if cfg.distill is not None:  # the student's rows next to its teacher's, at the counts it serves
+            teacher = load_run(Path(cfg.distill.teacher), ema, device, where)
+            counts = c.student_step_counts(loaded, step_counts)
+            specs, roles = c.teacher_and_student_specs(loaded, teacher, counts, dpm_solver=dpm_solver, clip_x0=clip_x0)
+        else:
+            specs = c.comparison_specs(
+                step_counts,
+                etas,
+                skip=cfg.sample.skip if skip is None else skip,
+                clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
+                ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
+                dpm_solver=dpm_solver,
+            )
         for spec in specs:
             spec.check(loaded.alpha_bars)
         # Checked on the first images; every row and batch draws its classes the same way.
@@ -136,6 +142,22 @@ def compare(
             loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
         )
         make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model)
+        models = None
+        if teacher is not None:
+            teacher_w = (
+                0.0 if teacher.config.model.num_classes is None or unconditional else teacher.config.sample.guidance
+            )
+            teacher_eps = command_noise_model(teacher, teacher_w, guidance_rescale, precision, compile_model)
+            models = [
+                ("teacher", teacher, teacher_eps)
+                if role == "teacher"
+                else (
+                    "student",
+                    student := student_for_steps(loaded, spec.steps),
+                    command_noise_model(student, 0.0, None, precision, compile_model),
+                )
+                for spec, role in zip(specs, roles, strict=True)
+            ]
         directory = out or loaded.run_dir / "compare"
         samples_dir = directory / "samples" if fid else None
         extract = _reference = None
@@ -166,6 +188,7 @@ def compare(
                 classes=parse_classes(classes),
                 unconditional=unconditional,
                 shard=shard,
+                models=models,
             )
         if fid:
             with progress_bar(fid * len(rows), progress and shard.main, "sample statistics", unit="img") as bar:

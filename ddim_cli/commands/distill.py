@@ -69,8 +69,8 @@ def distill(
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
-    Progressive distillation halves the teacher's 64 DDIM steps round by round down to --steps,
-    keeping every round's student in RUN_DIR/students/ (S32, S16, ... .safetensors); `ddim sample
+    Progressive distillation halves the teacher's 16 DDIM steps round by round down to --steps,
+    keeping every round's student in RUN_DIR/students/ (S8, S4, ... .safetensors); `ddim sample
     RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A class-conditional
     student learns the teacher guided at its sample.guidance: one call per step gives the guided
     image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.

@@ -38,7 +38,12 @@ def export(
         check_outputs(directories=[("--out", out)], inputs=[checkpoint])
         loaded = load_run(checkpoint, ema, Device.cpu)
         written = export_diffusers(loaded.config, loaded.model.state_dict(), out)
+    how = (
+        f"sample it as {out}/README.md shows (a patched model: unshuffle x_T, shuffle the result)"
+        if loaded.config.model.patch_size > 1
+        else f"load it with DDIMPipeline.from_pretrained({str(out)!r})"
+    )
     typer.echo(
-        f"exported {loaded.checkpoint} ({'EMA' if ema else 'raw'} weights) to {out}/ ({len(written)} files); "
-        f"load it with DDIMPipeline.from_pretrained({str(out)!r})"
+        f"exported {loaded.checkpoint} ({'EMA' if ema else 'raw'} weights) to {out}/ ({len(written)} files, "
+        f"checked by loading them with diffusers); {how}"
     )
