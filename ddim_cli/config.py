@@ -108,14 +108,14 @@ class DistillConfig:
     teacher: str = ""  # the teacher's checkpoint file
     teacher_steps: int = 16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
-    round_steps: int = 600  # optimizer steps per halving round (consistency: in all)
-    lr: float = 5e-4  # peak learning rate (constant after warmup)
+    round_steps: int = 600  # optimizer steps per halving round (consistency: in all, 1600 by default)
+    lr: float = 5e-4  # peak learning rate, constant after warmup (consistency: 2e-4 by default)
     warmup: int = 20  # linear learning-rate warmup steps of each round
     ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)
     weighting: Literal["truncated_snr", "none"] = "truncated_snr"  # progressive: max(SNR, 1), or plain x-MSE
     guidance: float = 0.0  # the teacher's classifier-free guidance the student learns (one call per step)
     guidance_rescale: float = 0.0  # and its rescale phi
-    grid_points: int = 64  # consistency: the discretisation's points (trailing, plus t = 0)
+    grid_points: int = 32  # consistency: the discretisation's points (trailing, plus t = 0)
     skip_points: int = 1  # consistency: teacher DDIM step over this many grid intervals (LCM's skipping)
     target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
 

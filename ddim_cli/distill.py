@@ -96,10 +96,12 @@ def student_config(
         # 16 DDIM steps (a short schedule: its largest power of two), at least one round above --steps;
         # fewer, longer rounds measured best on the digits (BENCHMARKS.md, "Distillation")
         teacher_steps=max(min(16, _power_of_two(teacher.diffusion.num_timesteps)), 2 * steps),
-        grid_points=min(64, _power_of_two(teacher.diffusion.num_timesteps)),
         guidance=teacher.sample.guidance if conditional else 0.0,
         guidance_rescale=teacher.sample.guidance_rescale if conditional else 0.0,
     )
+    if method == "consistency":  # one long round on a 32-point grid at a lower rate (BENCHMARKS.md)
+        config.distill.round_steps, config.distill.lr = 1600, 2e-4
+    config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)

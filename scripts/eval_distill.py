@@ -81,7 +81,7 @@ def rows_for(teacher, students: list, steps: int) -> list[tuple[str, object, obj
             continue
         method = "consistency" if distilled.method == "consistency" else "ddim"
         spec = SamplerSpec(method, steps, 0.0, "trailing", clip_x0=chosen.config.sample.clip_x0)
-        rows.append((f"{distilled.method} student S={steps}", chosen, spec, 0.0, 0.0, steps))
+        rows.append((f"{student.run_dir.name} S={steps}", chosen, spec, 0.0, 0.0, steps))
     return rows
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [
             row
             for row in plan
-            if row[0] in (f"teacher ddim S={steps}", f"{students[0].config.distill.method} student S={steps}")
+            if row[0] in (f"teacher ddim S={steps}", f"{students[0].run_dir.name} S={steps}")
         ] + plan[:1]
         picture(chosen, args.picture, args.seed)
     return 0
@@ -165,6 +165,11 @@ def picture(rows, path: Path, seed: int, count: int = 12) -> None:
         for _, loaded, spec, w, phi, _ in rows
     ]
     save_grid(torch.cat(images).clamp(-1, 1), path, nrow=count)
+    from PIL import Image
+
+    with Image.open(path) as grid:  # 16x16 digits: shown 4x, each pixel a block
+        enlarged = grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST)
+    enlarged.save(path)
     print(f"wrote {path}: rows " + " | ".join(name for name, *_ in rows))
 
 
