@@ -69,6 +69,7 @@ class DistillResult:
     run_dir: Path
     step: int
     students: dict[int, Path]  # step count -> the student's checkpoint
+    rank: int = 0  # under torchrun, this process's rank (only rank 0 writes)
 
 
 def student_config(
@@ -366,6 +367,7 @@ class _Distillation:
                     window_start, window_steps = time.perf_counter(), 0
                 if round_done:
                     self.keep_student(self.plan[round_index], step, log)
+                    barrier(world)  # the next round's teacher is that file: every rank waits for it
                 if at_checkpoint or stopping:
                     extra = {"target": self.target.state_dict()} if x.method == "consistency" else None
                     save_run_checkpoint(
@@ -390,7 +392,7 @@ class _Distillation:
         barrier(world)
         seconds = time.perf_counter() - run_start
         log.message(f"finished at step {step}: {step - start} steps in {seconds:.0f} s on {hardware}")
-        return DistillResult(self.run_dir, step, kept_students(self.run_dir))
+        return DistillResult(self.run_dir, step, kept_students(self.run_dir), rank)
 
     def keep_student(self, steps: int, step: int, log: RunLog) -> None:
         """Write the round's student (its EMA weights) and a grid of its samples from fixed seeds."""

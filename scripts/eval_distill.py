@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.picture:
         steps = int(args.steps.split(",")[0])
         chosen = [
-            row
-            for row in plan
-            if row[0] in (f"teacher ddim S={steps}", f"{students[0].run_dir.name} S={steps}")
+            row for row in plan if row[0] in (f"teacher ddim S={steps}", f"{students[0].run_dir.name} S={steps}")
         ] + plan[:1]
         picture(chosen, args.picture, args.seed)
     return 0

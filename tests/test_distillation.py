@@ -43,8 +43,10 @@ def test_halving_rounds_and_their_errors():
     assert d.halving_rounds(64, 4) == [32, 16, 8, 4]
     assert d.halving_rounds(48, 3) == [24, 12, 6, 3]
     assert d.halving_rounds(8, 8) == []
-    with pytest.raises(ValueError, match="--steps 3 cannot be reached by halving the teacher's 64 steps; choose one of "
-                       "32, 16, 8, 4, 2, 1"):
+    with pytest.raises(
+        ValueError,
+        match="--steps 3 cannot be reached by halving the teacher's 64 steps; choose one of 32, 16, 8, 4, 2, 1",
+    ):
         d.halving_rounds(64, 3)
     with pytest.raises(ValueError, match="choose one of"):
         d.halving_rounds(64, 128)
@@ -79,8 +81,9 @@ def test_the_progressive_target_lands_where_two_teacher_ddim_steps_land(last_pai
     one_step = d.ddim_step(z, target, AB[t], level_next)
     assert torch.allclose(one_step, two_steps, atol=1e-10, rtol=0)
     # A student equal to the two-step map has zero loss; the teacher's own one-step x does not.
-    student = ((two_steps - (1 - level_next).sqrt() / (1 - AB[t]).sqrt() * z)
-               / (level_next.sqrt() - (1 - level_next).sqrt() / (1 - AB[t]).sqrt() * AB[t].sqrt()))
+    student = (two_steps - (1 - level_next).sqrt() / (1 - AB[t]).sqrt() * z) / (
+        level_next.sqrt() - (1 - level_next).sqrt() / (1 - AB[t]).sqrt() * AB[t].sqrt()
+    )
     assert float(d.progressive_loss(student, target, AB[at(t, 64)]).max()) < 1e-18
     assert float(d.progressive_loss(teacher(z, at(t, 64)), target, AB[at(t, 64)]).mean()) > 1e-6
 
@@ -143,7 +146,8 @@ def test_the_consistency_target_of_the_exact_function_is_its_own_value_up_to_the
         x = AB[600].sqrt() * 0.4 + (1 - AB[600]).sqrt() * z
         target = d.consistency_target(teacher, student, x, t, t_prev, AB)
         return float(d.pseudo_huber(d.consistency_function(student, x, t, AB), target).mean()), (
-            d.consistency_function(student, x, t, AB) - target).abs().max()
+            d.consistency_function(student, x, t, AB) - target
+        ).abs().max()
 
     assert mismatch(0.4, 0.0, 100)[1] < 1e-10
     coarse, fine = mismatch(0.3, 0.5, 40)[1], mismatch(0.3, 0.5, 20)[1]

@@ -185,3 +185,23 @@ def test_edit_on_two_ranks_writes_byte_identical_outputs(conditional_run, digit_
     two = two_ranks(*common, "--out", tmp_path / "two", "--npz", tmp_path / "two" / "e.npz")
     assert two.stdout.count("edited 5 image(s)") == 1
     assert assert_same_files(tmp_path / "one", tmp_path / "two") == 3 + 5
+
+
+def test_distill_on_two_ranks_keeps_every_student_and_rank_0_alone_writes(tmp_path):
+    from test_commands import make_run
+    from test_distill import SMALL
+
+    from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
+
+    teacher = make_run(tmp_path / "teacher", prediction="v", num_classes=10)
+    run = tmp_path / "student"
+    result = two_ranks("distill", teacher, "--steps", 2, *SMALL, "--run-dir", run)
+    assert "students (4 steps:" in result.stdout and result.stdout.count("distilled to step 6") == 1
+    for steps in (4, 2):
+        student = load_checkpoint(run / "students" / f"S{steps}.safetensors")
+        assert student.config.distill.steps == steps
+    assert [int(p.stem.split("-")[1]) for p in list_checkpoints(run / "checkpoints")][-1] == 6
+    log = (run / "train.log").read_text()
+    assert log.count("starting step 0 of 6") == 1 and "x2 [" in log  # one writer, two ranks
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    one_process("sample", run, "--n", 2, "--out", tmp_path / "grid.png")

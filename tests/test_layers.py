@@ -49,12 +49,7 @@ def layer(module: str) -> int:
 
 
 def test_imports_never_point_up_the_layers():
-    upward = [
-        f"{m} imports {d}"
-        for m, deps in GRAPH.items()
-        for d in deps
-        if layer(m) >= 0 and layer(d) > layer(m)
-    ]
+    upward = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps if layer(m) >= 0 and layer(d) > layer(m)]
     assert not upward
 
 

@@ -112,6 +112,8 @@ def distill(
     except Exception as error:
         fail_if_compile_error(error, "run again with --set train.compile=false")
         raise
+    if result.rank != 0:  # rank 0 reports
+        return
     kept = ", ".join(f"{count} steps: {path}" for count, path in result.students.items())
     typer.echo(f"distilled to step {result.step}; students ({kept})")
     typer.echo(f"sample with: ddim sample {directory}")
