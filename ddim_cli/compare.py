@@ -109,12 +109,11 @@ def comparison_specs(
 def student_step_counts(student: LoadedModel, wanted: list[int]) -> list[int]:
     """The step counts to compare a distilled student at: those of ``wanted`` it serves, else all
     it serves (a progressive run: its kept rounds; a consistency student: its grid's counts)."""
-    from ddim_cli.models import student_for_steps
+    from ddim_cli.models import kept_students, student_for_steps
 
     distilled = student.config.distill
     if distilled.method == "progressive":
-        kept = sorted(int(p.stem[1:]) for p in student.run_dir.glob("students/S*.safetensors") if p.stem[1:].isdigit())
-        served = kept or [distilled.steps]
+        served = sorted(kept_students(student.run_dir)) or [distilled.steps]
     else:
         served = []
         for count in sorted(set(wanted) | {distilled.steps}):

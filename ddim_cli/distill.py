@@ -39,6 +39,7 @@ from ddim_cli.checkpoint import list_checkpoints, load_checkpoint, remove_partia
 from ddim_cli.config import Config, ConfigError, DistillConfig, apply_override, validate
 from ddim_cli.data import DataError, build_dataset
 from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.models import STUDENTS, kept_students
 from ddim_cli.monitor import TensorBoardLog, plot_metrics, save_sample_grid, tensorboard_missing
 from ddim_cli.run_loop import (
     RunLog,
@@ -60,8 +61,6 @@ from ddim_cli.run_loop import (
 from ddim_cli.runlock import run_lock
 from ddim_cli.schedule import timesteps
 from ddim_cli.unet import UNet
-
-STUDENTS = "students"  # the run's kept students, one file per step count
 
 
 @dataclass
@@ -151,7 +150,7 @@ def rounds(config: Config) -> list[int]:
 
 
 def student_path(run_dir: Path, steps: int) -> Path:
-    return Path(run_dir) / STUDENTS / f"S{steps}.safetensors"
+    return Path(run_dir) / STUDENTS / f"S{steps}.safetensors"  # what kept_students finds
 
 
 def distill(
@@ -194,6 +193,14 @@ class _Distillation:
         self.plan = rounds(config)
         self.total = len(self.plan) * self.x.round_steps
         self.first_teacher = teacher_weights
+        T = config.diffusion.num_timesteps
+        # Computed once, not per step: each round's teacher grid with -1 (the data) appended, and
+        # the consistency discretisation.
+        self.grids = {}
+        for steps in self.plan if self.x.method == "progressive" else []:
+            grid = d.distillation_grid(T, self.x.teacher_steps, 2 * steps)
+            self.grids[steps] = torch.cat([grid, grid.new_full((1,), -1)]).to(device)
+        self.consistency_grid = d.consistency_grid(T, self.x.grid_points).to(device)
         self.ab = config.alpha_bars()
         self.ab_device = self.ab.float().to(device)
         self.null = config.model.num_classes
@@ -252,8 +259,7 @@ class _Distillation:
         student = self.x0_model(net, labels)
         if self.x.method == "progressive":
             steps = self.plan[round_index]
-            grid = d.distillation_grid(self.config.diffusion.num_timesteps, self.x.teacher_steps, 2 * steps)
-            grid = torch.cat([grid, grid.new_full((1,), -1)]).to(self.device)  # -1: the data
+            grid = self.grids[steps]
             i = torch.randint(0, steps, (batch,), device=self.device, generator=generator)
             t, t_mid, t_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
             z = self._noised(x0, noise, t)
@@ -262,7 +268,7 @@ class _Distillation:
             if self.x.weighting == "none":
                 per_example = per_example / d.truncated_snr_weight(self.ab_device[t])
             return per_example.mean()
-        grid = d.consistency_grid(self.config.diffusion.num_timesteps, self.x.grid_points).to(self.device)
+        grid = self.consistency_grid
         j = torch.randint(0, len(grid) - self.x.skip_points, (batch,), device=self.device, generator=generator)
         t, t_prev = grid[j], grid[j + self.x.skip_points]
         z = self._noised(x0, noise, t)
@@ -409,12 +415,3 @@ class _Distillation:
         save_sample_grid(self.ema, student, self.ab, grid, self.device)
         log.grid(step, grid)
         log.message(f"wrote the {steps}-step student {path} and its samples {grid}")
-
-
-def kept_students(run_dir: Path) -> dict[int, Path]:
-    """The students a distillation run has kept so far, by step count."""
-    found = {}
-    for path in sorted((Path(run_dir) / STUDENTS).glob("S*.safetensors")):
-        with contextlib.suppress(ValueError):
-            found[int(path.stem[1:])] = path
-    return dict(sorted(found.items(), reverse=True))

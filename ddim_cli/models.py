@@ -87,7 +87,7 @@ class LoadedModel:
     @property
     def run_dir(self) -> Path:
         parent = self.checkpoint.parent
-        return parent.parent if parent.name in ("checkpoints", "students") else parent
+        return parent.parent if parent.name in ("checkpoints", STUDENTS) else parent
 
 
 def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> tuple[list[Path], str | None]:
@@ -219,6 +219,18 @@ def noise_model(
     return make
 
 
+STUDENTS = "students"  # a distillation run's kept students: STUDENTS/S<steps>.safetensors
+
+
+def kept_students(run_dir: Path) -> dict[int, Path]:
+    """The students a distillation run has kept so far, by step count, most steps first."""
+    found = {}
+    for path in (Path(run_dir) / STUDENTS).glob("S*.safetensors"):
+        if path.stem[1:].isdigit():
+            found[int(path.stem[1:])] = path
+    return dict(sorted(found.items(), reverse=True))
+
+
 def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedModel:
     """For a distilled student, the one that samples with ``steps`` (None: the run's own count): a
     progressive run keeps one student per round (``students/S<N>.safetensors``; a run's in-progress
@@ -235,10 +247,9 @@ def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedMo
             consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_points, steps)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
-    if loaded.checkpoint.parent.name == "students" and (steps == distilled.steps or distilled.method == "consistency"):
+    if loaded.checkpoint.parent.name == STUDENTS and (steps == distilled.steps or distilled.method == "consistency"):
         return loaded  # a kept student, given as a file
-    students = sorted(loaded.run_dir.glob("students/S*.safetensors"))
-    served = {int(path.stem[1:]): path for path in students if path.stem[1:].isdigit()}
+    served = kept_students(loaded.run_dir)
     if distilled.method == "consistency" and served:
         return load_model(served[max(served)], use_ema=True, device=next(loaded.model.parameters()).device)
     if steps not in served:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
-from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device
+from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device, overrides_option
 
 
 class DistillMethod(str, Enum):
@@ -38,14 +38,7 @@ def distill(
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
     ] = 4,
-    overrides: Annotated[
-        list[str],
-        typer.Option(
-            "--set",
-            metavar="KEY=VALUE",
-            help="Override a config key, e.g. --set distill.round_steps=200 or --set train.batch_size=64. Repeatable.",
-        ),
-    ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
+    overrides: overrides_option("--set distill.round_steps=200 or --set train.batch_size=64") = [],  # noqa: B006
     run_dir: Annotated[
         Path | None,
         typer.Option(

@@ -247,3 +247,11 @@ def npz_option(what: str, shape: str = "N, H, W, C"):
         Path | None,
         typer.Option("--npz", help=f"Also write arr_0 = uint8 ({shape}) of {what}.", rich_help_panel=OUTPUT_PANEL),
     ]
+
+
+def overrides_option(example: str):
+    """``--set KEY=VALUE`` (repeatable) of the commands that build a run's config."""
+    return Annotated[
+        list[str],
+        typer.Option("--set", metavar="KEY=VALUE", help=f"Override a config key, e.g. {example}. Repeatable."),
+    ]

@@ -8,19 +8,14 @@ from typing import Annotated
 import typer
 
 from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
-from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device
+from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device, overrides_option
 
 
 def train(
     config_path: Annotated[
         Path | None, typer.Argument(metavar="CONFIG", help="YAML config (see configs/). Not needed with --resume.")
     ] = None,
-    overrides: Annotated[
-        list[str],
-        typer.Option(
-            "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.batch_size=64. Repeatable."
-        ),
-    ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
+    overrides: overrides_option("--set train.batch_size=64") = [],  # noqa: B006 (Typer reads, never mutates it)
     run_dir: Annotated[
         Path | None, typer.Option(help="Where checkpoints, samples and logs go (default: runs/<config name>).")
     ] = None,
