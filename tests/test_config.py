@@ -112,8 +112,11 @@ def test_overrides_are_typed_by_the_field(tmp_path):
             "data.root=some dir",
             "model.num_classes=null",
             "train.compile=true",
+            "train.lr=2e-4",
         ],
     )
+    assert c.train.lr == 2e-4 and isinstance(c.train.lr, float)  # YAML 1.1 reads 2e-4 as a string
+    assert load_config(write(tmp_path, "train:\n  lr: 1E-3\n")).train.lr == 1e-3
     assert c.train.batch_size == 64 and c.model.dropout == 0.0 and isinstance(c.model.dropout, float)
     assert c.model.ch_mult == (1, 2) and c.data.root == "some dir" and c.model.num_classes is None
     assert c.train.compile is True
@@ -127,6 +130,7 @@ def test_overrides_are_typed_by_the_field(tmp_path):
         ("train=4", "train is a section"),
         ("train.steps.x=4", "train.steps is not a section"),
         ("nonsense", "must look like section.key=value"),
+        ("train.lr=1e-3x", "train.lr: expected a number, got '1e-3x'"),
         ("train.compile=yes please", "train.compile: expected one of auto, true, false, got 'yes please'"),
     ],
 )
