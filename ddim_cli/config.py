@@ -109,7 +109,7 @@ class DistillConfig:
     teacher: str = ""  # the teacher's checkpoint file
     teacher_steps: int = 16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
-    round_steps: int = 600  # optimizer steps per halving round (consistency: in all, 1600 by default)
+    round_steps: int = 600  # optimizer steps per halving round (consistency: in all, 1150 by default)
     lr: float = 5e-4  # peak learning rate, constant after warmup (consistency: 2e-4 by default)
     warmup: int = 20  # linear learning-rate warmup steps of each round
     ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)

@@ -19,9 +19,8 @@ student's grid is every other timestep of its teacher's; a round halves the step
 Consistency distillation (Song et al. 2023, "Consistency Models", CM below, Algorithm 2):
 ``f(x, t) = c_skip(t) x + c_out(t) x_hat(x, t)`` with ``c_skip(t_min) = 1`` and
 ``c_out(t_min) = 0`` exactly, so ``f(x, t_min) = x`` (CM, Eq. 5 and Appendix C; the coefficients
-use ``Delta = sigma_VE(t) - sigma_VE(t_min)`` with ``sigma_VE = sigma_t / alpha_t``, the noise level
-of the equivalent variance-exploding process, and c_out tends to 1 because ``x_hat`` is already on
-the data's scale, as in latent consistency models). The target of a pair of adjacent grid times
+use ``Delta = 10 t`` in timesteps, as latent consistency models do (Luo et al. 2023), so that away
+from t_min ``f`` is ``x_hat``, which is already on the data's scale). The target of a pair of adjacent grid times
 ``t_{n+1} > t_n`` is ``f_target(DDIM step of the teacher from t_{n+1} to t_n)`` with an EMA target
 network, and the distance is the pseudo-Huber loss ``sqrt(|a - b|^2 + c^2) - c``,
 ``c = 0.00054 sqrt(d)`` for d dimensions (Song & Dhariwal 2023, "Improved Techniques for Training
@@ -42,6 +41,12 @@ from ddim_cli.schedule import timesteps
 X0Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> x_hat, per example t
 METHODS = ("progressive", "consistency")
 SIGMA_DATA = 0.5  # the data's standard deviation assumed by c_skip / c_out (CM, Appendix C)
+# Delta of c_skip / c_out per timestep (LCM's timestep_scaling): the boundary is a single timestep
+# wide, so away from t_min f is the network's own data prediction and a student initialised from
+# its teacher starts out as the teacher's x_hat. (CM's Delta = sigma_VE(t) - sigma_VE(t_min) gives
+# c_skip 0.59 at sigma_VE 0.42, mixing that much of the noisy z into f: the network then has to
+# learn to cancel it, and multistep samples, which visit those times, came out worse than 1-step.)
+BOUNDARY_SCALE = 10.0
 
 
 def x0_from_output(output: torch.Tensor, z: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
@@ -163,12 +168,11 @@ def consistency_times(num_timesteps: int, points: int, steps: int) -> torch.Tens
     return timesteps(num_timesteps, steps, "trailing")
 
 
-def consistency_scalings(alpha_bar: torch.Tensor, alpha_bar_min: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c_skip, c_out)`` at signal levels ``alpha_bar``: exactly (1, 0) at ``alpha_bar_min``, the
-    smallest time's (CM, Appendix C, with Delta = sigma_VE(t) - sigma_VE(t_min))."""
-    alpha_bar = alpha_bar.double()
-    sigma_ve = ((1 - alpha_bar) / alpha_bar).sqrt()
-    delta = (sigma_ve - math.sqrt((1 - alpha_bar_min) / alpha_bar_min)).clamp(min=0.0)
+def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` at timesteps ``t`` (float64): exactly (1, 0) at t_min = 0, and
+    ``c_skip < 0.003``, ``c_out > 0.998`` from timestep 1 on (CM, Appendix C, with LCM's
+    ``Delta = 10 t`` in timesteps instead of a noise-level difference)."""
+    delta = BOUNDARY_SCALE * t.double()
     c_skip = SIGMA_DATA**2 / (delta**2 + SIGMA_DATA**2)
     c_out = delta / (delta**2 + SIGMA_DATA**2).sqrt()
     return c_skip, c_out
@@ -176,7 +180,7 @@ def consistency_scalings(alpha_bar: torch.Tensor, alpha_bar_min: float) -> tuple
 
 def consistency_function(x0_model: X0Model, z: torch.Tensor, t: torch.Tensor, alpha_bars: torch.Tensor) -> torch.Tensor:
     """``f(z, t) = c_skip(t) z + c_out(t) x_hat(z, t)`` (CM, Eq. 5); t_min is timestep 0."""
-    c_skip, c_out = consistency_scalings(alpha_bars.to(z.device)[t], float(alpha_bars[0]))
+    c_skip, c_out = consistency_scalings(t)
     c_skip, c_out = _per_example(c_skip.to(z.dtype), z), _per_example(c_out.to(z.dtype), z)
     return c_skip * z + c_out * x0_model(z, t)
 

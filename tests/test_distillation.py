@@ -112,7 +112,7 @@ def student_for(f, table):
     """The data predictor whose consistency function is ``f`` (c_out > 0 away from t_min)."""
 
     def x0_model(z, t):
-        c_skip, c_out = d.consistency_scalings(table[t], float(table[0]))
+        c_skip, c_out = d.consistency_scalings(t)
         c_skip, c_out = (c.to(z).view(-1, *([1] * (z.dim() - 1))) for c in (c_skip, c_out))
         return (f(z, t) - c_skip * z) / c_out.clamp(min=1e-300)
 
@@ -120,7 +120,7 @@ def student_for(f, table):
 
 
 def test_the_boundary_condition_holds_exactly_at_the_smallest_time():
-    c_skip, c_out = d.consistency_scalings(COSINE[:1], float(COSINE[0]))
+    c_skip, c_out = d.consistency_scalings(torch.tensor([0]))
     assert float(c_skip) == 1.0 and float(c_out) == 0.0
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -128,9 +128,20 @@ def test_the_boundary_condition_holds_exactly_at_the_smallest_time():
         return torch.full_like(x, 123.0)
 
     assert torch.equal(d.consistency_function(anything, z, at(0, 4), COSINE), z)
-    c_skip, c_out = d.consistency_scalings(COSINE[torch.tensor([999])], float(COSINE[0]))
+    c_skip, c_out = d.consistency_scalings(torch.tensor([999]))
     assert float(c_skip) < 1e-6 and float(c_out) > 0.999999
     assert torch.equal(d.consistency_grid(1000, 4), torch.tensor([999, 749, 499, 249, 0]))
+
+
+def test_away_from_the_smallest_time_f_is_the_data_prediction():
+    """A student initialised from its teacher starts as the teacher's x_hat at every time it
+    visits after t_min (with CM's sigma-based Delta, c_skip would be 0.59 at t = 249 here)."""
+    z = torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    teacher = gaussian_model(0.3, 0.5, COSINE, "x0")
+    for t in (1, 30, 249, 499, 999):
+        x_hat = teacher(z, at(t, 64))
+        gap = (d.consistency_function(teacher, z, at(t, 64), COSINE) - x_hat).abs().max()
+        assert gap <= 0.003 * (z.abs().max() + x_hat.abs().max())
 
 
 def test_the_consistency_target_of_the_exact_function_is_its_own_value_up_to_the_ddim_step():
