@@ -307,7 +307,10 @@ class _Distillation:
         hardware = describe_device(self.device)
         if restart:
             log.message(f"{self.run_dir} has no checkpoint yet (it stopped before its first): starting it again")
-        what = f"{x.method} distillation to {x.steps} steps ({' -> '.join(map(str, self.plan))})"
+        if x.method == "progressive":
+            what = f"progressive distillation, {' -> '.join(map(str, [x.teacher_steps, *self.plan]))} steps"
+        else:
+            what = f"consistency distillation on a {x.grid_points}-point grid, for {x.steps}-step sampling"
         log.message(
             f"{'resuming at' if resume else 'starting'} step {start} of {self.total}: {what} of {x.teacher} on "
             f"{self.device} x{world} [{hardware}] ({self.precision}); guidance {x.guidance:g}"
