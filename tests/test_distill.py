@@ -145,6 +145,21 @@ def test_the_student_samples_what_its_grid_and_weights_say(teacher, tmp_path):
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], to_uint8(images))
 
 
+def test_tensorboard_logs_every_rounds_metrics_and_grids(teacher, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "pd"
+    distilled(teacher, run, "--set", "train.tensorboard=true")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert losses == pytest.approx({m["step"]: m["loss"] for m in logged}, rel=1e-6)
+    assert {event.step: event.value for event in events.Scalars("train/lr")} == pytest.approx(
+        {m["step"]: m["lr"] for m in logged}, rel=1e-6
+    )
+    assert sorted(event.step for tag in events.Tags()["images"] for event in events.Images(tag)) == [3, 6]
+
+
 def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path):
     run = tmp_path / "cd"
     result = distilled(teacher, run, "--method", "consistency")
