@@ -273,7 +273,7 @@ class _Distillation:
         t, t_prev = grid[j], grid[j + self.x.skip_points]
         z = self._noised(x0, noise, t)
         target = d.consistency_target(teacher, self.x0_model(self.target, labels), z, t, t_prev, self.ab)
-        return d.pseudo_huber(d.consistency_function(student, z, t, self.ab), target).mean()
+        return d.pseudo_huber(d.consistency_function(student, z, t), target).mean()
 
     def _noised(self, x0, noise, t):
         ab_t = self.ab_device[t].view(-1, *([1] * (x0.dim() - 1)))

@@ -19,10 +19,10 @@ student's grid is every other timestep of its teacher's; a round halves the step
 Consistency distillation (Song et al. 2023, "Consistency Models", CM below, Algorithm 2):
 ``f(x, t) = c_skip(t) x + c_out(t) x_hat(x, t)`` with ``c_skip(t_min) = 1`` and
 ``c_out(t_min) = 0`` exactly, so ``f(x, t_min) = x`` (CM, Eq. 5 and Appendix C; the coefficients
-use ``Delta = 10 t`` in timesteps, as latent consistency models do (Luo et al. 2023), so that away
-from t_min ``f`` is ``x_hat``, which is already on the data's scale). The target of a pair of adjacent grid times
-``t_{n+1} > t_n`` is ``f_target(DDIM step of the teacher from t_{n+1} to t_n)`` with an EMA target
-network, and the distance is the pseudo-Huber loss ``sqrt(|a - b|^2 + c^2) - c``,
+use ``Delta = 10 t`` in timesteps, as latent consistency models do (Luo et al. 2023), so that
+away from t_min ``f`` is ``x_hat``, which is already on the data's scale). The target of a pair of
+adjacent grid times ``t_{n+1} > t_n`` is ``f_target(DDIM step of the teacher from t_{n+1} to t_n)``
+with an EMA target network, and the distance is the pseudo-Huber loss ``sqrt(|a - b|^2 + c^2) - c``,
 ``c = 0.00054 sqrt(d)`` for d dimensions (Song & Dhariwal 2023, "Improved Techniques for Training
 Consistency Models", Section 3.3). Sampling is CM Algorithm 1: ``x = f(x_T, T)``, then for each
 later time ``tau``: ``x = f(alpha_tau x + sigma_tau z, tau)``.
@@ -178,7 +178,7 @@ def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_skip, c_out
 
 
-def consistency_function(x0_model: X0Model, z: torch.Tensor, t: torch.Tensor, alpha_bars: torch.Tensor) -> torch.Tensor:
+def consistency_function(x0_model: X0Model, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``f(z, t) = c_skip(t) z + c_out(t) x_hat(z, t)`` (CM, Eq. 5); t_min is timestep 0."""
     c_skip, c_out = consistency_scalings(t)
     c_skip, c_out = _per_example(c_skip.to(z.dtype), z), _per_example(c_out.to(z.dtype), z)
@@ -198,7 +198,7 @@ def consistency_target(
     ab = alpha_bars.to(z.device)
     with torch.no_grad():
         z_hat = ddim_step(z, teacher(z, t), ab[t], ab[t_prev])
-        return consistency_function(target, z_hat, t_prev, alpha_bars)
+        return consistency_function(target, z_hat, t_prev)
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,7 +237,7 @@ def consistency_sample(
             if i:
                 level = ab[time].to(x.dtype)
                 x = level.sqrt() * x + (1 - level).sqrt() * noise_like(x, generator)
-            x = consistency_function(x0_model, x, t, alpha_bars)
+            x = consistency_function(x0_model, x, t)
             if callback is not None:
                 callback(i, time, x)
     return x
