@@ -133,7 +133,7 @@ EXACT_TOL = 1 / 255  # default promise: reconstruction RMS on [-1, 1] of half a 
 EXACT_ROUNDS = 4  # inversion passes at most: the first, then tightened ones for images that missed
 EXACT_FIRST_STEP_TOL = 0.5  # the first pass's step tolerance, as a fraction of tol
 _AIM = 0.5
-_SMALLEST_SCALE = 1e-2  # sqrt(ab_t) floor: a zero-terminal-SNR step is left to the check
+_SMALLEST_SCALE = 1e-2  # ab_t floor: a zero-terminal-SNR step is left to the check
 _ANDERSON_MEMORY = 2  # past iterations Anderson acceleration combines
 
 
@@ -172,18 +172,22 @@ def invert(
     Plain inversion takes each step's noise at the point it starts from, an error of the order of
     the step. ``exact=True`` instead solves each step's implicit equation ``z_t = sqrt(ab_t) (x -
     sqrt(1 - ab_prev) eps(z_t)) / sqrt(ab_prev) + sqrt(1 - ab_t) eps(z_t)`` by Anderson-accelerated
-    fixed-point iteration from the plain step (AIDI, Pan et al. 2023; ReNoise, Garibi et al. 2024):
-    the DDIM step from its solution lands on ``x`` exactly. ``tol`` is the promise on the result:
-    the RMS over each image of ``sample(latent) - x_0`` (on the data's scale, [-1, 1] for images).
-    Each step iterates until its residual, scaled by ``1 / sqrt(ab_t)`` (how far a DDIM decode
-    with the noise held fixed carries an error of ``z_t`` into ``x_0``), is at most the image's
-    step tolerance, or ``max_iter`` iterations are spent. Then the latents are decoded and checked:
-    an image whose reconstruction misses ``tol`` (the model can magnify an error far more than
-    that estimate, on inputs unlike its training data) is solved again from its best trajectory
-    with a tolerance tightened in proportion to the miss, up to ``EXACT_ROUNDS`` passes; each image
-    keeps its best pass (a step that iteration cannot contract can make a later pass worse). With a
-    ``report`` list, one :class:`ExactInversionReport` per image is appended to it. ``callback``
-    sees the kept trajectory, after the last check.
+    fixed-point iteration (AIDI, Pan et al. 2023; ReNoise, Garibi et al. 2024): the DDIM step from
+    its solution lands on ``x`` exactly. The first step starts from the plain step; each later one
+    from the step taken with the previous step's last noise estimate, which costs no call (the
+    noise changes slowly along the trajectory). ``tol`` is the promise on the result: the RMS over
+    each image of ``sample(latent) - x_0`` (on the data's scale, [-1, 1] for images). Each step
+    iterates until its residual, scaled by ``1 / ab_t``, is at most the image's step tolerance, or
+    ``max_iter`` iterations are spent: a DDIM decode with the noise held fixed carries an error of
+    ``z_t`` into ``x_0`` as ``1 / sqrt(ab_t)``, and the model's noise estimate magnifies it further
+    the noisier ``z_t`` is (on digits unlike the training data, 3 to 50 times more at ``ab_t`` below
+    0.5; BENCHMARKS.md), for which the other ``1 / sqrt(ab_t)`` stands. Then the latents are
+    decoded and checked: an image whose reconstruction misses ``tol`` (the model can magnify an
+    error more than even that, on inputs unlike its training data) is solved again from its best
+    trajectory with a tolerance tightened in proportion to the miss, up to ``EXACT_ROUNDS``
+    passes; each image keeps its best pass (a step that iteration cannot contract can make a later
+    pass worse). With a ``report`` list, one :class:`ExactInversionReport` per image is appended to
+    it. ``callback`` sees the kept trajectory, after the last check.
     """
     check_prediction(prediction)
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
@@ -212,12 +216,14 @@ def invert(
     rounds = torch.zeros(n, dtype=torch.long, device=device)
     todo = torch.ones(n, dtype=torch.bool, device=device)
     for round_ in range(EXACT_ROUNDS):
-        x, solved = x_0, []
+        x, solved, eps = x_0, [], None
         for k, step in enumerate(steps):
-            # An error of z_t reaches x_0 as about error / sqrt(ab_t) (the decode with eps held fixed).
-            z_tol = step_tol * max(math.sqrt(step.model_alpha_bar), _SMALLEST_SCALE)
-            start = trajectory[k] if round_ else None
-            z, used = _solve_step(eps_model, step, x, start, todo, z_tol, max_iter, prediction)
+            z_tol = step_tol * max(step.model_alpha_bar, _SMALLEST_SCALE)
+            if round_:
+                start = trajectory[k]
+            else:  # the warm start; the first step has no noise estimate yet and takes the plain step
+                start = None if eps is None else _inversion_step(step, x, eps)
+            z, used, eps = _solve_step(eps_model, step, x, start, todo, z_tol, max_iter, prediction)
             calls += used
             solved.append(z)
             x = z
@@ -263,21 +269,22 @@ def _solve_step(
     z_tol: torch.Tensor,
     max_iter: int,
     prediction: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, calls)``: the fixed point of one inversion step for the images in the ``todo`` mask,
-    from ``start`` (the plain step where None), iterated until the RMS change of each image's ``z``
-    is at most its ``z_tol`` or ``max_iter`` iterations are spent; ``calls`` per image. The other
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(z, calls, eps)``: the fixed point of one inversion step for the images in the ``todo``
+    mask, from ``start`` (the plain step where None), iterated until the RMS change of each image's
+    ``z`` is at most its ``z_tol`` or ``max_iter`` iterations are spent; ``calls`` per image; ``eps``
+    the noise estimate of each image's own last call (None where no call was made). The other
     images keep ``start``."""
     t = torch.full((x.shape[0],), step.model_t, dtype=torch.long, device=x.device)
 
-    def mapped(z: torch.Tensor) -> torch.Tensor:
+    def mapped(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = _model_eps(eps_model, z, t, step.model_alpha_bar, prediction)
-        x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)  # Eq. 9
-        return step.a * x0_hat + step.b * eps
+        return _inversion_step(step, x, eps), eps
 
     calls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    last_eps = None
     if start is None:
-        z, calls = mapped(x), calls + todo  # the plain step: the noise at the starting point
+        (z, last_eps), calls = mapped(x), calls + todo  # the plain step: the noise at the starting point
     else:
         z = start
     active = todo.clone()
@@ -285,16 +292,24 @@ def _solve_step(
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        image = mapped(z)
+        image, eps = mapped(z)
         calls += active
         change = _rms(image - z)
         history = [*history[-_ANDERSON_MEMORY:], (z, image)]
         going = active & (change > z_tol)
         keep = active.view(-1, *[1] * (z.dim() - 1))
+        # Images that are done ride along; what the call says of them must not reach their result.
+        last_eps = eps if last_eps is None else torch.where(keep, eps, last_eps)
         # An image that has converged keeps F(z), one plain iteration past its last z.
         z = torch.where(keep, torch.where(going.view_as(keep), _anderson(history), image), z)
         active = going
-    return z, calls
+    return z, calls, last_eps
+
+
+def _inversion_step(step: _Step, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The DDIM step from ``x`` up to ``step``'s timestep with the noise estimate ``eps``."""
+    x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)  # Eq. 9
+    return step.a * x0_hat + step.b * eps
 
 
 def _rms(difference: torch.Tensor) -> torch.Tensor:
