@@ -185,14 +185,33 @@ def exported_readme(config: Config) -> str:
         if p > 1
         else "`DDIMPipeline.from_pretrained(THIS_FOLDER)` loads it as a pipeline too.\n\n"
     )
+    output, guided = f"unet(x, t{labels}).sample", ""
+    w, phi = config.sample.guidance, config.sample.guidance_rescale
+    if m.num_classes is not None and config.distill is None and w > 0:
+        # As ddim_cli.guidance.classifier_free_guidance, which `ddim sample` uses by default.
+        output = "guided(x, t)"
+        guided = (
+            f"Sampled as `ddim sample` does: classifier-free guidance w = {w:g} (`(1 + w) cond - w uncond`; "
+            f"diffusers' guidance_scale is 1 + w) with guidance rescale {phi:g}, the config's sample.guidance "
+            "and sample.guidance_rescale. Set w = 0 for the plain conditional model.\n\n"
+        )
+        label_line += (
+            f"w, phi = {w:g}, {phi:g}\nnull = torch.full_like(labels, {m.num_classes})\n\n\n"
+            "def guided(x, t):\n"
+            "    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample\n"
+            "    cond, uncond = both.chunk(2)\n"
+            "    g = (1 + w) * cond - w * uncond\n"
+            "    dims = tuple(range(1, g.dim()))\n"
+            "    return phi * g * cond.std(dims, keepdim=True) / g.std(dims, keepdim=True) + (1 - phi) * g\n\n\n"
+        )
     return (
-        "# Exported by ddim-cli (`ddim export`)\n\n" + student + patched + "```python\n"
+        "# Exported by ddim-cli (`ddim export`)\n\n" + student + patched + guided + "```python\n"
         "import torch\nimport torch.nn.functional as F\nfrom diffusers import DDIMScheduler, UNet2DModel\n\n"
         'unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet")\n'
         'scheduler = DDIMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler")\n'
         f"scheduler.set_timesteps({steps})\n" + label_line + f"x = {noise}  # x_T\n"
         "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
-        f"        x = scheduler.step(unet(x, t{labels}).sample, t, x, eta=0.0).prev_sample\n"
+        f"        x = scheduler.step({output}, t, x, eta=0.0).prev_sample\n"
         f"images = {result}  # in [-1, 1]\n```\n"
     )
 

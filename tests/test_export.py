@@ -167,6 +167,30 @@ def test_a_patched_model_exports_and_diffusers_reproduces_it(tmp_path):
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
 
 
+def test_the_exported_readme_samples_as_ddim_sample_does_guidance_included(tmp_path):
+    from test_commands import TINY
+
+    from ddim_cli.train import train
+
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(patch_size=2, num_classes=10, prediction="v")
+    raw["sample"].update(guidance=0.5, guidance_rescale=0.7)
+    train(config_from_dict(raw), tmp_path / "guided", device="cpu", progress=False)
+    cli_ok("export", tmp_path / "guided", "--out", tmp_path / "out")
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "classifier-free guidance w = 0.5" in readme and "guidance rescale 0.7" in readme
+    code = readme.split("```python\n")[1].split("```")[0]
+    assert code.count("torch.randn(4, 1, 8, 8)") == 1 and "labels = torch.tensor([3] * 4)" in code
+    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    scope = {"latents": latents}
+    exec(code.replace("THIS_FOLDER", str(tmp_path / "out")).replace("torch.randn(4, 1, 8, 8)", "latents"), scope)
+    save_latents(latents, tmp_path / "z.npy")
+    ok("sample", tmp_path / "guided", "--latents", tmp_path / "z.npy", "--class", 3, "--npz", tmp_path / "s.npz",
+       "--out", tmp_path / "g.png")  # guidance 0.5, rescale 0.7: the config's defaults
+    ours = np.load(tmp_path / "s.npz")["arr_0"]
+    assert np.abs(to_uint8(scope["images"]).astype(int) - ours.astype(int)).max() <= 1
+
+
 def test_what_diffusers_cannot_load_is_refused_and_nothing_is_written(tmp_path):
     run = make_run(tmp_path / "wide", ch_mult=[2, 2])
     result = cli("export", run, "--out", tmp_path / "out")
