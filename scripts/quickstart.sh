@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv and train the offline digits quickstart into runs/digits (2 minutes on 2 AVX-512
-# CPU cores, about 9 on 2 AVX2 ones). Re-running starts that run afresh.
+# Set up .venv and train the offline digits quickstart into runs/digits (2-7 minutes on 2 AVX-512
+# CPU cores, about 10 on 2 AVX2 ones). Re-running starts that run afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
