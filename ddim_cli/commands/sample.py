@@ -210,7 +210,7 @@ def sample(
         rescaled = f", rescale {run.guidance_rescale:g}" if run.guidance_rescale else ""
         guided = f"guidance {run.guidance:g}{rescaled}"
         if loaded.config.distill is not None:
-            guided = f"guidance {loaded.config.distill.guidance:g} distilled in"
+            guided = f"its teacher's guidance {loaded.config.distill.guidance:g}, learnt by distillation"
         conditioning = f" (classes {class_summary(run.labels)}, {guided})"
     made = run.count - run.resumed
     timing = f" in {run.seconds / made:.4f} s/image" if made else ""
