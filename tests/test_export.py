@@ -185,8 +185,18 @@ def test_the_exported_readme_samples_as_ddim_sample_does_guidance_included(tmp_p
     scope = {"latents": latents}
     exec(code.replace("THIS_FOLDER", str(tmp_path / "out")).replace("torch.randn(4, 1, 8, 8)", "latents"), scope)
     save_latents(latents, tmp_path / "z.npy")
-    ok("sample", tmp_path / "guided", "--latents", tmp_path / "z.npy", "--class", 3, "--npz", tmp_path / "s.npz",
-       "--out", tmp_path / "g.png")  # guidance 0.5, rescale 0.7: the config's defaults
+    ok(
+        "sample",
+        tmp_path / "guided",
+        "--latents",
+        tmp_path / "z.npy",
+        "--class",
+        3,
+        "--npz",
+        tmp_path / "s.npz",
+        "--out",
+        tmp_path / "g.png",
+    )  # guidance 0.5, rescale 0.7: the config's defaults
     ours = np.load(tmp_path / "s.npz")["arr_0"]
     assert np.abs(to_uint8(scope["images"]).astype(int) - ours.astype(int)).max() <= 1
 
