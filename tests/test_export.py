@@ -32,26 +32,28 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def test_diffusers_reproduces_ddim_sample_from_the_same_latents(run_dir, tmp_path):
-    result = cli_ok("export", run_dir, "--out", tmp_path / "pipe")
-    assert "DDIMPipeline.from_pretrained" in result.output
-    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+def ddim_sample_of(run, latents, tmp_path, *options):
+    """``ddim sample RUN --latents ... OPTIONS`` as uint8 images (its .npz)."""
     save_latents(latents, tmp_path / "z.npy")
     ok(
         "sample",
-        run_dir,
+        run,
         "--latents",
         tmp_path / "z.npy",
-        "--steps",
-        5,
-        "--eta",
-        0,
+        *options,
         "--npz",
         tmp_path / "s.npz",
         "--out",
         tmp_path / "g.png",
     )
-    ours = np.load(tmp_path / "s.npz")["arr_0"]
+    return np.load(tmp_path / "s.npz")["arr_0"]
+
+
+def test_diffusers_reproduces_ddim_sample_from_the_same_latents(run_dir, tmp_path):
+    result = cli_ok("export", run_dir, "--out", tmp_path / "pipe")
+    assert "DDIMPipeline.from_pretrained" in result.output
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = ddim_sample_of(run_dir, latents, tmp_path, "--steps", 5, "--eta", 0)
 
     pipe = DDIMPipeline.from_pretrained(tmp_path / "pipe")
     scheduler = pipe.scheduler
@@ -145,25 +147,8 @@ def test_a_patched_model_exports_and_diffusers_reproduces_it(tmp_path):
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "F.pixel_unshuffle" in readme and "F.pixel_shuffle(x, 2)" in readme
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    save_latents(latents, tmp_path / "z.npy")
-    ok(
-        "sample",
-        run,
-        "--latents",
-        tmp_path / "z.npy",
-        "--steps",
-        5,
-        "--class",
-        4,
-        "--guidance",
-        0,
-        "--npz",
-        tmp_path / "s.npz",
-        "--out",
-        tmp_path / "g.png",
-    )
+    ours = ddim_sample_of(run, latents, tmp_path, "--steps", 5, "--class", 4, "--guidance", 0)
     theirs = diffusers_steps(tmp_path / "out", latents, 5, labels=torch.full((3,), 4), patch=2)
-    ours = np.load(tmp_path / "s.npz")["arr_0"]
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
 
 
@@ -184,20 +169,7 @@ def test_the_exported_readme_samples_as_ddim_sample_does_guidance_included(tmp_p
     latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     scope = {"latents": latents}
     exec(code.replace("THIS_FOLDER", str(tmp_path / "out")).replace("torch.randn(4, 1, 8, 8)", "latents"), scope)
-    save_latents(latents, tmp_path / "z.npy")
-    ok(
-        "sample",
-        tmp_path / "guided",
-        "--latents",
-        tmp_path / "z.npy",
-        "--class",
-        3,
-        "--npz",
-        tmp_path / "s.npz",
-        "--out",
-        tmp_path / "g.png",
-    )  # guidance 0.5, rescale 0.7: the config's defaults
-    ours = np.load(tmp_path / "s.npz")["arr_0"]
+    ours = ddim_sample_of(tmp_path / "guided", latents, tmp_path, "--class", 3)  # the config's guidance and rescale
     assert np.abs(to_uint8(scope["images"]).astype(int) - ours.astype(int)).max() <= 1
 
 
@@ -228,21 +200,9 @@ def test_a_progressive_student_exports_and_reproduces_ddim_sample(tmp_path):
     cli_ok("export", student, "--out", tmp_path / "out")
     assert "2-step student" in (tmp_path / "out" / "README.md").read_text()
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    save_latents(latents, tmp_path / "z.npy")
-    ok(
-        "sample",
-        student,
-        "--latents",
-        tmp_path / "z.npy",
-        "--class",
-        6,
-        "--npz",
-        tmp_path / "s.npz",
-        "--out",
-        tmp_path / "g.png",
-    )
+    ours = ddim_sample_of(student, latents, tmp_path, "--class", 6)
     theirs = diffusers_steps(tmp_path / "out", latents, 2, labels=torch.full((3,), 6))
-    assert np.abs(to_uint8(theirs).astype(int) - np.load(tmp_path / "s.npz")["arr_0"].astype(int)).max() <= 1
+    assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
     ok("distill", teacher, "--method", "consistency", "--steps", 2, *SMALL, "--run-dir", tmp_path / "cd")
     result = cli("export", tmp_path / "cd", "--out", tmp_path / "cd-out")
     assert result.exit_code == 1 and result.output.count("\n") == 1
