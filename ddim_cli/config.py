@@ -38,7 +38,10 @@ class DataConfig:
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips during training
     strict: bool = False  # folder: fail on an unreadable file instead of skipping it
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (and decoding for on_device)
+    # Hold the decoded dataset on the training device and batch it there (no workers, no copies);
+    # auto: when it takes at most 2 GiB (and a quarter of the free GPU memory).
+    on_device: Literal["auto", True, False] = "auto"
 
 
 @dataclass
@@ -78,8 +81,9 @@ class TrainConfig:
     loss_weighting: Literal["none", "min_snr"] = "none"  # per-timestep MSE weights: none, or Min-SNR-gamma
     min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma weighting (Hang et al. 2023)
     seed: int = 0  # seeds data order, noise, timesteps, augmentation and dropout
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast; auto: bf16 on CUDA, fp32 on CPU
-    compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto: on CUDA only
+    # bf16 autocast, fp32 with TF32 matmuls on CUDA, or IEEE fp32; auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto: on CUDA for runs that repay it
     log_every: int = 50  # steps between metrics.jsonl lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
     sample_every: int = 1000  # steps between EMA sample grids (0 disables)

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ddim_cli import distillation as d
-from ddim_cli.acceleration import autocast, describe_device, resolve_precision
+from ddim_cli.acceleration import autocast, describe_device, resolve_precision, set_fp32_math
 from ddim_cli.checkpoint import list_checkpoints, load_checkpoint, remove_partial_writes, write_weights
 from ddim_cli.config import Config, ConfigError, DistillConfig, apply_override, validate
 from ddim_cli.data import DataError, build_dataset
@@ -42,15 +42,14 @@ from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.models import STUDENTS, kept_students
 from ddim_cli.monitor import TensorBoardLog, plot_metrics, save_sample_grid, tensorboard_missing
 from ddim_cli.run_loop import (
+    LossWindow,
     RunLog,
     StopFlag,
     TrainingError,
     TrainingInterrupted,
-    all_mean,
     barrier,
     check_run_dir,
     clear_run,
-    data_batches,
     derived_seed,
     make_optimizer,
     restore_run,
@@ -60,6 +59,7 @@ from ddim_cli.run_loop import (
 )
 from ddim_cli.runlock import run_lock
 from ddim_cli.schedule import timesteps
+from ddim_cli.training_data import data_batches
 from ddim_cli.unet import UNet
 
 
@@ -205,6 +205,7 @@ class _Distillation:
         self.ab_device = self.ab.float().to(device)
         self.null = config.model.num_classes
         self.precision = resolve_precision(config.train.precision, device)
+        set_fp32_math(self.precision, device)
         with torch.random.fork_rng(devices=[]):
             self.model = UNet(config.unet_config()).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -321,7 +322,7 @@ class _Distillation:
         batches = data_batches(self.dataset, self.config, start, rank, world, self.device)
         stop = StopFlag()
         bar = tqdm(total=self.total, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
-        window_loss, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
+        window = LossWindow(self.device, world, cfg.batch_size, "try a lower distill.lr")
         step, run_start = start, time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with stop.installed(), torch.random.fork_rng(devices=devices), contextlib.closing(log):
@@ -348,32 +349,17 @@ class _Distillation:
                 if x.method == "consistency":
                     update_ema(self.target, self.model, x.target_ema)
                 step += 1
-                window_loss += loss.detach()
-                window_steps += 1
+                window.add(loss)
                 bar.update(1)
                 round_done = step % x.round_steps == 0
                 at_log = step % cfg.log_every == 0 or round_done
                 at_checkpoint = step % cfg.checkpoint_every == 0 or round_done
                 stopping = stop.requested(world, check=at_log)
                 if at_log or at_checkpoint or stopping:
-                    mean_loss = all_mean(window_loss, world) / window_steps
-                    if not math.isfinite(mean_loss):
-                        raise TrainingError(
-                            f"the loss became non-finite between steps {step - window_steps + 1} and {step}; "
-                            "no checkpoint was written for it (try a lower distill.lr)"
-                        )
-                    images_per_s = window_steps * cfg.batch_size / max(time.perf_counter() - window_start, 1e-9)
-                    log.metrics(
-                        step=step,
-                        loss=mean_loss,
-                        lr=lr,
-                        grad_norm=float(grad_norm),
-                        images_per_s=images_per_s,
-                        student_steps=self.plan[round_index],
-                    )
-                    bar.set_postfix(loss=f"{mean_loss:.4g}", S=self.plan[round_index])
-                    window_loss.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
+                    window.close(step, lr, grad_norm, student_steps=self.plan[round_index])
+                    for line in window.arrived(wait=at_checkpoint or stopping):
+                        log.metrics(**line)
+                        bar.set_postfix(loss=f"{line['loss']:.4g}", S=line["student_steps"])
                 if round_done:
                     self.keep_student(self.plan[round_index], step, log)
                     barrier(world)  # the next round's teacher is that file: every rank waits for it

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ddim_cli.acceleration import Precision, Switch, autocast, resolve_compile, resolve_precision, use_channels_last
+from ddim_cli.acceleration import (
+    JobSize,
+    Precision,
+    Switch,
+    autocast,
+    compile_model,
+    estimated_eager_seconds,
+    resolve_compile,
+    resolve_precision,
+    set_fp32_math,
+    use_channels_last,
+)
 from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, newest_intact
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
@@ -176,12 +187,16 @@ def noise_model(
     precision: Precision = "auto",
     compile: Switch = "auto",
     channels_last: Switch = "auto",
+    size: JobSize | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> MakeEps:
     """``make(labels, scale=guidance) -> eps_model`` for the checkpoint: class conditioning (``labels``: one class
     per image of the batch, or None for the null label), classifier-free guidance ``w`` (its output
     rescaled by ``guidance_rescale``, see :func:`~ddim_cli.guidance.classifier_free_guidance`), and the
-    device's fast path (``auto``: bf16 autocast, ``channels_last`` and ``torch.compile`` on CUDA;
-    fp32 on CPU, ``channels_last`` from 32x32 up; see :mod:`ddim_cli.acceleration`).
+    device's fast path (``auto``: bf16 autocast and ``channels_last`` on CUDA, and
+    ``torch.compile`` there for a job whose ``size`` repays the build; fp32 on CPU,
+    ``channels_last`` from 32x32 up; see :mod:`ddim_cli.acceleration`). A compile build is
+    reported to ``notify`` (default: a line on stderr) with the time it took.
 
     The model's output is returned as it is: noise, data or v, as ``loaded.prediction`` says;
     guidance combines any of the three alike. ``channels_last`` converts ``loaded.model``'s
@@ -197,12 +212,16 @@ def noise_model(
     if channels_last == "auto":
         channels_last = use_channels_last(device, loaded.config.data.image_size, training=False)
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if resolve_compile(compile, device):
+    precision = resolve_precision(precision, device)
+    set_fp32_math(precision, device)
+    eager_seconds = None
+    if compile == "auto" and device.type == "cuda" and size is not None:
+        eager_seconds = estimated_eager_seconds(loaded.config.unet_config(), *size, precision)
+    if resolve_compile(compile, device, eager_seconds):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = device.type == "cpu"
-        model = torch.compile(model)
-    precision = resolve_precision(precision, device)
+        model = compile_model(model, notify or _note)
 
     def with_precision(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(precision, device):
@@ -217,6 +236,14 @@ def noise_model(
         return classifier_free_guidance(with_precision, labels, scale, null_label=num_classes, rescale=guidance_rescale)
 
     return make
+
+
+def _note(text: str) -> None:
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 STUDENTS = "students"  # a distillation run's kept students: STUDENTS/S<steps>.safetensors

@@ -1,6 +1,7 @@
 """The pieces of a run that ``ddim train`` and ``ddim distill`` share: its directory and lock, its
-log and metrics, the data stream, the optimizer and EMA, durable checkpoints and their restore,
-the stop flag that Ctrl-C sets, and the calls that keep torchrun's ranks in step.
+log and metrics, the optimizer and EMA, durable checkpoints and their restore, the stop flag that
+Ctrl-C sets, and the calls that keep torchrun's ranks in step (the data stream is
+:mod:`ddim_cli.training_data`).
 
 Every random draw of step ``k`` on rank ``r`` comes from :func:`derived_seed` ``(seed, k, r,
 purpose)``, so a run's whole state is its weights, its optimizer state and its step.
@@ -14,18 +15,15 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddim_cli import distributed
 from ddim_cli.checkpoint import CheckpointError, list_checkpoints, newest_intact, prune_checkpoints, save_checkpoint
 from ddim_cli.config import Config
-from ddim_cli.data import NO_LABEL
 from ddim_cli.errors import describe_os_error
 from ddim_cli.monitor import TensorBoardLog
 
@@ -103,43 +101,6 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     # ema <- decay * ema + (1 - decay) * theta, as one fused op over all parameters.
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def data_batches(dataset, config: Config, start: int, rank: int, world: int, device: torch.device) -> Iterator:
-    """This rank's share of each global batch from ``start`` on; the order depends only on the seed."""
-    cfg = config.train
-    steps_per_epoch = len(dataset) // cfg.batch_size  # the last partial batch of an epoch is dropped
-    local = cfg.batch_size // world
-
-    def indexdata_batches() -> Iterator[list[int]]:
-        step = start
-        while True:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, "order"))
-            )
-            first = position * cfg.batch_size + rank * local
-            yield order[first : first + local].tolist()
-            step += 1
-
-    loader = DataLoader(
-        dataset,
-        batch_sampler=indexdata_batches(),
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=ignore_sigint,
-    )
-    for images, labels in loader:
-        if bool((labels == NO_LABEL).any()) and config.model.num_classes is not None:
-            raise TrainingError("a class-conditional model needs labelled data")
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-def ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; workers must outlive it while the main process
-    # finishes its step and writes a checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def save_run_checkpoint(
@@ -224,6 +185,62 @@ class RunLog:
             path.write_text("".join(line + "\n" for line in kept))
 
 
+class LossWindow:
+    """The mean loss and last gradient norm over the steps since the previous metrics line, read
+    back without a host sync in the step: when a window closes its values are all-reduced and
+    copied to host memory asynchronously, behind an event, and written out once they have
+    arrived, at a later log step, or at once where the run waits anyway (``wait``: before a
+    checkpoint, a stop or the end, so no checkpoint is written past a non-finite loss). On a
+    CPU they arrive at once."""
+
+    def __init__(self, device: torch.device, world: int, batch_size: int, remedy: str):
+        self.device, self.world, self.batch_size, self.remedy = device, world, batch_size, remedy
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.perf_counter()
+        self.queued: list[tuple] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.steps += 1
+
+    def close(self, step: int, lr: float, grad_norm: torch.Tensor, **fields) -> None:
+        """End the window at ``step``; its line will carry ``lr`` and ``fields`` as they are now."""
+        loss = self.loss_sum / self.steps
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        values = torch.stack([loss, grad_norm.detach().float()])
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(values.shape, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        images_per_s = self.steps * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
+        self.queued.append((step, self.steps, values, event, {"lr": lr, "images_per_s": images_per_s, **fields}))
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def arrived(self, wait: bool) -> list[dict]:
+        """The closed windows whose values are on the host (all of them with ``wait``), oldest
+        first, as metrics lines; a TrainingError for a non-finite loss."""
+        lines = []
+        while self.queued and (wait or self.queued[0][3] is None or self.queued[0][3].query()):
+            step, steps, values, event, fields = self.queued.pop(0)
+            if event is not None:
+                event.synchronize()
+            loss, grad_norm = values.tolist()
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became non-finite between steps {step - steps + 1} and {step}; "
+                    f"no checkpoint was written for it ({self.remedy})"
+                )
+            lr, images_per_s = fields.pop("lr"), fields.pop("images_per_s")
+            lines.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=images_per_s, **fields))
+        return lines
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to finish its step, write a checkpoint and stop."""
 
@@ -260,14 +277,6 @@ def setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:
         return distributed.setup(device)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-
-
-def all_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
 
 
 def barrier(world: int) -> None:

@@ -26,7 +26,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ddim_cli.acceleration import autocast, describe_device, resolve_compile, resolve_precision, use_channels_last
+from ddim_cli.acceleration import (
+    autocast,
+    compile_model,
+    describe_device,
+    estimated_eager_seconds,
+    resolve_compile,
+    resolve_precision,
+    set_fp32_math,
+    use_channels_last,
+    use_compile_cache,
+)
 from ddim_cli.checkpoint import list_checkpoints, remove_partial_writes
 from ddim_cli.config import Config
 from ddim_cli.data import DataError, build_dataset
@@ -34,15 +44,14 @@ from ddim_cli.fid import FeatureExtractor
 from ddim_cli.monitor import TensorBoardLog, TrainingFID, plot_metrics, save_sample_grid, tensorboard_missing
 from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.run_loop import (
+    LossWindow,
     RunLog,
     StopFlag,
     TrainingError,
     TrainingInterrupted,
-    all_mean,
     barrier,
     check_run_dir,
     clear_run,
-    data_batches,
     derived_seed,
     learning_rate,
     make_optimizer,
@@ -52,6 +61,7 @@ from ddim_cli.run_loop import (
     update_ema,
 )
 from ddim_cli.runlock import run_lock
+from ddim_cli.training_data import data_batches
 from ddim_cli.unet import UNet
 
 __all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "learning_rate", "train"]
@@ -133,14 +143,20 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
         (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
     barrier(world)
 
+    local_batch = cfg.batch_size // world
+    precision = resolve_precision(cfg.precision, device_)
+    set_fp32_math(precision, device_)
     net = DistributedDataParallel(model) if world > 1 else model
-    compiled = resolve_compile(cfg.compile, device_)
+    eager_seconds = None
+    if cfg.compile == "auto" and device_.type == "cuda":  # a step is a forward and a backward: 3 calls' work
+        left = cfg.steps - start
+        eager_seconds = estimated_eager_seconds(config.unet_config(), 3 * left * local_batch, 3 * left, precision)
+    compiled = resolve_compile(cfg.compile, device_, eager_seconds)
     if compiled:
-        net = torch.compile(net)
+        net = compile_model(net, notify=None)  # its build is timed as the first step, backward included
     ab = config.alpha_bars()
     ab_device = ab.float().to(device_)
     sqrt_ab, sqrt_one_minus_ab = ab.sqrt().float().to(device_), (1 - ab).sqrt().float().to(device_)
-    precision = resolve_precision(cfg.precision, device_)
     fast_path = [precision] + ["channels_last"] * (layout is not None) + ["compiled"] * compiled
 
     board = None
@@ -161,11 +177,10 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     )
     if resume:
         log.truncate_metrics(after=start)
-    local_batch = cfg.batch_size // world
     batches = data_batches(dataset, config, start, rank, world, device_)
     stop = StopFlag()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
-    window_loss, window_start, window_steps = torch.zeros((), device=device_), time.perf_counter(), 0
+    window = LossWindow(device_, world, cfg.batch_size, "try a lower train.lr or train.grad_clip")
     step, checkpoint = start, None
     run_start = time.perf_counter()
 
@@ -202,27 +217,23 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             optimizer.step()
             update_ema(ema, model, cfg.ema_decay)
+            if compiled and step == start:
+                log.message(
+                    f"torch.compile: the training step built in {time.perf_counter() - run_start:.1f} s "
+                    f"(cache: {use_compile_cache()})"
+                )
             step += 1
-            window_loss += loss.detach()
-            window_steps += 1
+            window.add(loss)
             bar.update(1)
 
             at_log = step % cfg.log_every == 0 or step == cfg.steps
             at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
             stopping = stop.requested(world, check=at_log)
             if at_log or at_checkpoint or stopping:
-                mean_loss = all_mean(window_loss, world) / window_steps
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"the loss became non-finite between steps {step - window_steps + 1} and {step}; "
-                        f"no checkpoint was written for it (try a lower train.lr or train.grad_clip)"
-                    )
-                elapsed = time.perf_counter() - window_start
-                images_per_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                log.metrics(step=step, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=images_per_s)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                window.close(step, lr, grad_norm)
+                for line in window.arrived(wait=at_checkpoint or stopping):
+                    log.metrics(**line)
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{line['images_per_s']:.0f}")
 
             if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 save_sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)

@@ -4,11 +4,14 @@
     python scripts/bench.py --compile          # our U-Net under torch.compile (slow to build on CPU)
     python scripts/bench.py --device cuda --batch 256 --train-batch 128
 
-Our side runs as `ddim sample` and `ddim train` do by default (ddim_cli.acceleration's "auto":
-on CUDA bf16 autocast, channels_last and torch.compile; on CPU fp32, eager, channels_last for
-32x32 inference); --precision, --[no-]compile and --[no-]channels-last override that.
+Our side runs as large `ddim sample` and `ddim train` jobs do by default (ddim_cli.acceleration's
+"auto": on CUDA bf16 autocast, channels_last and torch.compile; on CPU fp32, eager, channels_last
+for 32x32 inference); --precision, --[no-]compile and --[no-]channels-last override that.
 
-Both sides get the same weights (a random diffusers UNet2DModel of the DDPM family, converted),
+diffusers runs twice: as its examples run it (fp32, eager, NCHW) and, with --diffusers-best (the
+default on CUDA), given the same bf16 autocast, channels_last and torch.compile as ours.
+
+All sides get the same weights (a random diffusers UNet2DModel of the DDPM family, converted),
 the same x_T, batch and DDIM steps; runs alternate in one process and the median of several is
 reported. Needs the `bench` extra (diffusers): pip install -e ".[bench]".
 """
@@ -27,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, use_channels_last
+from ddim_cli.acceleration import autocast, resolve_compile, resolve_precision, set_fp32_math, use_channels_last
 from ddim_cli.config import config_from_dict
 from ddim_cli.convert import _config_from_diffusers, rename_diffusers
 from ddim_cli.run_loop import make_optimizer
@@ -71,6 +74,20 @@ def build(name: str, device: torch.device) -> tuple[UNet2DModel, UNet]:
     ours = UNet(config.unet_config())
     ours.load_state_dict(rename_diffusers(theirs.state_dict(), len(ARCHITECTURES[name]["block_out_channels"])))
     return theirs.to(device), ours.to(device)
+
+
+def diffusers_best(name: str, device: torch.device) -> tuple[Callable, UNet2DModel]:
+    """diffusers' UNet2DModel given our fast path: channels_last, torch.compile, bf16 autocast
+    (the same weights as :func:`build`'s)."""
+    theirs, _ = build(name, device)
+    theirs.to(memory_format=torch.channels_last)
+    compiled = torch.compile(theirs)
+
+    def call(x, t):
+        with autocast("bf16", device):
+            return compiled(x.contiguous(memory_format=torch.channels_last), t).sample
+
+    return call, theirs
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,7 +169,18 @@ def bench_sampling(name: str, args, device: torch.device) -> dict:
         with torch.no_grad():
             return diffusers_ddim(theirs, x_T, args.steps)
 
-    seconds = median_alternating({"ours": ours_run, "diffusers": theirs_run}, args.repeats, device)
+    runs = {"ours": ours_run, "diffusers": theirs_run}
+    if args.diffusers_best:
+        best, _ = diffusers_best(name, device)
+
+        def best_run():
+            with torch.no_grad():
+                return diffusers_ddim(
+                    lambda x, t: _Output(best(x, t.expand(len(x)).to(device)).float()), x_T, args.steps
+                )
+
+        runs["diffusers_best"] = best_run
+    seconds = median_alternating(runs, args.repeats, device)
     ours_out, their_out = ours_run(), theirs_run()
     # One evaluation at t = 500, where the sampler's 1/sqrt(alpha_bar) amplification does not
     # magnify the difference (a random network's eps is far from the data's, so it is large).
@@ -180,6 +208,7 @@ def bench_sampling(name: str, args, device: torch.device) -> dict:
         "ratio": seconds["ours"] / seconds["diffusers"],
         "ours_images_per_s": args.batch / seconds["ours"],
         "diffusers_images_per_s": args.batch / seconds["diffusers"],
+        "diffusers_best_s": seconds.get("diffusers_best"),
         "ours_s_per_eval": seconds["ours"] / args.steps,
         "loop_overhead_pct": 100 * loop / seconds["ours"],
         "max_abs_diff": float((ours_out - their_out).abs().max()),
@@ -221,6 +250,12 @@ def bench_training(name: str, args, device: torch.device) -> dict:
         "ours": lambda: step(ours_call, optimizers["ours"]),
         "diffusers": lambda: step(lambda: theirs(x, t).sample, optimizers["diffusers"]),
     }
+    if args.diffusers_best:
+        best, best_model = diffusers_best(name, device)
+        best_model.train()
+        # fused, as ours: the same optimizer kernel on both sides
+        best_optimizer = torch.optim.AdamW(best_model.parameters(), 2e-4, weight_decay=0.0, fused=True)
+        functions["diffusers_best"] = lambda: step(lambda: best(x, t), best_optimizer)
     seconds = median_alternating(functions, args.repeats, device)
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(ours(x, t), noise).backward()
@@ -232,6 +267,7 @@ def bench_training(name: str, args, device: torch.device) -> dict:
         "batch": batch,
         "ours_images_per_s": batch / seconds["ours"],
         "diffusers_images_per_s": batch / seconds["diffusers"],
+        "diffusers_best_images_per_s": batch / seconds["diffusers_best"] if "diffusers_best" in seconds else None,
         "ratio": seconds["ours"] / seconds["diffusers"],
         "train_flops_per_image_G": flops / batch / 1e9,
         "ours_tflops": flops / seconds["ours"] / 1e12,
@@ -247,14 +283,19 @@ def accelerated(ours: UNet, args, device: torch.device, *, training: bool) -> tu
     if channels_last:
         ours.to(memory_format=torch.channels_last)
     fast = ours
-    if resolve_compile("auto" if args.compile is None else args.compile, device):
+    if compile_ours(args, device):
         torch._inductor.config.freezing = device.type == "cpu" and not training  # prepacked CPU weights
         fast = torch.compile(ours)
     return fast, resolve_precision(args.precision, device)
 
 
+def compile_ours(args, device: torch.device) -> bool:
+    """--[no-]compile, else as a job large enough to repay the build runs: compiled on CUDA."""
+    return resolve_compile(device.type == "cuda" if args.compile is None else args.compile, device)
+
+
 def describe_ours(args, device: torch.device) -> str:
-    compiled = resolve_compile("auto" if args.compile is None else args.compile, device)
+    compiled = compile_ours(args, device)
     layouts = [
         f"{'NHWC' if use_channels_last(device, 32, training=training) else 'NCHW'} {what}"
         for what, training in (("sampling", False), ("training", True))
@@ -285,6 +326,21 @@ def forward_gflops(name: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
+class _Output:
+    """What diffusers' UNet2DModel returns: the prediction as ``.sample``."""
+
+    def __init__(self, sample: torch.Tensor):
+        self.sample = sample
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return "" if b is None else f"{a / b:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,30 +349,43 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours (default: auto)")
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto", help="ours (default: auto)"
+    )
+    parser.add_argument(
+        "--diffusers-best",
+        action=argparse.BooleanOptionalAction,
+        help="also time diffusers with bf16, channels_last and torch.compile (default: on CUDA)",
+    )
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours (default: auto)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="ours (default: auto)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for training %% of peak")
     parser.add_argument("--no-training", action="store_true")
+    parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.diffusers_best is None:
+        args.diffusers_best = device.type == "cuda"
+    set_fp32_math(resolve_precision(args.precision, device), device)
     setup = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "ours": describe_ours(args, device),
-        "diffusers": "fp32, eager, NCHW",
+        "diffusers": "fp32, eager, NCHW" + ("; best: bf16, compiled, NHWC" if args.diffusers_best else ""),
     }
     print(" | ".join(f"{k}: {v}" for k, v in setup.items()))
     results = {"setup": setup, "sampling": [], "training": [], "forward_gflops": {}}
     print(
-        "\n| sampling | params | batch x steps | ours s | diffusers s | ours/diffusers | ours img/s | s/eval | loop overhead | max / mean abs diff | one eval: max / mean abs diff | peak MiB (S, 4S) | compile s |"
+        "\n| sampling | params | batch x steps | ours s | diffusers s | ours/diffusers | ours img/s | s/eval | loop overhead | max / mean abs diff | one eval: max / mean abs diff | peak MiB (S, 4S) | compile s | diffusers best s | ours/best (time) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         results["forward_gflops"][name] = forward_gflops(name)
+        if args.no_sampling:
+            continue
         r = bench_sampling(name, args, device)
         results["sampling"].append(r)
         peaks = ", ".join(f"{v:.0f}" for v in r["peak_mib_by_steps"].values())
@@ -325,21 +394,23 @@ def main() -> None:
             f"| {name} | {r['parameters_M']:.1f}M | {r['batch']} x {r['steps']} | {r['ours_s']:.3f} | {r['diffusers_s']:.3f} | "
             f"{r['ratio']:.3f} | {r['ours_images_per_s']:.2f} | {r['ours_s_per_eval']:.4f} | {r['loop_overhead_pct']:.2f}% | "
             f"{r['max_abs_diff']:.1e} / {r['mean_abs_diff']:.1e} | {r['eps_max_abs_diff']:.1e} / {r['eps_mean_abs_diff']:.1e} | "
-            f"{peaks} | {compile_s} |"
+            f"{peaks} | {compile_s} | {_seconds(r['diffusers_best_s'])} | {_ratio(r['ours_s'], r['diffusers_best_s'])} |"
         )
     if not args.no_training:
         print(
-            "\n| training | batch | ours img/s | diffusers img/s | ours/diffusers (time) | GFLOP/image (fwd+bwd) | ours TFLOP/s | % of bf16 peak | peak MiB |"
+            "\n| training | batch | ours img/s | diffusers img/s | ours/diffusers (time) | GFLOP/image (fwd+bwd) | ours TFLOP/s | % of bf16 peak | peak MiB | diffusers best img/s | ours/best (img/s) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         peak = peak_bf16_tflops(args, device)
         for name in args.models.split(","):
             r = bench_training(name, args, device)
             results["training"].append(r)
-            of_peak = "" if peak is None else f"{100 * r['ours_tflops'] / peak:.1f}%"
+            r["of_peak_pct"] = None if peak is None else 100 * r["ours_tflops"] / peak
+            of_peak = "" if peak is None else f"{r['of_peak_pct']:.1f}%"
             print(
                 f"| {name} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} | {r['ratio']:.3f} | "
-                f"{r['train_flops_per_image_G']:.1f} | {r['ours_tflops']:.3f} | {of_peak} | {r['peak_mib']:.0f} |"
+                f"{r['train_flops_per_image_G']:.1f} | {r['ours_tflops']:.3f} | {of_peak} | {r['peak_mib']:.0f} | "
+                f"{_seconds(r['diffusers_best_images_per_s'])} | {_ratio(r['ours_images_per_s'], r['diffusers_best_images_per_s'])} |"
             )
     print(
         "\nforward GFLOP per 32x32 image (torch.utils.flop_counter): "

@@ -67,7 +67,7 @@ def write(tmp_path, text):
         ("trian:\n  steps: 4\n", "unknown key 'trian' (did you mean 'train'?)"),
         ("train:\n  batch_size: many\n", "train.batch_size: expected an integer, got 'many'"),
         ("train:\n  lr: -1\n", "train.lr: must be > 0"),
-        ("train:\n  precision: fp16\n", "train.precision: expected one of auto, fp32, bf16, got 'fp16'"),
+        ("train:\n  precision: fp16\n", "train.precision: expected one of auto, fp32, tf32, bf16, got 'fp16'"),
         ("train:\n  compile: 1\n", "train.compile: expected one of auto, true, false, got 1"),
         ("model:\n  ch_mult: 2\n", "model.ch_mult: expected a list"),
         ("model:\n  ch: 48\n", "multiple of 32"),

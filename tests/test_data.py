@@ -1,3 +1,4 @@
+import itertools
 import pickle
 import warnings
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_cli.config import DataConfig
+from ddim_cli import training_data
+from ddim_cli.config import Config, DataConfig, config_from_dict
 from ddim_cli.data import NO_LABEL, DataError, build_dataset
+from ddim_cli.run_loop import TrainingError
+from ddim_cli.training_data import DeviceImages, _loader_batches, _on_device_batches, data_batches, holds_on_device
 
 
 def test_digits_are_the_real_offline_set_in_range():
@@ -111,3 +115,59 @@ def test_cifar10_reads_torchvision_batches(tmp_path, monkeypatch):
     assert len(dataset) == 10 and dataset.num_classes == 10
     image, label = dataset[1]
     assert image.shape == (3, 32, 32) and label == 7 and -1 <= image.min() and image.max() <= 1
+
+
+def stream_config(dataset: str, root, **data) -> Config:
+    return config_from_dict(
+        {
+            "data": {"dataset": dataset, "root": str(root), "image_size": 8, "channels": 3, **data},
+            "model": {"ch": 32, "ch_mult": [1], "num_classes": 2},
+            "train": {"batch_size": 6, "seed": 3},
+        }
+    )
+
+
+def labelled_folder(root, count=21):
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(11, 9, 3), dtype=np.uint8)  # resized to 8x8 bicubically
+        Image.fromarray(pixels).save(root / f"class{i % 2}" / f"{i}.png")
+
+
+@pytest.mark.parametrize("dataset", ["folder", "digits"])
+@pytest.mark.parametrize(("start", "rank", "world"), [(0, 0, 1), (5, 1, 2)])
+def test_the_dataset_held_on_the_device_gives_the_dataloaders_batches_bit_for_bit(
+    tmp_path, dataset, start, rank, world
+):
+    labelled_folder(tmp_path)
+    config = stream_config(dataset, tmp_path)
+    data = build_dataset(config.data)
+    held = DeviceImages.decode(data, 0, torch.device("cpu"))
+    # 8-bit pixels are held as uint8 (a quarter of the floats); the upscaled digits as floats
+    assert held.images.dtype == (torch.uint8 if dataset == "folder" else torch.float32)
+    steps = 3 * (len(data) // 6) + 1  # across epoch boundaries, with their new permutations
+    loader = _loader_batches(data, config, start, rank, world, torch.device("cpu"))
+    on_device = _on_device_batches(held, config, start, rank, world)
+    for a, b in itertools.islice(zip(loader, on_device, strict=True), steps):
+        assert a[0].dtype == b[0].dtype == torch.float32 and a[0].shape == (6 // world, 3, 8, 8)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_data_stream_holds_what_fits_and_checks_labels_once(tmp_path, monkeypatch):
+    labelled_folder(tmp_path)
+    cpu = torch.device("cpu")
+    config = stream_config("folder", tmp_path)
+    data = build_dataset(config.data)
+    assert holds_on_device(data, config, cpu)
+    assert not holds_on_device(data, stream_config("folder", tmp_path, on_device=False), cpu)
+    monkeypatch.setattr(training_data, "ON_DEVICE_LIMIT_BYTES", len(data) * 3 * 8 * 8 - 1)
+    assert not holds_on_device(data, config, cpu)
+    assert holds_on_device(data, stream_config("folder", tmp_path, on_device=True), cpu)
+
+    for child in tmp_path.iterdir():  # the same images, without class folders: no labels
+        for image in child.iterdir():
+            image.rename(tmp_path / image.name)
+        child.rmdir()
+    with pytest.raises(TrainingError, match="a class-conditional model needs labelled data"):
+        data_batches(build_dataset(config.data), config, 0, 0, 1, cpu)  # before any batch is drawn

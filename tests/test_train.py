@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
 from ddim_cli.config import config_from_dict
+from ddim_cli.run_loop import LossWindow
 from ddim_cli.train import TrainingError, train
 
 TINY = {
@@ -381,3 +382,45 @@ def test_tensorboard_without_the_package_is_a_one_line_error_before_anything_is_
     with pytest.raises(TrainingError, match=r"pip install 'ddim-cli\[tensorboard\]'"):
         run(tiny_config(train={"tensorboard": True}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+class _CopyOnItsWay:
+    """What a CUDA event of an asynchronous device-to-host copy answers before the copy is done."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def _in_flight(window: LossWindow) -> _CopyOnItsWay:
+    """Make the newest closed window's values look as they do on CUDA right after the close."""
+    step, steps, values, _, fields = window.queued[-1]
+    event = _CopyOnItsWay()
+    window.queued[-1] = (step, steps, values, event, fields)
+    return event
+
+
+def test_loss_windows_are_written_once_their_values_arrive_and_a_nan_still_stops_a_checkpoint():
+    window = LossWindow(torch.device("cpu"), world=1, batch_size=4, remedy="try a lower train.lr")
+    for loss in (1.0, 3.0):
+        window.add(torch.tensor(loss))
+    window.close(2, 0.1, torch.tensor(0.5))
+    first = _in_flight(window)
+    assert window.arrived(wait=False) == []  # a plain log step never waits for the GPU
+    first.done = True
+    [line] = window.arrived(wait=False)
+    assert (line["step"], line["loss"], line["lr"], line["grad_norm"]) == (2, 2.0, 0.1, 0.5)
+    assert list(line) == ["step", "loss", "lr", "grad_norm", "images_per_s"]  # metrics.jsonl's order
+
+    window.add(torch.tensor(float("nan")))
+    window.add(torch.tensor(1.0))
+    window.close(4, 0.2, torch.tensor(0.7), student_steps=8)
+    _in_flight(window)
+    assert window.arrived(wait=False) == []
+    with pytest.raises(TrainingError, match="non-finite between steps 3 and 4; .*try a lower train.lr"):
+        window.arrived(wait=True)  # as before a checkpoint: waits, and finds the NaN

@@ -180,9 +180,10 @@ def rescale_or_config(loaded, option: float | None) -> float:
     return loaded.config.sample.guidance_rescale if option is None else option
 
 
-def command_noise_model(loaded, guidance: float, rescale_option: float | None, precision, compile_model):
+def command_noise_model(loaded, guidance: float, rescale_option: float | None, precision, compile_model, size=None):
     """The checkpoint's noise model as the sampling commands run it: guidance w, its rescale
-    (--guidance-rescale or the config's), --precision and --compile."""
+    (--guidance-rescale or the config's), --precision and --compile (``auto`` decided from the
+    job's ``size``, an :class:`~ddim_cli.acceleration.JobSize`)."""
     from ddim_cli import models as g
 
     return g.noise_model(
@@ -191,6 +192,7 @@ def command_noise_model(loaded, guidance: float, rescale_option: float | None, p
         guidance_rescale=rescale_or_config(loaded, rescale_option),
         precision=precision.value,
         compile=auto_switch(compile_model),
+        size=size,
     )
 
 

@@ -105,6 +105,7 @@ def compare(
     the FID features; rank 0 writes.
     """
     from ddim_cli import compare as c
+    from ddim_cli.acceleration import job_size
     from ddim_cli.models import student_for_steps
     from ddim_cli.seeding import seeded_noise
 
@@ -141,20 +142,23 @@ def compare(
         _, w = labels_and_guidance(
             loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
         )
-        make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model)
+        per_row = max(n, fid)
+        total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
+        size = job_size(per_row, total / per_row, batch_size, guided=bool(w))
+        make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model, size)
         models = None
         if teacher is not None:
             teacher_w = (
                 0.0 if teacher.config.model.num_classes is None or unconditional else teacher.config.sample.guidance
             )
-            teacher_eps = command_noise_model(teacher, teacher_w, guidance_rescale, precision, compile_model)
+            teacher_eps = command_noise_model(teacher, teacher_w, guidance_rescale, precision, compile_model, size)
             models = [
                 ("teacher", teacher, teacher_eps)
                 if role == "teacher"
                 else (
                     "student",
                     student := student_for_steps(loaded, spec.steps),
-                    command_noise_model(student, 0.0, None, precision, compile_model),
+                    command_noise_model(student, 0.0, None, precision, compile_model, size),
                 )
                 for spec, role in zip(specs, roles, strict=True)
             ]
@@ -172,8 +176,6 @@ def compare(
             )
             if shard.main:
                 save_fid_stats(f, _reference, save_stats)
-        per_row = max(n, fid)
-        total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
         with progress_bar(total, progress and shard.main, f"compare {len(specs)} samplers") as bar:
             rows = c.run_comparison(
                 loaded,

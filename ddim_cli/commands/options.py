@@ -35,6 +35,7 @@ class Variance(str, Enum):
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
+    tf32 = "tf32"
     bf16 = "bf16"
 
 
@@ -158,7 +159,8 @@ PrecisionOpt = Annotated[
     Precision,
     typer.Option(
         "--precision",
-        help="Model precision: fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 on CPU).",
+        help="Model precision: fp32 (IEEE, also on CUDA), tf32 (fp32 with TF32 matmuls and convolutions on CUDA), "
+        "bf16 autocast, or auto (bf16 on CUDA, fp32 on CPU).",
         rich_help_panel=HARDWARE_PANEL,
     ),
 ]
@@ -183,7 +185,7 @@ InvertPrecisionOpt = Annotated[
     Precision,
     typer.Option(
         "--precision",
-        help="Model precision: fp32 (default here: inversion is only as exact as eps), bf16 autocast, or auto.",
+        help="Model precision: fp32 (default here: inversion is only as exact as eps), tf32, bf16 autocast, or auto.",
         rich_help_panel=HARDWARE_PANEL,
     ),
 ]
@@ -191,8 +193,8 @@ CompileOpt = Annotated[
     bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile the model: faster per step after a build of a minute or more "
-        "(default: on for CUDA, off for CPU).",
+        help="torch.compile the model: faster per step after a build of up to a minute, cached for later runs "
+        "(default: on CUDA for jobs big enough to repay the build, off on CPU).",
         show_default=False,
         rich_help_panel=HARDWARE_PANEL,
     ),

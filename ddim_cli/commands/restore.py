@@ -236,6 +236,7 @@ def restore(
     ranks share every batch; rank 0 writes.
     """
     from ddim_cli import distributed
+    from ddim_cli.acceleration import job_size
     from ddim_cli.jobs.restore import degrade_images, restore_images, write_restorations
     from ddim_cli.models import noise_model
     from ddim_cli.restoration import model_calls
@@ -264,8 +265,10 @@ def restore(
             originals, observations = None, _observations(loaded, degradation, images_in, sr)
         w = 0.0 if labels is None else (loaded.config.sample.guidance if guidance is None else guidance)
         spec = sampler_spec(loaded, Sampler.ddim, steps, eta, skip, Variance.posterior, clip_x0)
-        make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale_or_config(loaded, guidance_rescale))
         calls = model_calls(len(spec.timesteps(loaded.alpha_bars)), jump, resample)
+        size = job_size(count * n_samples, calls, batch_size, guided=bool(w))
+        rescale = rescale_or_config(loaded, guidance_rescale)
+        make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale, size=size)
         desc = f"restore ({method.value}) S={spec.steps}"
         with progress_bar(count * n_samples * calls, progress and shard.main, desc) as bar:
             restored = restore_images(

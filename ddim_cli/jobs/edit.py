@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ddim_cli.acceleration import job_size
 from ddim_cli.batches import in_batches, pick
 from ddim_cli.checkpoint import CheckpointError
 from ddim_cli.distributed import Shard
@@ -76,7 +77,9 @@ def edit_images(
             progress(len(images))
         return edited
     # one model (and one compile) for both directions
-    make_eps = noise_model(loaded, guidance_rescale=guidance_rescale, precision="fp32")
+    per_step = (5 if exact and method == "ddib" else 1) + 1  # invert (exactly: about 5 calls), decode
+    size = job_size(len(images), per_step * len(ts), batch_size, guided=bool(guidance))
+    make_eps = noise_model(loaded, guidance_rescale=guidance_rescale, precision="fp32", size=size)
 
     def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         target = make_eps(to_labels[index], guidance)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddim_cli.acceleration import Precision, Switch
+from ddim_cli.acceleration import Precision, Switch, job_size
 from ddim_cli.batches import AllRanksProgress, in_batches, pick, step_counter
 from ddim_cli.checkpoint import CheckpointError
 from ddim_cli.distributed import Shard
@@ -220,8 +220,13 @@ def invert_to_folder(
     N frames decoded from latents slerped between the two."""
     if interpolate and len(originals) != 2:
         raise ValueError(f"--interpolate needs exactly two images, got {len(originals)}")
+    # Calls per step and image: the inversion (about 5 with --exact), null-text's inner steps and
+    # the decoding; an estimate for the compile decision.
+    per_step = (5 if exact else 1) + (2 * inner_steps if null_text else 0) + 1
+    calls = per_step * len(spec.timesteps(loaded.alpha_bars))
+    size = job_size(len(originals), calls, batch_size, guided=bool(guidance))
     make_eps = noise_model(
-        loaded, guidance=guidance, guidance_rescale=guidance_rescale, precision=precision, compile=compile
+        loaded, guidance=guidance, guidance_rescale=guidance_rescale, precision=precision, compile=compile, size=size
     )
     report: list[ExactInversionReport] = []
     fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report, "batch_size": batch_size}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ddim_cli.acceleration import Precision, Switch
+from ddim_cli.acceleration import Precision, Switch, job_size
 from ddim_cli.batches import AllRanksProgress, in_batches, pick, step_counter
 from ddim_cli.distillation import consistency_sample
 from ddim_cli.distributed import Shard
@@ -176,8 +176,15 @@ def sample_to_files(
     given = None if latents is None else load_latents(latents, shape)
     if given is not None and count != len(given):
         raise ValueError(f"--n {count} does not match the {len(given)} latents in {latents}")
+    steps = len(spec.timesteps(loaded.alpha_bars))
     make_eps = noise_model(
-        loaded, guidance=guidance, guidance_rescale=guidance_rescale, precision=precision, compile=compile
+        loaded,
+        guidance=guidance,
+        guidance_rescale=guidance_rescale,
+        precision=precision,
+        compile=compile,
+        size=job_size(-(-count // shard.world), steps, batch_size, guided=bool(guidance)),
+        notify=notify,
     )
     settings = sample_settings(
         loaded,
@@ -207,7 +214,6 @@ def sample_to_files(
     done = shard.broadcast(outputs.done)
     if done and notify is not None:
         notify(f"continuing an interrupted run: {done} of {count} images are done")
-    steps = len(spec.timesteps(loaded.alpha_bars))
     report = AllRanksProgress(progress, shard, count * steps)
     report.advance_to(done * steps)
     label_batches, seconds = [], 0.0
