@@ -22,6 +22,7 @@ from ddim_cli.fid import frechet_distance, source_batches, statistics
 from ddim_cli.images import load_images, save_labelled_rows, save_pngs
 from ddim_cli.jobs.sample import generate
 from ddim_cli.models import LoadedModel, MakeEps, SamplerSpec, class_labels
+from ddim_cli.outputs import write_text_whole, written_whole
 from ddim_cli.seeding import seeded_noise
 
 # The DDIM paper's Table 1 (FID of 50k samples; rows eta = 0, 0.2, 0.5, 1 and sigma-hat, i.e. DDPM
@@ -259,7 +260,7 @@ def fill_sample_folder(
         timing = {"images": timing["images"] + len(images), "seconds": timing["seconds"] + seconds * len(images)}
         if shard.main:
             save_pngs(images, folder, first_index=start)
-            timing_file.write_text(json.dumps(timing))
+            write_text_whole(timing_file, json.dumps(timing))
     return timing["seconds"] / max(timing["images"], 1)
 
 
@@ -301,19 +302,19 @@ def write_comparison(rows: list[CompareRow], out_dir: Path) -> dict[str, Path]:
     with_paper = any(row.paper_fid is not None for row in rows)
     records = [row.record(with_fid, with_paper) for row in rows]
     columns = list(records[0])
-    with open(paths["table.csv"], "w", newline="") as handle:
+    with written_whole(paths["table.csv"]) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(record[c]) for c in columns) + " |" for record in records]
-    paths["table.md"].write_text("\n".join(lines) + "\n")
+    write_text_whole(paths["table.md"], "\n".join(lines) + "\n")
     _plot(rows, paths["time_vs_steps.png"], lambda row: row.seconds_per_image, "seconds per image")
     if with_fid:
         paths["fid_vs_steps.png"] = out_dir / "fid_vs_steps.png"
         _plot(rows, paths["fid_vs_steps.png"], lambda row: row.fid, "FID")
         paths["fid_table.md"] = out_dir / "fid_table.md"
-        paths["fid_table.md"].write_text(_paper_layout(rows))
+        write_text_whole(paths["fid_table.md"], _paper_layout(rows))
     return paths
 
 
@@ -376,5 +377,6 @@ def _plot(rows: list[CompareRow], path: Path, value: Callable[[CompareRow], floa
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    with written_whole(path) as partial:
+        figure.savefig(partial, format="png")
     plt.close(figure)

@@ -91,6 +91,10 @@ class TrainConfig:
     fid_samples: int = 1000  # samples per FID during training (sample.steps DDIM steps each)
     tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard (needs tensorboard)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
+    # Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00
+    # ("" none; SLURM's job end time also counts when the job has one).
+    time_limit: str = ""
+    requeue: bool = False  # on SIGUSR1 (SLURM's warning before the limit): checkpoint, then scontrol requeue
 
 
 @dataclass
@@ -237,6 +241,13 @@ def validate(config: Config) -> None:
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 disables)")
+    if t.time_limit:
+        from ddim_cli.stopping import parse_duration
+
+        try:
+            need(parse_duration(t.time_limit) > 0, "train.time_limit", f"must be more than 0, got {t.time_limit!r}")
+        except ValueError as error:
+            raise ConfigError(f"train.time_limit: {error}") from None
     need(t.fid_every >= 0, "train.fid_every", "must be >= 0 (0 disables)")
     need(t.fid_samples >= 2, "train.fid_samples", f"must be >= 2, got {t.fid_samples}")
     need(t.min_snr_gamma > 0, "train.min_snr_gamma", f"must be > 0, got {t.min_snr_gamma}")

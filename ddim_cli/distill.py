@@ -44,14 +44,15 @@ from ddim_cli.monitor import TensorBoardLog, plot_metrics, save_sample_grid, ten
 from ddim_cli.run_loop import (
     LossWindow,
     RunLog,
-    StopFlag,
     TrainingError,
     TrainingInterrupted,
+    after_stop,
     barrier,
     check_run_dir,
     clear_run,
     derived_seed,
     make_optimizer,
+    next_batch,
     restore_run,
     save_run_checkpoint,
     setup_distributed,
@@ -59,6 +60,7 @@ from ddim_cli.run_loop import (
 )
 from ddim_cli.runlock import run_lock
 from ddim_cli.schedule import timesteps
+from ddim_cli.stopping import StopFlag, deadline
 from ddim_cli.training_data import data_batches
 from ddim_cli.unet import UNet
 
@@ -164,6 +166,7 @@ def distill(
 ) -> DistillResult:
     """Distil ``config.distill.teacher`` into ``run_dir`` (see the module notes); ``config`` comes
     from :func:`student_config` (or the run's config.yaml on resume)."""
+    stop = StopFlag(deadline(config.train.time_limit, time.time()))
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if config.train.tensorboard and (missing := tensorboard_missing()):
         raise TrainingError(missing)
@@ -175,13 +178,15 @@ def distill(
     except DataError as error:
         raise TrainingError(str(error)) from None
     teacher = load_checkpoint(Path(config.distill.teacher))  # checked before anything is written
-    with run_lock(run_dir, enabled=shard.main) as note:
+    # From here a stop signal (or the time limit) ends the run cleanly at the end of a step.
+    with stop.installed(), run_lock(run_dir, enabled=shard.main) as note:
         if note:
             tqdm.write(f"note: {note}")
         if shard.main:
             for path in remove_partial_writes(run_dir / "checkpoints") + remove_partial_writes(run_dir / STUDENTS):
                 tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
-        return _Distillation(config, run_dir, dataset, teacher.ema, shard, device_).run(resume, overwrite, progress)
+        distillation = _Distillation(config, run_dir, dataset, teacher.ema, shard, device_)
+        return distillation.run(resume, overwrite, progress, stop)
 
 
 class _Distillation:
@@ -285,7 +290,7 @@ class _Distillation:
         return self.x.lr * min(1.0, (in_round + 1) / self.x.warmup) if self.x.warmup else self.x.lr
 
     # --- the run --------------------------------------------------------------------------------
-    def run(self, resume: bool, overwrite: bool, progress: bool) -> DistillResult:
+    def run(self, resume: bool, overwrite: bool, progress: bool, stop: StopFlag) -> DistillResult:
         cfg, x, rank, world = self.config.train, self.x, self.shard.rank, self.shard.world
         restart = resume and not list_checkpoints(self.run_dir / "checkpoints")
         start = 0
@@ -320,18 +325,17 @@ class _Distillation:
             log.truncate_metrics(after=start)
         net = DistributedDataParallel(self.model) if world > 1 else self.model
         batches = data_batches(self.dataset, self.config, start, rank, world, self.device)
-        stop = StopFlag()
         bar = tqdm(total=self.total, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
         window = LossWindow(self.device, world, cfg.batch_size, "try a lower distill.lr")
         step, run_start = start, time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
-        with stop.installed(), torch.random.fork_rng(devices=devices), contextlib.closing(log):
+        with torch.random.fork_rng(devices=devices), contextlib.closing(log), contextlib.closing(batches):
             self.model.train()
             while step < self.total:
                 round_index = step // x.round_steps
                 if step % x.round_steps == 0 and step != start:
                     self.begin_round(round_index)
-                x0, labels = next(batches)
+                x0, labels = next_batch(batches, stop, step, start, self.run_dir, "ddim distill")
                 generator = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, step, rank, "distill"))
                 torch.manual_seed(derived_seed(cfg.seed, step, rank, "dropout"))
                 if self.null is not None and cfg.label_dropout > 0:
@@ -355,34 +359,36 @@ class _Distillation:
                 at_log = step % cfg.log_every == 0 or round_done
                 at_checkpoint = step % cfg.checkpoint_every == 0 or round_done
                 stopping = stop.requested(world, check=at_log)
-                if at_log or at_checkpoint or stopping:
+                if at_log or at_checkpoint or stopping is not None:
                     window.close(step, lr, grad_norm, student_steps=self.plan[round_index])
-                    for line in window.arrived(wait=at_checkpoint or stopping):
+                    for line in window.arrived(wait=at_checkpoint or stopping is not None):
                         log.metrics(**line)
                         bar.set_postfix(loss=f"{line['loss']:.4g}", S=line["student_steps"])
                 if round_done:
                     self.keep_student(self.plan[round_index], step, log)
                     barrier(world)  # the next round's teacher is that file: every rank waits for it
-                if at_checkpoint or stopping:
+                if at_checkpoint or stopping is not None:
                     extra = {"target": self.target.state_dict()} if x.method == "consistency" else None
-                    save_run_checkpoint(
-                        self.run_dir,
-                        step,
-                        self.config,
-                        self.model,
-                        self.ema,
-                        self.optimizer,
-                        rank,
-                        log,
-                        len(self.dataset),
-                        extra,
-                    )
+                    with stop.timing_checkpoint():
+                        save_run_checkpoint(
+                            self.run_dir,
+                            step,
+                            self.config,
+                            self.model,
+                            self.ema,
+                            self.optimizer,
+                            rank,
+                            log,
+                            len(self.dataset),
+                            extra,
+                        )
                     if rank == 0:
                         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
-                if stopping:
+                if stopping is not None:
                     bar.close()
                     barrier(world)
-                    raise TrainingInterrupted(step, self.run_dir, "ddim distill")
+                    note = after_stop(stopping, cfg.requeue, rank, log)
+                    raise TrainingInterrupted(step, self.run_dir, stopping, "ddim distill", note)
         bar.close()
         barrier(world)
         seconds = time.perf_counter() - run_start

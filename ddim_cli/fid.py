@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ddim_cli.checkpoint import UNPICKLE_ERRORS, load_tensors_only, unpickle_reason
 from ddim_cli.distributed import Shard
+from ddim_cli.outputs import written_whole
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 Statistics = dict[str, np.ndarray]
@@ -97,8 +98,8 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
 
 
 def save_statistics(stats: Statistics, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=stats["mu"], sigma=stats["sigma"], count=stats.get("count", np.array(-1)))
+    with written_whole(path) as partial, open(partial, "wb") as handle:
+        np.savez(handle, mu=stats["mu"], sigma=stats["sigma"], count=stats.get("count", np.array(-1)))
 
 
 def load_statistics(path: Path) -> Statistics | None:

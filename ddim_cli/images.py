@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torchvision.utils import make_grid
 
 from ddim_cli.data import image_transform
+from ddim_cli.outputs import written_whole
 
 
 class ImageFileError(RuntimeError):
@@ -36,8 +37,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     """Save a grid (2-pixel padding) with ``nrow`` images per row (default: about square)."""
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=-1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _pil(to_uint8(grid[None])[0]).save(path)
+    with written_whole(path) as partial:
+        _pil(to_uint8(grid[None])[0]).save(partial, format="PNG")
 
 
 def save_labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path, min_size: int = 64) -> None:
@@ -57,25 +58,25 @@ def save_labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path, min_siz
     for i, ((label, _), strip) in enumerate(zip(rows, strips, strict=True)):
         canvas.paste(strip.convert("RGB"), (width, i * strip_h))
         draw.text((4, i * strip_h + strip_h // 2), label, fill="black", font=font, anchor="lm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with written_whole(path) as partial:
+        canvas.save(partial, format="PNG")
 
 
 def save_pngs(images: torch.Tensor, directory: Path, first_index: int = 0) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
     for offset, array in enumerate(to_uint8(images)):
-        _pil(array).save(directory / f"{first_index + offset:06d}.png")
+        with written_whole(directory / f"{first_index + offset:06d}.png") as partial:
+            _pil(array).save(partial, format="PNG")
 
 
 def save_npz(images: np.ndarray, path: Path) -> None:
     """``arr_0`` = uint8 (N, H, W, C), the layout FID tools read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images)
+    with written_whole(path) as partial, open(partial, "wb") as handle:
+        np.savez(handle, images)
 
 
 def save_latents(latents: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, latents.detach().float().cpu().numpy())
+    with written_whole(path) as partial, open(partial, "wb") as handle:
+        np.save(handle, latents.detach().float().cpu().numpy())
     draws_path(path).unlink(missing_ok=True)  # a record of other latents would mislead
 
 

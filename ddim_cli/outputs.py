@@ -1,10 +1,12 @@
-"""Output paths checked before any work, so that a long job never ends in an unwritable path."""
+"""Output paths checked before any work, so that a long job never ends in an unwritable path, and
+written whole or not at all, so that a stopped job never leaves a truncated file another tool reads."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ddim_cli.errors import os_error_reason
@@ -40,3 +42,24 @@ def check_output(path: Path, *, directory: bool = False, inputs: Iterable[Path] 
         raise OutputError(f"cannot write {name}: {folder} is not writable ({os_error_reason(error)})") from None
     if not directory and path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"cannot write {name}: permission denied")
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write; once the writing succeeds it is renamed to
+    ``path`` in one step, so a reader (a later FID, a resumed job) sees the old file, the new one
+    or none, never a part. The temporary name is hidden and ends in ``.partial``, so no image or
+    array loader takes it for an output; writers give their format explicitly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    with written_whole(path) as partial:
+        partial.write_text(text)

@@ -9,19 +9,19 @@ purpose)``, so a run's whole state is its weights, its optimizer state and its s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ddim_cli import distributed
+from ddim_cli import distributed, stopping
 from ddim_cli.checkpoint import CheckpointError, list_checkpoints, newest_intact, prune_checkpoints, save_checkpoint
 from ddim_cli.config import Config
 from ddim_cli.errors import describe_os_error
@@ -37,11 +37,18 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Stopped by SIGINT/SIGTERM after writing a checkpoint."""
+    """Stopped before the end, by a signal or the time limit, after writing a checkpoint;
+    ``status`` is the exit status that says which (:mod:`ddim_cli.stopping`)."""
 
-    def __init__(self, step: int, run_dir: Path, command: str = "ddim train"):
-        super().__init__(f"interrupted at step {step}; checkpoint written. Resume with: {command} --resume {run_dir}")
-        self.step = step
+    def __init__(
+        self, step: int, run_dir: Path, reason: int, command: str = "ddim train", note: str = "", written: bool = True
+    ):
+        saved = "checkpoint written" if written else "no step was taken since the last checkpoint"
+        super().__init__(
+            f"stopped by {stopping.describe(reason)} at step {step}; {saved}{note}. "
+            f"Resume with: {command} --resume {run_dir}"
+        )
+        self.step, self.status = step, stopping.exit_status(reason)
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -241,35 +248,31 @@ class LossWindow:
         return lines
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish its step, write a checkpoint and stop."""
+def next_batch(batches: Iterator, stop: stopping.StopFlag, step: int, start: int, run_dir: Path, command: str):
+    """The next batch. A DataLoader worker killed by the signal that stops the run (it can reach a
+    worker that has not yet set itself to ignore it, as the workers start at the run's first
+    step) is that stop, not a crash: nothing was done since the last checkpoint."""
+    try:
+        return next(batches)
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        waited = time.monotonic()
+        while stop.reason is None and time.monotonic() - waited < 2.0:  # the same signal reaches us too
+            time.sleep(0.05)
+        if stop.reason is None or step != start:
+            raise TrainingError(f"a data loading worker died: {error}") from None
+        raise TrainingInterrupted(step, run_dir, stop.reason, command, written=False) from None
 
-    def __init__(self):
-        self.flag = False
 
-    @contextlib.contextmanager
-    def installed(self):
-        def handler(signum, frame):
-            self.flag = True
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    def requested(self, world: int, check: bool) -> bool:
-        if world == 1:
-            return self.flag
-        if not check:  # ranks agree on stopping only at logging steps, to avoid a sync per step
-            return False
-        flag = torch.tensor([float(self.flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+def after_stop(reason: int, requeue: bool, rank: int, log: RunLog) -> str:
+    """What happens once a stop's checkpoint is written: with ``train.requeue``, SLURM's advance
+    warning (SIGUSR1) requeues the job. Returns a note for the stop's message."""
+    if reason != getattr(signal, "SIGUSR1", None) or not requeue or rank != 0:
+        return ""
+    outcome = stopping.requeue_under_slurm()
+    log.message(outcome)
+    return f"; {outcome}"
 
 
 def setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:

@@ -46,21 +46,23 @@ from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.run_loop import (
     LossWindow,
     RunLog,
-    StopFlag,
     TrainingError,
     TrainingInterrupted,
+    after_stop,
     barrier,
     check_run_dir,
     clear_run,
     derived_seed,
     learning_rate,
     make_optimizer,
+    next_batch,
     restore_run,
     save_run_checkpoint,
     setup_distributed,
     update_ema,
 )
 from ddim_cli.runlock import run_lock
+from ddim_cli.stopping import StopFlag, deadline
 from ddim_cli.training_data import data_batches
 from ddim_cli.unet import UNet
 
@@ -92,6 +94,7 @@ def train(
     Everything that can fail on the user's input (run directory, dataset) is checked before
     anything in ``run_dir`` is written or removed.
     """
+    stop = StopFlag(deadline(config.train.time_limit, time.time()))
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if config.train.tensorboard and (missing := tensorboard_missing()):
         raise TrainingError(missing)
@@ -113,16 +116,19 @@ def train(
             f"{'no labels' if dataset.num_classes is None else f'{dataset.num_classes} classes'}"
         )
 
-    with run_lock(run_dir, enabled=rank == 0) as note:
+    # From here a stop signal (or the time limit) ends the run cleanly at the end of a step.
+    with stop.installed(), run_lock(run_dir, enabled=rank == 0) as note:
         if note:
             tqdm.write(f"note: {note}")
         if rank == 0:
             for path in remove_partial_writes(run_dir / "checkpoints"):
                 tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
-        return _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor)
+        return _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor, stop)
 
 
-def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor) -> TrainResult:
+def _train(
+    config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor, stop: StopFlag
+) -> TrainResult:
     """The run itself, once its directory is checked and locked."""
     cfg = config.train
     num_classes = config.model.num_classes
@@ -178,20 +184,21 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
     if resume:
         log.truncate_metrics(after=start)
     batches = data_batches(dataset, config, start, rank, world, device_)
-    stop = StopFlag()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
     window = LossWindow(device_, world, cfg.batch_size, "try a lower train.lr or train.grad_clip")
     step, checkpoint = start, None
     run_start = time.perf_counter()
 
+    # Closing the batches ends DataLoader workers before the process exits: they ignore the stop
+    # signals, so Python's exit could not end them by SIGTERM.
     with (
-        stop.installed(),
         torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []),
         contextlib.closing(log),
+        contextlib.closing(batches),
     ):
         model.train()
         while step < cfg.steps:
-            x0, labels = next(batches)
+            x0, labels = next_batch(batches, stop, step, start, run_dir, "ddim train")
             generator = torch.Generator(device_).manual_seed(derived_seed(cfg.seed, step, rank, "noise"))
             torch.manual_seed(derived_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
             x0, labels = _augment(x0, labels, config, generator)
@@ -229,9 +236,9 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
             at_log = step % cfg.log_every == 0 or step == cfg.steps
             at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
             stopping = stop.requested(world, check=at_log)
-            if at_log or at_checkpoint or stopping:
+            if at_log or at_checkpoint or stopping is not None:
                 window.close(step, lr, grad_norm)
-                for line in window.arrived(wait=at_checkpoint or stopping):
+                for line in window.arrived(wait=at_checkpoint or stopping is not None):
                     log.metrics(**line)
                     bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{line['images_per_s']:.0f}")
 
@@ -243,14 +250,17 @@ def _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, pr
                 if value is not None:
                     log.metrics(step=step, fid=value)
                     log.message(f"step {step}: FID {value:.3f} ({cfg.fid_samples} EMA samples vs the training set)")
-            if at_checkpoint or stopping:
-                checkpoint = save_run_checkpoint(run_dir, step, config, model, ema, optimizer, rank, log, len(dataset))
+            if at_checkpoint or stopping is not None:
+                with stop.timing_checkpoint():
+                    checkpoint = save_run_checkpoint(
+                        run_dir, step, config, model, ema, optimizer, rank, log, len(dataset)
+                    )
                 if rank == 0:
                     plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-            if stopping:
+            if stopping is not None:
                 bar.close()
                 barrier(world)
-                raise TrainingInterrupted(step, run_dir)
+                raise TrainingInterrupted(step, run_dir, stopping, note=after_stop(stopping, cfg.requeue, rank, log))
     bar.close()
     barrier(world)
     seconds = time.perf_counter() - run_start

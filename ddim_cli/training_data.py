@@ -15,7 +15,6 @@ Both give bit-identical batches (tests/test_data.py checks it on CPU).
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from ddim_cli.config import Config
 from ddim_cli.run_loop import TrainingError, derived_seed
+from ddim_cli.stopping import ignore_stop_signals
 
 # ``data.on_device: auto`` holds a dataset whose decoded images take at most this much (and, on
 # CUDA, at most a quarter of the free GPU memory).
@@ -84,7 +84,7 @@ def _loader_batches(dataset, config: Config, start: int, rank: int, world: int, 
         num_workers=config.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=ignore_sigint,
+        worker_init_fn=ignore_stop_signals,
     )
     for images, labels in loader:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -115,7 +115,7 @@ class DeviceImages:
 
     @classmethod
     def decode(cls, dataset, num_workers: int, device: torch.device) -> DeviceImages:
-        loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=ignore_sigint)
+        loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=ignore_stop_signals)
         floats, codes, labels, lossless = [], [], [], True
         for images, batch_labels in loader:
             labels.append(batch_labels)
@@ -136,9 +136,3 @@ def _pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
     # torchvision's ToTensor (x / 255) then Normalize(0.5, 0.5) ((x - 0.5) / 0.5), op for op, so
     # the floats are bit-identical to the DataLoader's.
     return pixels.to(torch.float32).div(255).sub(0.5).div(0.5)
-
-
-def ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; workers must outlive it while the main process
-    # finishes its step and writes a checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

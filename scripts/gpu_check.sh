@@ -26,7 +26,7 @@ if [ "$TINY" = 1 ]; then
   QUICK=(--set train.steps=20 --set train.checkpoint_every=20 --set train.sample_every=0)
   N_EVAL=20; BENCH=(--models small --batch 2 --train-batch 2 --steps 2 --repeats 1)
   BENCH_BIG=(--models small --train-batch 4 --steps 2 --repeats 1); LOOP_STEPS=6; LOOP_BATCH=4
-  DISTILL=(--set train.steps=4 --set train.batch_size=8); SYNTHETIC=16; LOOP_COMPILE=false
+  DISTILL=(--set distill.round_steps=4 --set train.batch_size=8); SYNTHETIC=16; LOOP_COMPILE=false
   BENCH+=(--diffusers-best); BENCH_BIG+=(--no-diffusers-best)
 else
   QUICK=(); N_EVAL=500; BENCH=(--models cifar10 --batch 256 --train-batch 128 --steps 50 --repeats 5)
@@ -58,10 +58,11 @@ RUN="$OUT/digits"
 step quickstart "$DDIM" train configs/digits.yaml --run-dir "$RUN" --no-progress "${QUICK[@]}"
 mkdir -p "$OUT/inputs"
 $PY scripts/export_digits.py --out "$OUT/inputs" 3 17 >/dev/null 2>&1
-# The small jobs of issue 34's table, as a user runs them (auto: eager), then twice compiled.
+# The small jobs of issue 34's table, as a user runs them (auto: eager on their size), 500 samples
+# in bf16 and fp32 to score, and a small job compiled twice: cold, then from the cache.
 step sample-class "$DDIM" sample "$RUN" --class 3 --n 16 --steps 20 --out "$OUT/class3.png" --no-progress
 step sample-dpm "$DDIM" sample "$RUN" --n 16 --steps 8 --sampler dpm++2m --out "$OUT/dpm.png" --no-progress
-step sample-500 "$DDIM" sample "$RUN" --n "$N_EVAL" --npz "$OUT/bf16.npz" --out "$OUT/bf16.png" --no-progress
+step sample-500 "$DDIM" sample "$RUN" --n "$N_EVAL" --precision bf16 --npz "$OUT/bf16.npz" --out "$OUT/bf16.png" --no-progress
 step sample-500-fp32 "$DDIM" sample "$RUN" --n "$N_EVAL" --precision fp32 --npz "$OUT/fp32.npz" --out "$OUT/fp32.png" --no-progress
 step invert-exact "$DDIM" invert "$RUN" "$OUT"/inputs/*.png --steps 10 --exact --out "$OUT/invert" --no-progress
 step edit "$DDIM" edit "$RUN" "$OUT"/inputs/*.png --to-class 8 --out "$OUT/edit" --no-progress
@@ -111,7 +112,7 @@ notes = {
     "quickstart": "images/s " + found("quickstart", r"(\d+) images/s"),
     "compiled-cold": "build " + found("compiled-cold", r"built in ([\d.]+) s"),
     "compiled-cached": "build " + found("compiled-cached", r"built in ([\d.]+) s") + " (from the cache)",
-    "invert-exact": found("invert-exact", r"(\d+(?:\.\d+)? calls per step[^\n]*)"),
+    "invert-exact": found("invert-exact", r"exact inversion: ([\d.]+ model calls per step)"),
 }
 scores = {}
 if (out / "scores.jsonl").exists():
@@ -152,7 +153,11 @@ if metrics.exists():
         notes["cifar10-loop"] = f"{steady:.0f} img/s in the last window" + (
             f" = {steady / bench_step:.2f} of bench's step" if bench_step else "")
 lines = [(out / "device.txt").read_text().strip(), "", "| check | wall s | exit | measured |", "|---|---|---|---|"]
-lines += [f"| {name} | {seconds} | {status} | {notes.get(name, '')} |" for name, seconds, status in rows]
+def how(name):  # whether a ddim command compiled: each build prints one "torch.compile:" line
+    if name.startswith(("bench", "eval")):
+        return ""
+    return ("compiled" if "torch.compile:" in log(name) else "eager") + "; "
+lines += [f"| {name} | {seconds} | {status} | {how(name)}{notes.get(name, '')} |" for name, seconds, status in rows]
 table.write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -239,3 +239,28 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
     assert "needs a v- or x0-prediction teacher" in line and "--set model.prediction=v" in line
     line = one_line_error(ddim("distill", tmp_path / "nothing-here", "--run-dir", run), 1)
     assert not run.exists()
+
+
+@pytest.mark.faults
+def test_sigterm_to_the_whole_group_with_workers_stops_distillation_cleanly_and_resume_is_bit_identical(
+    teacher, tmp_path
+):
+    from test_stops import WITH_WORKERS, start, stop_group
+
+    args = ["--steps", 2, *SMALL, "--set", "distill.round_steps=100", "--method", "consistency"]
+    args += [item for key, value in WITH_WORKERS.items() for item in ("--set", f"data.{key}={value}")]
+    run_dir = tmp_path / "stopped"
+    process = start(["distill", teacher, *args, "--run-dir", run_dir])
+    err, step = stop_group(process, run_dir, signal.SIGTERM, random.Random(5))
+    assert f"Resume with: ddim distill --resume {run_dir}" in err
+
+    resumed = start(["distill", run_dir, "--resume", "--set", f"distill.round_steps={step + 2}"])
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    fresh = [*args[:-4], "--set", f"distill.round_steps={step + 2}", *args[-4:]]
+    distilled(teacher, tmp_path / "reference", *fresh[2:])
+    last = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    reference = load_checkpoint(list_checkpoints(tmp_path / "reference" / "checkpoints")[-1])
+    assert last.step == reference.step == step + 2
+    for ours, theirs in ((last.model, reference.model), (last.ema, reference.ema)):
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

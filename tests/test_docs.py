@@ -25,7 +25,8 @@ def relative_links(page: Path) -> list[str]:
 
 def ddim_commands(page: Path) -> list[list[str]]:
     """The argument lists of every ddim command in the page's bash blocks (continuations joined,
-    comments dropped, pipes and && cut; `torchrun ... -m ddim_cli [--] ARGS` counts as ddim ARGS)."""
+    comments dropped, pipes and && cut; `exec ddim ARGS` and `[srun] torchrun ... -m ddim_cli [--] ARGS`
+    count as ddim ARGS)."""
     commands = []
     for block in BASH_BLOCK.findall(page.read_text()):
         for line in block.replace("\\\n", " ").splitlines():
@@ -33,9 +34,10 @@ def ddim_commands(page: Path) -> list[list[str]]:
             words = [re.sub(r"\$\{?\w+\}?", "1", w) for w in shlex.split(line, comments=True)]
             for cut in ("|", "&&", ";", ">", "2>&1"):
                 words = words[: words.index(cut)] if cut in words else words
+            words = words[1:] if words[:1] == ["exec"] else words
             if words[:1] == ["ddim"]:
                 commands.append(words[1:])
-            elif words[:1] == ["torchrun"] and "ddim_cli" in words:
+            elif "torchrun" in words[:2] and "ddim_cli" in words:  # srun torchrun ... too
                 rest = words[words.index("ddim_cli") + 1 :]
                 commands.append(rest[1:] if rest[:1] == ["--"] else rest)
     return commands

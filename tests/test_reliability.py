@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_train import tiny_config
 from typer.testing import CliRunner
 
@@ -396,3 +399,30 @@ def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_fi
     for name in names:
         assert (folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A stop in the middle of writing (here: the writer fails half-way) leaves the old file or
+    none under the output's name, and no partial file any image loader would take for one."""
+    from ddim_cli.images import save_grid, save_npz, save_pngs
+
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    save_pngs(images, tmp_path / "pngs")
+    save_npz(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "a.npz")
+    before = {p.name: p.read_bytes() for p in [*(tmp_path / "pngs").iterdir(), tmp_path / "a.npz"]}
+
+    def half_then_fail(self, fp, format=None, **params):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_pngs(-images, tmp_path / "pngs")
+    with pytest.raises(KeyboardInterrupt):
+        save_grid(images, tmp_path / "grid.png")
+    monkeypatch.setattr(np, "savez", lambda handle, *a, **k: (handle.write(b"PK half"), sys.exit(143)))
+    with pytest.raises(SystemExit):
+        save_npz(np.ones((2, 8, 8, 3), np.uint8), tmp_path / "a.npz")
+    after = {p.name: p.read_bytes() for p in [*(tmp_path / "pngs").iterdir(), tmp_path / "a.npz"]}
+    assert after == before and not (tmp_path / "grid.png").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(before)  # no partial file left

@@ -50,6 +50,20 @@ def distill(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the distillation run from its latest checkpoint.")
     ] = False,
+    resume_if_exists: Annotated[
+        bool,
+        typer.Option(
+            "--resume-if-exists", help="Continue the run if its directory holds one, else start it (for requeues)."
+        ),
+    ] = False,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--time-limit",
+            metavar="DURATION",
+            help="Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
@@ -76,9 +90,13 @@ def distill(
     from ddim_cli.run_loop import TrainingError, TrainingInterrupted
     from ddim_cli.runlock import RunBusyError
 
+    if time_limit is not None:
+        overrides = [*overrides, f"train.time_limit={time_limit}"]
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
         existing = source / "config.yaml"
-        if resume and existing.is_file() and "distill:" in existing.read_text():
+        is_distillation_run = existing.is_file() and "distill:" in existing.read_text()
+        resume = resume or (resume_if_exists and is_distillation_run)
+        if resume and is_distillation_run:
             directory = run_dir or source  # the distillation run itself
             config = load_config(directory / "config.yaml", overrides)
         else:
@@ -87,6 +105,7 @@ def distill(
                 teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
             )
             directory = run_dir or Path("runs") / config.name
+            resume = resume or (resume_if_exists and (directory / "config.yaml").is_file())
             if resume and (directory / "config.yaml").is_file():
                 config = load_config(directory / "config.yaml", overrides)
         if dry_run:
@@ -99,7 +118,7 @@ def distill(
         )
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=stop.status) from None
     except (TrainingError, CheckpointError, RunBusyError) as error:
         fail(str(error))
     except Exception as error:

@@ -25,6 +25,23 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
+    resume_if_exists: Annotated[
+        bool,
+        typer.Option(
+            "--resume-if-exists",
+            help="Continue the run in --run-dir if it holds one, else start it from CONFIG: one line for a batch "
+            "script's first start and every requeue.",
+        ),
+    ] = False,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--time-limit",
+            metavar="DURATION",
+            help="Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00 "
+            "(train.time_limit; SLURM's job end time counts too).",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     device: Annotated[
         Device, typer.Option(help="Where to train; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL)
@@ -34,15 +51,25 @@ def train(
     """Train a diffusion model from a YAML config (multi-GPU: launch with torchrun)."""
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import ConfigError, load_config
+    from ddim_cli.run_loop import holds_run
     from ddim_cli.runlock import RunBusyError
     from ddim_cli.train import TrainingError, TrainingInterrupted
     from ddim_cli.train import train as run_training
 
     if (config_path is None) == (resume is None):
         fail("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)", code=2)
+    if resume_if_exists and resume is not None:
+        fail("--resume-if-exists goes with CONFIG (and --run-dir), not with --resume", code=2)
+    if time_limit is not None:
+        overrides = [*overrides, f"train.time_limit={time_limit}"]
     source = resume / "config.yaml" if resume is not None else config_path
     try:
         config = load_config(source, overrides)
+        if resume_if_exists:
+            existing = run_dir or Path("runs") / config.name
+            if holds_run(existing) and (existing / "config.yaml").is_file():
+                resume = existing  # the run's own config, with this command's overrides
+                config = load_config(existing / "config.yaml", overrides)
     except ConfigError as error:
         fail(str(error), code=2)
     if dry_run:
@@ -57,7 +84,7 @@ def train(
         )
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=stop.status) from None
     except (TrainingError, CheckpointError, RunBusyError) as error:
         fail(str(error))
     except Exception as error:

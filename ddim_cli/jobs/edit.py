@@ -16,6 +16,7 @@ from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
 from ddim_cli.jobs.invert import invert_null_text, sample_null_text
 from ddim_cli.models import LoadedModel, Progress, SamplerSpec, check_classes, noise_model
+from ddim_cli.outputs import write_text_whole
 
 EDIT_METHODS = ("ddib", "sdedit")
 
@@ -123,7 +124,7 @@ def write_edits(
     sources = ["null"] * len(names) if from_labels is None else from_labels.tolist()
     rows = zip(names, sources, to_labels.tolist(), distances, strict=True)
     lines = ["image,from_class,to_class,mse_to_source"] + [f"{n},{s},{t},{d:.6g}" for n, s, t, d in rows]
-    (directory / "distances.csv").write_text("\n".join(lines) + "\n")
+    write_text_whole(directory / "distances.csv", "\n".join(lines) + "\n")
     written = [f"{directory}/ (grid.png, edited/, distances.csv)"]
     if npz is not None:
         save_npz(to_uint8(edited), npz)

@@ -19,6 +19,7 @@ from ddim_cli.images import load_latents, load_null_embeddings, save_grid, save_
 from ddim_cli.jobs.sample import SampleRun, generate, slerp
 from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, check_classes, noise_model
 from ddim_cli.null_text import NULL_TEXT_INNER_STEPS, NullTextInversion, null_text_guidance, null_text_inversion
+from ddim_cli.outputs import write_text_whole
 from ddim_cli.sample_files import SampleFiles
 from ddim_cli.sampling import EXACT_TOL, ExactInversionReport, invert, sample
 from ddim_cli.seeding import cycle_classes
@@ -255,7 +256,7 @@ def invert_to_folder(
     grid = torch.cat([originals, reconstructions.clamp(-1, 1), latent_view])
     save_grid(grid, directory / "grid.png", nrow=len(originals))
     lines = ["image,mse,psnr_db"] + [f"{n},{m:.6g},{q:.3f}" for n, (m, q) in zip(names, metrics, strict=True)]
-    (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
+    write_text_whole(directory / "metrics.csv", "\n".join(lines) + "\n")
     written = ["latents.npy", "grid.png", "metrics.csv"]
     if fitted is not None:
         save_null_embeddings(

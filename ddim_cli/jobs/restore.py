@@ -14,6 +14,7 @@ from ddim_cli.distributed import Shard
 from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
 from ddim_cli.jobs.invert import reconstruction_metrics
 from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec
+from ddim_cli.outputs import write_text_whole
 from ddim_cli.restoration import Degradation, model_calls, restore
 from ddim_cli.seeding import seeded_noise, side_generator
 
@@ -134,7 +135,7 @@ def write_restorations(
         scores = "," if psnr is None else f"{psnr[k]:.3f},{degraded[i]:.3f}"
         # Six decimals on the [-1, 1] scale: far finer than a uint8 level; below that is rounding noise.
         lines.append(f"{names[i]},{j},{scores},{error:.6f}")
-    (directory / "metrics.csv").write_text("\n".join(lines) + "\n")
+    write_text_whole(directory / "metrics.csv", "\n".join(lines) + "\n")
     written = [f"{directory}/ (grid.png, restored/, metrics.csv)"]
     if npz is not None:
         save_npz(to_uint8(restored), npz)
