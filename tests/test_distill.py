@@ -242,8 +242,9 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
 
 
 @pytest.mark.faults
-def test_sigterm_to_the_whole_group_with_workers_stops_distillation_cleanly_and_resume_is_bit_identical(
-    teacher, tmp_path
+@pytest.mark.parametrize(("sig", "seed"), [(signal.SIGTERM, 5), (signal.SIGUSR1, 6)])
+def test_a_stop_signal_to_the_whole_group_with_workers_stops_distillation_and_resume_is_bit_identical(
+    teacher, tmp_path, sig, seed
 ):
     from test_stops import WITH_WORKERS, start, stop_group
 
@@ -251,7 +252,7 @@ def test_sigterm_to_the_whole_group_with_workers_stops_distillation_cleanly_and_
     args += [item for key, value in WITH_WORKERS.items() for item in ("--set", f"data.{key}={value}")]
     run_dir = tmp_path / "stopped"
     process = start(["distill", teacher, *args, "--run-dir", run_dir])
-    err, step = stop_group(process, run_dir, signal.SIGTERM, random.Random(5))
+    err, step = stop_group(process, run_dir, sig, random.Random(seed))
     assert f"Resume with: ddim distill --resume {run_dir}" in err
 
     resumed = start(["distill", run_dir, "--resume", "--set", f"distill.round_steps={step + 2}"])
@@ -264,3 +265,11 @@ def test_sigterm_to_the_whole_group_with_workers_stops_distillation_cleanly_and_
     assert last.step == reference.step == step + 2
     for ours, theirs in ((last.model, reference.model), (last.ema, reference.ema)):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_if_exists_starts_a_distillation_then_continues_it(teacher, tmp_path):
+    args = ["--method", "consistency", "--run-dir", tmp_path / "run", "--resume-if-exists"]
+    distilled(teacher, tmp_path / "run", *args[:2], *args[-1:], "--set", "distill.round_steps=2")
+    distilled(teacher, tmp_path / "run", *args[:2], *args[-1:], "--set", "distill.round_steps=4")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "starting step 0 of 2" in log and "resuming at step 2 of 4" in log
