@@ -113,7 +113,7 @@ class SampleConfig:
 class DistillConfig:
     """How a student was (or is being) distilled from its teacher (``ddim distill``)."""
 
-    method: Literal["progressive", "consistency"] = "progressive"  # Salimans & Ho 2022, or Song et al. 2023
+    method: Literal["progressive", "consistency"] = "consistency"  # Song et al. 2023, or Salimans & Ho 2022
     teacher: str = ""  # the teacher's checkpoint file
     teacher_steps: int = 16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
     steps: int = 4  # the student's sampling steps (progressive: the last round's)

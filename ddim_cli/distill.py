@@ -74,7 +74,7 @@ class DistillResult:
 
 
 def student_config(
-    teacher: Config, teacher_path: Path, *, method: str = "progressive", steps: int = 4, overrides=()
+    teacher: Config, teacher_path: Path, *, method: str = "consistency", steps: int = 4, overrides=()
 ) -> Config:
     """The run's config: the teacher's network and data, a ``distill:`` section, and a ``sample:``
     section that samples the student as it was trained (its steps, trailing spacing, no extra

@@ -31,6 +31,8 @@ def teacher(tmp_path_factory):
 
 
 SMALL = [
+    "--method",  # the default is consistency; these tests mostly distil progressively (a later --method wins)
+    "progressive",
     "--set",
     "distill.teacher_steps=8",
     "--set",
@@ -221,10 +223,10 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
 
 def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
     run = tmp_path / "never"
-    line = one_line_error(ddim("distill", teacher, "--steps", 3, "--run-dir", run), 2)
+    line = one_line_error(ddim("distill", teacher, "--method", "progressive", "--steps", 3, "--run-dir", run), 2)
     assert "--steps 3 cannot be reached by halving the teacher's 16 steps; choose one of 8, 4, 2, 1" in line
     line = one_line_error(
-        ddim("distill", teacher, "--steps", 4, "--set", "distill.teacher_steps=4", "--run-dir", run), 2
+        ddim("distill", teacher, *SMALL[:2], "--steps", 4, "--set", "distill.teacher_steps=4", "--run-dir", run), 2
     )
     assert "distill.teacher_steps 4 equals --steps: nothing to distil" in line
     line = one_line_error(ddim("distill", teacher, "--set", "distill.teacher_steps=100", "--run-dir", run), 2)

@@ -203,7 +203,7 @@ def test_a_progressive_student_exports_and_reproduces_ddim_sample(tmp_path):
     ours = ddim_sample_of(student, latents, tmp_path, "--class", 6)
     theirs = diffusers_steps(tmp_path / "out", latents, 2, labels=torch.full((3,), 6))
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
-    ok("distill", teacher, "--method", "consistency", "--steps", 2, *SMALL, "--run-dir", tmp_path / "cd")
+    ok("distill", teacher, "--steps", 2, *SMALL, "--method", "consistency", "--run-dir", tmp_path / "cd")
     result = cli("export", tmp_path / "cd", "--out", tmp_path / "cd-out")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "a consistency student samples with the consistency sampler" in result.output

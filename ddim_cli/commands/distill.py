@@ -31,10 +31,11 @@ def distill(
         DistillMethod,
         typer.Option(
             "--method",
-            help="progressive: rounds that halve the step count (Salimans & Ho 2022), every round's student "
-            "kept; consistency: one student that samples in 1 step or a few (Song et al. 2023).",
+            help="consistency (the default: the best student at every step count measured, 1 to 8): one "
+            "student that samples in 1 step or a few (Song et al. 2023); progressive: rounds that halve the "
+            "step count (Salimans & Ho 2022), every round's student kept.",
         ),
-    ] = DistillMethod.progressive,
+    ] = DistillMethod.consistency,
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
     ] = 4,
@@ -76,9 +77,11 @@ def distill(
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
-    Progressive distillation halves the teacher's 16 DDIM steps round by round down to --steps,
-    keeping every round's student in RUN_DIR/students/ (S8, S4, ... .safetensors); `ddim sample
-    RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A class-conditional
+    Consistency distillation (the default) trains one student that samples in --steps network calls,
+    or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`). Progressive distillation (--method
+    progressive) halves the teacher's 16 DDIM steps round by round down to --steps, keeping every
+    round's student in RUN_DIR/students/ (S8, S4, ... .safetensors); `ddim sample RUN_DIR` then
+    samples with --steps and `--steps 8` with the 8-step student. A class-conditional
     student learns the teacher guided at its sample.guidance: one call per step gives the guided
     image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
     """
