@@ -77,6 +77,13 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def assert_matches_a_straight_run(run_dir: Path, tmp_path: Path, steps: int) -> None:
+    """The stopped and resumed run's weights and EMA equal those of ``steps`` steps without a stop."""
+    straight = tiny_config(train={"steps": steps, "checkpoint_every": 100_000, "sample_every": 0}, data=WITH_WORKERS)
+    reference = train(straight, tmp_path / "reference", device="cpu", progress=False)
+    assert_same_weights(list_checkpoints(run_dir / "checkpoints")[-1], reference.checkpoint)
+
+
 @pytest.mark.parametrize(("sig", "seed"), [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGUSR1, 3)])
 def test_a_stop_signal_to_the_whole_group_with_workers_stops_cleanly_and_resumes_bit_identically(tmp_path, sig, seed):
     run_dir = tmp_path / "stopped"
@@ -86,13 +93,7 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_cleanly_and_resumes
     resumed = start(["train", "--resume", run_dir, "--set", f"train.steps={step + 2}"])
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    reference = train(
-        tiny_config(train={"steps": step + 2, "checkpoint_every": 100_000, "sample_every": 0}, data=WITH_WORKERS),
-        tmp_path / "reference",
-        device="cpu",
-        progress=False,
-    )
-    assert_same_weights(list_checkpoints(run_dir / "checkpoints")[-1], reference.checkpoint)
+    assert_matches_a_straight_run(run_dir, tmp_path, step + 2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR2])
@@ -142,17 +143,12 @@ def test_a_time_limit_checkpoints_before_the_wall_and_the_same_line_resumes(tmp_
     step = load_checkpoint(checkpoint).step
     assert step >= 1 and time.monotonic() - began < 60
 
-    again = start([*command, "--set", f"train.steps={step + 2}"])  # a requeued job runs the same line
+    # A requeued job runs the same line (the run keeps its time limit: this one grants the next job more).
+    again = start([*command, "--time-limit", "1h", "--set", f"train.steps={step + 2}"])
     _, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     assert f"resuming at step {step}" in (run_dir / "train.log").read_text()
-    reference = train(
-        tiny_config(train={"steps": step + 2, "checkpoint_every": 100_000, "sample_every": 0}, data=WITH_WORKERS),
-        tmp_path / "reference",
-        device="cpu",
-        progress=False,
-    )
-    assert_same_weights(list_checkpoints(run_dir / "checkpoints")[-1], reference.checkpoint)
+    assert_matches_a_straight_run(run_dir, tmp_path, step + 2)
 
 
 def test_resume_if_exists_starts_a_missing_run_and_refuses_a_bad_time_limit(tmp_path):

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
-from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device, overrides_option
+from ddim_cli.commands.options import (
+    HARDWARE_PANEL,
+    OUTPUT_PANEL,
+    Device,
+    ResumeIfExistsOpt,
+    TimeLimitOpt,
+    overrides_option,
+    with_time_limit,
+)
 
 
 class DistillMethod(str, Enum):
@@ -51,20 +59,8 @@ def distill(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the distillation run from its latest checkpoint.")
     ] = False,
-    resume_if_exists: Annotated[
-        bool,
-        typer.Option(
-            "--resume-if-exists", help="Continue the run if its directory holds one, else start it (for requeues)."
-        ),
-    ] = False,
-    time_limit: Annotated[
-        str | None,
-        typer.Option(
-            "--time-limit",
-            metavar="DURATION",
-            help="Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00.",
-        ),
-    ] = None,
+    resume_if_exists: ResumeIfExistsOpt = False,
+    time_limit: TimeLimitOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
@@ -93,8 +89,7 @@ def distill(
     from ddim_cli.run_loop import TrainingError, TrainingInterrupted
     from ddim_cli.runlock import RunBusyError
 
-    if time_limit is not None:
-        overrides = [*overrides, f"train.time_limit={time_limit}"]
+    overrides = with_time_limit(overrides, time_limit)
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
         existing = source / "config.yaml"
         is_distillation_run = existing.is_file() and "distill:" in existing.read_text()

@@ -257,3 +257,27 @@ def overrides_option(example: str):
         list[str],
         typer.Option("--set", metavar="KEY=VALUE", help=f"Override a config key, e.g. {example}. Repeatable."),
     ]
+
+
+TimeLimitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--time-limit",
+        metavar="DURATION",
+        help="Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00 "
+        "(train.time_limit; SLURM's job end time counts too).",
+    ),
+]
+ResumeIfExistsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-if-exists",
+        help="Continue the run in its directory if it holds one, else start it: one line for a batch script's "
+        "first start and every requeue.",
+    ),
+]
+
+
+def with_time_limit(overrides: list[str], time_limit: str | None) -> list[str]:
+    """--time-limit is train.time_limit."""
+    return overrides if time_limit is None else [*overrides, f"train.time_limit={time_limit}"]

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
-from ddim_cli.commands.options import HARDWARE_PANEL, OUTPUT_PANEL, Device, overrides_option
+from ddim_cli.commands.options import (
+    HARDWARE_PANEL,
+    OUTPUT_PANEL,
+    Device,
+    ResumeIfExistsOpt,
+    TimeLimitOpt,
+    overrides_option,
+    with_time_limit,
+)
 
 
 def train(
@@ -25,23 +33,8 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
-    resume_if_exists: Annotated[
-        bool,
-        typer.Option(
-            "--resume-if-exists",
-            help="Continue the run in --run-dir if it holds one, else start it from CONFIG: one line for a batch "
-            "script's first start and every requeue.",
-        ),
-    ] = False,
-    time_limit: Annotated[
-        str | None,
-        typer.Option(
-            "--time-limit",
-            metavar="DURATION",
-            help="Stop cleanly (checkpoint, exit 124) before this much wall time: 3600, 90m, 4h or 04:00:00 "
-            "(train.time_limit; SLURM's job end time counts too).",
-        ),
-    ] = None,
+    resume_if_exists: ResumeIfExistsOpt = False,
+    time_limit: TimeLimitOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     device: Annotated[
         Device, typer.Option(help="Where to train; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL)
@@ -60,8 +53,7 @@ def train(
         fail("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)", code=2)
     if resume_if_exists and resume is not None:
         fail("--resume-if-exists goes with CONFIG (and --run-dir), not with --resume", code=2)
-    if time_limit is not None:
-        overrides = [*overrides, f"train.time_limit={time_limit}"]
+    overrides = with_time_limit(overrides, time_limit)
     source = resume / "config.yaml" if resume is not None else config_path
     try:
         config = load_config(source, overrides)
