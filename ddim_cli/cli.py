@@ -26,9 +26,12 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
+        except KeyboardInterrupt as stop:
+            signum = stop.signum if isinstance(stop, StopSignal) else signal.SIGINT
+            typer.echo(
+                "interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""), err=True
+            )
+            raise typer.Exit(code=128 + signum) from None
         except Exception as error:
             # Usage errors, --help and exits belong to the command-line framework (typer vendors its click).
             if os.environ.get("DDIM_DEBUG") == "1" or type(error).__module__.split(".")[0] in ("click", "typer"):
@@ -100,8 +103,25 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     typer.echo(f"warning: {message}", err=True)
 
 
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 (a scheduler's stop) ends a command as Ctrl-C does, with
+    its files whole and its journal kept; ``ddim train`` and ``distill`` handle them themselves
+    while they run (they finish the step and write a checkpoint)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise StopSignal(signum)
+
+
 def main() -> None:
     warnings.showwarning = _one_line_warning
+    for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_stop)
     if hasattr(signal, "SIGPIPE"):
         # A reader that closed the pipe (`ddim sample --help | head`) ends the command quietly, as it
         # ends other Unix tools, instead of an "error: Broken pipe". That stop is no worse than kill -9,

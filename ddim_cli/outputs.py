@@ -63,3 +63,10 @@ def written_whole(path: Path) -> Iterator[Path]:
 def write_text_whole(path: Path, text: str) -> None:
     with written_whole(path) as partial:
         partial.write_text(text)
+
+
+def remove_partials(directory: Path, name: str = "*") -> None:
+    """Remove what :func:`written_whole` left for files ``name`` in ``directory`` when its process
+    was killed mid-write (a resumed job writes those files again)."""
+    for partial in Path(directory).glob(f".{name}.*.partial"):
+        partial.unlink(missing_ok=True)

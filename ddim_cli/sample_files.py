@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ddim_cli.images import PartialNpz, StreamingLatents, load_images, save_grid, save_pngs, to_uint8
-from ddim_cli.outputs import OutputError
+from ddim_cli.outputs import OutputError, remove_partials
 
 GRID_LIMIT = 256
 
@@ -75,6 +75,9 @@ class SampleFiles:
             return
         self.journal = journal_path(out_dir, npz)
         self.done = completed_images(self.journal, settings, resume)
+        if out_dir is not None and out_dir.is_dir():
+            remove_partials(out_dir, "??????.png")  # PNGs a killed run was writing
+        remove_partials(Path(grid).parent, Path(grid).name)
         if npz is not None:
             self.npz_file = PartialNpz(npz, count, (shape[1], shape[2], shape[0]), resume=self.done > 0)
             if not self.npz_file.resumed:

@@ -366,7 +366,10 @@ def test_a_journal_of_other_settings_is_refused_unless_told_to_start_afresh(fini
     assert not (folder / "pngs" / ".ddim-sample.json").exists() and len(list((folder / "pngs").iterdir())) == 10
 
 
-def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_files(finished_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_9_or_sigterm_during_sampling_then_the_same_command_gives_the_uninterrupted_files(
+    finished_run, tmp_path, sig
+):
     import json
 
     more = ["--n", 120, "--batch-size", 2]
@@ -374,9 +377,9 @@ def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_fi
     folder = tmp_path / "killed"
     command = [sys.executable, "-m", "ddim_cli", "sample", str(finished_run)]
     command += [str(o) for o in [*sample_outputs(folder), *more]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     journal, deadline = folder / "pngs" / ".ddim-sample.json", time.monotonic() + 120
-    rng = random.Random(1)
+    rng = random.Random(int(sig))
     wanted = rng.randint(2, 40)  # kill once this many images are done, plus a random slice of a batch
 
     def done() -> int:
@@ -389,8 +392,10 @@ def test_kill_9_during_sampling_then_the_same_command_gives_the_uninterrupted_fi
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.02))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    _, err = process.communicate()
+    if sig == signal.SIGTERM:  # a scheduler's stop: one line, as Ctrl-C
+        assert process.returncode == 143 and err.strip().splitlines()[-1] == "interrupted by SIGTERM", err
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "note: continuing an interrupted run" in resumed.stderr
