@@ -58,13 +58,9 @@ def set_fp32_math(precision: Literal["fp32", "tf32", "bf16"], device: torch.devi
     its own precision; nothing changes on a CPU."""
     if device.type != "cuda":
         return
-    mode = "tf32" if precision == "tf32" else "ieee"
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the legacy flags must not be mixed in
-        matmul.fp32_precision = mode
-        conv.conv.fp32_precision = mode
-    else:
-        matmul.allow_tf32 = conv.allow_tf32 = mode == "tf32"
+    # The allow_tf32 flags, not torch 2.9's fp32_precision: once that is set for cuDNN convolutions,
+    # reading torch.backends.cudnn.allow_tf32 raises, and inductor's convolution kernels read it.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
 class JobSize(NamedTuple):

@@ -3,6 +3,11 @@
 #
 #   bash scripts/gpu_check.sh                  # on the GPU machine; writes $OUT (default gpu-check/)
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh # the same steps with tiny settings, to try it on a CPU
+#   GPU_CHECK_PYTHON=python3 bash scripts/gpu_check.sh  # no package registry: that Python's torch
+#
+# Without GPU_CHECK_PYTHON it sets up .venv (scripts/setup.sh). With it, it runs the package from
+# this checkout with that interpreter, after installing any wheels in .whl/ into /tmp/site (a GPU
+# machine with no registry: carry diffusers and its needs there, as the device tool's notes say).
 #
 # Runs the quickstart, every command once on it (each small command twice with --compile, to time
 # a fresh build against one loaded from the compile cache), fp32 against bf16 samples scored by
@@ -18,9 +23,20 @@ export DDIM_CACHE_DIR="$OUT/cache"  # a fresh compile cache: the first build of 
 TABLE="$OUT/gpu_check.md"
 : >"$TABLE.rows"
 
-bash scripts/setup.sh >"$OUT/logs/setup.log" 2>&1 || { echo "setup failed: $OUT/logs/setup.log"; exit 1; }
-PY=.venv/bin/python
-DDIM=.venv/bin/ddim
+if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
+  PY=$GPU_CHECK_PYTHON
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$OUT/logs/setup.log" 2>&1 || { echo "wheel install failed: $OUT/logs/setup.log"; exit 1; }
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  fi
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  DDIM="$PY -m ddim_cli"
+else
+  bash scripts/setup.sh >"$OUT/logs/setup.log" 2>&1 || { echo "setup failed: $OUT/logs/setup.log"; exit 1; }
+  PY=.venv/bin/python
+  DDIM=.venv/bin/ddim
+fi
 
 if [ "$TINY" = 1 ]; then
   QUICK=(--set train.steps=20 --set train.checkpoint_every=20 --set train.sample_every=0)
@@ -55,23 +71,23 @@ print(f"device: {describe_device(device)}; torch {torch.__version__}; CUDA {cuda
 EOF
 
 RUN="$OUT/digits"
-step quickstart "$DDIM" train configs/digits.yaml --run-dir "$RUN" --no-progress "${QUICK[@]}"
+step quickstart $DDIM train configs/digits.yaml --run-dir "$RUN" --no-progress "${QUICK[@]}"
 mkdir -p "$OUT/inputs"
 $PY scripts/export_digits.py --out "$OUT/inputs" 3 17 >/dev/null 2>&1
 # The small jobs of issue 34's table, as a user runs them (auto: eager on their size), 500 samples
 # in bf16 and fp32 to score, and a small job compiled twice: cold, then from the cache.
-step sample-class "$DDIM" sample "$RUN" --class 3 --n 16 --steps 20 --out "$OUT/class3.png" --no-progress
-step sample-dpm "$DDIM" sample "$RUN" --n 16 --steps 8 --sampler dpm++2m --out "$OUT/dpm.png" --no-progress
-step sample-500 "$DDIM" sample "$RUN" --n "$N_EVAL" --precision bf16 --npz "$OUT/bf16.npz" --out "$OUT/bf16.png" --no-progress
-step sample-500-fp32 "$DDIM" sample "$RUN" --n "$N_EVAL" --precision fp32 --npz "$OUT/fp32.npz" --out "$OUT/fp32.png" --no-progress
-step invert-exact "$DDIM" invert "$RUN" "$OUT"/inputs/*.png --steps 10 --exact --out "$OUT/invert" --no-progress
-step edit "$DDIM" edit "$RUN" "$OUT"/inputs/*.png --to-class 8 --out "$OUT/edit" --no-progress
-step restore "$DDIM" restore "$RUN" "$OUT"/inputs/*.png --degrade --sr 4 --out "$OUT/restore" --no-progress
-step compare "$DDIM" compare "$RUN" --steps 10,20 --eta 0,1 --n 6 --out "$OUT/compare" --no-progress
-step export "$DDIM" export "$RUN" --out "$OUT/export"
-step distill "$DDIM" distill "$RUN" --method consistency --steps 4 --run-dir "$OUT/student" --no-progress "${DISTILL[@]}"
-step compiled-cold "$DDIM" sample "$RUN" --class 3 --n 16 --steps 20 --compile --out "$OUT/c1.png" --no-progress
-step compiled-cached "$DDIM" sample "$RUN" --class 3 --n 16 --steps 20 --compile --out "$OUT/c2.png" --no-progress
+step sample-class $DDIM sample "$RUN" --class 3 --n 16 --steps 20 --out "$OUT/class3.png" --no-progress
+step sample-dpm $DDIM sample "$RUN" --n 16 --steps 8 --sampler dpm++2m --out "$OUT/dpm.png" --no-progress
+step sample-500 $DDIM sample "$RUN" --n "$N_EVAL" --precision bf16 --npz "$OUT/bf16.npz" --out "$OUT/bf16.png" --no-progress
+step sample-500-fp32 $DDIM sample "$RUN" --n "$N_EVAL" --precision fp32 --npz "$OUT/fp32.npz" --out "$OUT/fp32.png" --no-progress
+step invert-exact $DDIM invert "$RUN" "$OUT"/inputs/*.png --steps 10 --exact --out "$OUT/invert" --no-progress
+step edit $DDIM edit "$RUN" "$OUT"/inputs/*.png --to-class 8 --out "$OUT/edit" --no-progress
+step restore $DDIM restore "$RUN" "$OUT"/inputs/*.png --degrade --sr 4 --out "$OUT/restore" --no-progress
+step compare $DDIM compare "$RUN" --steps 10,20 --eta 0,1 --n 6 --out "$OUT/compare" --no-progress
+step export $DDIM export "$RUN" --out "$OUT/export"
+step distill $DDIM distill "$RUN" --method consistency --steps 4 --run-dir "$OUT/student" --no-progress "${DISTILL[@]}"
+step compiled-cold $DDIM sample "$RUN" --class 3 --n 16 --steps 20 --compile --out "$OUT/c1.png" --no-progress
+step compiled-cached $DDIM sample "$RUN" --class 3 --n 16 --steps 20 --compile --out "$OUT/c2.png" --no-progress
 step eval-bf16 "$PY" scripts/eval_digits.py "$OUT/bf16.npz" --json "$OUT/scores.jsonl"
 step eval-fp32 "$PY" scripts/eval_digits.py "$OUT/fp32.npz" --json "$OUT/scores.jsonl"
 
@@ -92,7 +108,7 @@ rng = np.random.default_rng(0)
 for i in range(count):
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:05d}.png")
 EOF
-step cifar10-loop "$DDIM" train configs/cifar10.yaml --run-dir "$OUT/cifar10-loop" --no-progress \
+step cifar10-loop $DDIM train configs/cifar10.yaml --run-dir "$OUT/cifar10-loop" --no-progress \
   --set data.dataset=folder --set data.root="$OUT/synthetic" --set train.steps=$LOOP_STEPS \
   --set train.batch_size=$LOOP_BATCH --set train.compile=$LOOP_COMPILE --set train.log_every=50 \
   --set train.checkpoint_every=$LOOP_STEPS --set train.sample_every=0
