@@ -245,9 +245,10 @@ def validate(config: Config) -> None:
         from ddim_cli.stopping import parse_duration
 
         try:
-            need(parse_duration(t.time_limit) > 0, "train.time_limit", f"must be more than 0, got {t.time_limit!r}")
+            seconds = parse_duration(t.time_limit)
         except ValueError as error:
             raise ConfigError(f"train.time_limit: {error}") from None
+        need(seconds > 0, "train.time_limit", f"must be more than 0, got {t.time_limit!r}")
     need(t.fid_every >= 0, "train.fid_every", "must be >= 0 (0 disables)")
     need(t.fid_samples >= 2, "train.fid_samples", f"must be >= 2, got {t.fid_samples}")
     need(t.min_snr_gamma > 0, "train.min_snr_gamma", f"must be > 0, got {t.min_snr_gamma}")

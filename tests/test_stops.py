@@ -162,6 +162,8 @@ def test_resume_if_exists_starts_a_missing_run_and_refuses_a_bad_time_limit(tmp_
         "error: train.time_limit: expected a duration such as 3600, 90m, 4h, 1h30m or 04:00:00, got 'soon'"
     ]
     assert not (tmp_path / "x").exists()
+    zero = CliRunner().invoke(app, ["train", str(path), "--run-dir", str(tmp_path / "x"), "--time-limit", "0"])
+    assert zero.exit_code == 2 and zero.output.strip() == "error: train.time_limit: must be more than 0, got '0'"
 
 
 @pytest.mark.parametrize(
