@@ -28,9 +28,8 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except KeyboardInterrupt as stop:
             signum = stop.signum if isinstance(stop, StopSignal) else signal.SIGINT
-            typer.echo(
-                "interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""), err=True
-            )
+            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            typer.echo(f"interrupted{by}", err=True)
             raise typer.Exit(code=128 + signum) from None
         except Exception as error:
             # Usage errors, --help and exits belong to the command-line framework (typer vendors its click).

@@ -1,7 +1,7 @@
 """The pieces of a run that ``ddim train`` and ``ddim distill`` share: its directory and lock, its
-log and metrics, the optimizer and EMA, durable checkpoints and their restore, the stop flag that
-Ctrl-C sets, and the calls that keep torchrun's ranks in step (the data stream is
-:mod:`ddim_cli.training_data`).
+log and metrics, the optimizer and EMA, durable checkpoints and their restore, what happens after a
+stop, and the calls that keep torchrun's ranks in step (the data stream is
+:mod:`ddim_cli.training_data`, the stop itself :mod:`ddim_cli.stopping`).
 
 Every random draw of step ``k`` on rank ``r`` comes from :func:`derived_seed` ``(seed, k, r,
 purpose)``, so a run's whole state is its weights, its optimizer state and its step.
@@ -225,7 +225,7 @@ class LossWindow:
             event.record()
             values = host
         images_per_s = self.steps * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
-        self.queued.append((step, self.steps, values, event, {"lr": lr, "images_per_s": images_per_s, **fields}))
+        self.queued.append((step, self.steps, values, event, lr, images_per_s, fields))
         self.loss_sum = torch.zeros((), device=self.device)
         self.steps, self.start = 0, time.perf_counter()
 
@@ -234,7 +234,7 @@ class LossWindow:
         first, as metrics lines; a TrainingError for a non-finite loss."""
         lines = []
         while self.queued and (wait or self.queued[0][3] is None or self.queued[0][3].query()):
-            step, steps, values, event, fields = self.queued.pop(0)
+            step, steps, values, event, lr, images_per_s, fields = self.queued.pop(0)
             if event is not None:
                 event.synchronize()
             loss, grad_norm = values.tolist()
@@ -243,7 +243,6 @@ class LossWindow:
                     f"the loss became non-finite between steps {step - steps + 1} and {step}; "
                     f"no checkpoint was written for it ({self.remedy})"
                 )
-            lr, images_per_s = fields.pop("lr"), fields.pop("images_per_s")
             lines.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=images_per_s, **fields))
         return lines
 

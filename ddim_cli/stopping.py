@@ -134,7 +134,8 @@ def requeue_under_slurm() -> str:
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"could not requeue job {job}: {error}"
     if done.returncode != 0:
-        return f"could not requeue job {job}: {(done.stderr or done.stdout).strip().splitlines()[:1]}"
+        said = (done.stderr or done.stdout).strip().splitlines()
+        return f"could not requeue job {job}: scontrol exited {done.returncode}" + (f" ({said[0]})" if said else "")
     return f"requeued SLURM job {job}"
 
 

@@ -55,32 +55,27 @@ def epoch_order(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 0, "order")))
 
 
-def _step_slices(dataset_size: int, config: Config, start: int, rank: int, world: int):
-    """``(epoch, slice of that epoch's order)`` of this rank for each step from ``start``; the
-    last partial batch of an epoch is dropped."""
+def _step_indices(dataset_size: int, config: Config, start: int, rank: int, world: int, device: torch.device):
+    """This rank's indices into the dataset for each step from ``start``, on ``device``: its slice
+    of the step's epoch order (copied there once per epoch); the last partial batch of an epoch
+    is dropped."""
     batch = config.train.batch_size
     steps_per_epoch, local = dataset_size // batch, batch // world
-    step = start
+    order, order_epoch, step = None, None, start
     while True:
         epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(dataset_size, config.train.seed, epoch).to(device), epoch
         first = position * batch + rank * local
-        yield epoch, slice(first, first + local)
+        yield order[first : first + local]
         step += 1
 
 
 def _loader_batches(dataset, config: Config, start: int, rank: int, world: int, device: torch.device) -> Iterator:
-    seed = config.train.seed
-
-    def indices() -> Iterator[list[int]]:
-        order, order_epoch = None, None
-        for epoch, part in _step_slices(len(dataset), config, start, rank, world):
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(dataset), seed, epoch), epoch
-            yield order[part].tolist()
-
+    indices = _step_indices(len(dataset), config, start, rank, world, torch.device("cpu"))
     loader = DataLoader(
         dataset,
-        batch_sampler=indices(),
+        batch_sampler=(part.tolist() for part in indices),
         num_workers=config.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
@@ -91,11 +86,8 @@ def _loader_batches(dataset, config: Config, start: int, rank: int, world: int, 
 
 
 def _on_device_batches(data: DeviceImages, config: Config, start: int, rank: int, world: int) -> Iterator:
-    order, order_epoch = None, None
-    for epoch, part in _step_slices(len(data), config, start, rank, world):
-        if epoch != order_epoch:  # one small copy per epoch, none per step
-            order, order_epoch = epoch_order(len(data), config.train.seed, epoch).to(data.device), epoch
-        yield data.batch(order[part])
+    for indices in _step_indices(len(data), config, start, rank, world, data.device):
+        yield data.batch(indices)
 
 
 class DeviceImages:

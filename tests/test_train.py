@@ -399,9 +399,8 @@ class _CopyOnItsWay:
 
 def _in_flight(window: LossWindow) -> _CopyOnItsWay:
     """Make the newest closed window's values look as they do on CUDA right after the close."""
-    step, steps, values, _, fields = window.queued[-1]
     event = _CopyOnItsWay()
-    window.queued[-1] = (step, steps, values, event, fields)
+    window.queued[-1] = (*window.queued[-1][:3], event, *window.queued[-1][4:])
     return event
 
 
