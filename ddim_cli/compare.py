@@ -134,7 +134,7 @@ def teacher_and_student_specs(
     its spacing) and DPM-Solver++(2M), then the student's own sampler; and whose each row is."""
     cfg = teacher.config.sample
     clip = cfg.clip_x0 if clip_x0 is None else clip_x0
-    own = "consistency" if student.config.distill.method == "consistency" else "ddim"
+    own = student.config.distill.sampler
     specs, roles = [], []
     for count in counts:
         specs.append(SamplerSpec("ddim", count, 0.0, cfg.skip, clip_x0=clip))
@@ -142,7 +142,9 @@ def teacher_and_student_specs(
         if dpm_solver and count > 1:
             specs.append(SamplerSpec("dpm++2m", count, 0.0, "logsnr", clip_x0=clip))
             roles.append("teacher")
-        specs.append(SamplerSpec(own, count, 0.0, "trailing", clip_x0=student.config.sample.clip_x0))
+        specs.append(
+            SamplerSpec(own, count, 0.0, student.config.distill.spacing, clip_x0=student.config.sample.clip_x0)
+        )
         roles.append("student")
     return specs, roles
 

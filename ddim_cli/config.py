@@ -113,20 +113,48 @@ class SampleConfig:
 class DistillConfig:
     """How a student was (or is being) distilled from its teacher (``ddim distill``)."""
 
-    method: Literal["progressive", "consistency"] = "consistency"  # Song et al. 2023, or Salimans & Ho 2022
+    method: Literal["progressive", "consistency", "dmd"] = (
+        "consistency"  # Salimans & Ho 2022, Song et al. 2023, Yin et al. 2024
+    )
     teacher: str = ""  # the teacher's checkpoint file
-    teacher_steps: int = 16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1)
+    teacher_steps: int = (
+        16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1); dmd: the regression pairs' steps
+    )
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
-    round_steps: int = 600  # optimizer steps per halving round (consistency: in all, 1150 by default)
+    round_steps: int = 600  # optimizer steps per halving round (consistency, dmd: in all)
     lr: float = 5e-4  # peak learning rate, constant after warmup (consistency: 2e-4 by default)
     warmup: int = 20  # linear learning-rate warmup steps of each round
     ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)
     weighting: Literal["truncated_snr", "none"] = "truncated_snr"  # progressive: max(SNR, 1), or plain x-MSE
     guidance: float = 0.0  # the teacher's classifier-free guidance the student learns (one call per step)
     guidance_rescale: float = 0.0  # and its rescale phi
-    grid_points: int = 32  # consistency: the discretisation's points (trailing, plus t = 0)
+    grid_points: int = 32  # consistency: the discretisation's points (lcm spacing, plus t = 0)
     skip_points: int = 1  # consistency: teacher DDIM step over this many grid intervals (LCM's skipping)
     target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
+    fake_updates: int = 2  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
+    fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
+    regression_weight: float = 0.25  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
+    regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its teacher_steps DDIM image), drawn once
+    min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T
+    max_level: float = 0.98
+
+    @property
+    def sampler(self) -> str:
+        """How its students sample: DDIM steps (progressive), or the multistep consistency chain of
+        CM Algorithm 1 (consistency and dmd: x = f(x_T, T), then re-noised and f again)."""
+        return "ddim" if self.method == "progressive" else "consistency"
+
+    @property
+    def grid_size(self) -> int:
+        """The points of the grid its students learned, whose sub-grids they sample: consistency's
+        ``grid_points``, a dmd student's own ``steps`` (progressive students: unused)."""
+        return self.steps if self.method == "dmd" else self.grid_points
+
+    @property
+    def spacing(self) -> str:
+        """The timesteps its students sample: PD's trailing grid, or (consistency, dmd) the grid that
+        diffusers' LCMScheduler steps (:func:`~ddim_cli.schedule.timesteps`)."""
+        return "trailing" if self.method == "progressive" else "lcm"
 
 
 @dataclass
@@ -320,6 +348,15 @@ def _validate_distill(config: Config, need) -> None:
     need(x.warmup >= 0, "distill.warmup", "must be >= 0")
     for key in ("ema_decay", "target_ema"):
         need(0 <= getattr(x, key) < 1, f"distill.{key}", f"must be in [0, 1), got {getattr(x, key)}")
+    need(x.fake_updates >= 1, "distill.fake_updates", f"must be >= 1, got {x.fake_updates}")
+    need(x.regression_pairs >= 1, "distill.regression_pairs", f"must be >= 1, got {x.regression_pairs}")
+    for key in ("fake_lr", "regression_weight"):
+        need(getattr(x, key) >= 0, f"distill.{key}", f"must be >= 0, got {getattr(x, key)}")
+    need(
+        0 <= x.min_level < x.max_level <= 1,
+        "distill.min_level",
+        f"and distill.max_level must satisfy 0 <= min_level < max_level <= 1, got {x.min_level} and {x.max_level}",
+    )
     need(x.guidance >= 0, "distill.guidance", f"must be >= 0, got {x.guidance}")
     need(0 <= x.guidance_rescale <= 1, "distill.guidance_rescale", f"must be in [0, 1], got {x.guidance_rescale}")
     need(
@@ -334,7 +371,8 @@ def _validate_distill(config: Config, need) -> None:
         f"({config.diffusion.num_timesteps}), got {x.teacher_steps}",
     )
     need(
-        x.skip_points < x.grid_points <= config.diffusion.num_timesteps,
+        (x.method != "consistency" or x.skip_points < x.grid_points)
+        and x.grid_points <= config.diffusion.num_timesteps,
         "distill.grid_points",
         f"must exceed distill.skip_points ({x.skip_points}) and be at most diffusion.num_timesteps, "
         f"got {x.grid_points}",

@@ -26,3 +26,7 @@ def describe_os_error(error: OSError) -> str:
     """``"no space left on the device: runs/x/checkpoints/step-0000500.safetensors"`` and the like."""
     reason = os_error_reason(error)
     return f"{reason}: {error.filename}" if error.filename is not None else reason
+
+
+class TrainingError(RuntimeError):
+    """Training or distillation cannot start or go on; described in one line."""

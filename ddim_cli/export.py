@@ -75,7 +75,9 @@ def export_diffusers(config: Config, weights: dict[str, torch.Tensor], out: Path
         Path("scheduler") / "scheduler_config.json": _json(scheduler_config(config)),
         Path("README.md"): exported_readme(config).encode(),
     }
-    if not patched:  # a patched U-Net needs the unshuffle/shuffle around DDIMPipeline's loop (README.md)
+    # A patched U-Net needs the unshuffle/shuffle around DDIMPipeline's loop, and no pipeline of
+    # diffusers steps an LCMScheduler over a UNet2DModel: README.md shows the loop for both.
+    if not patched and scheduler_class(config) == "DDIMScheduler":
         files[Path("model_index.json")] = _json(
             {
                 "_class_name": "DDIMPipeline",
@@ -109,18 +111,14 @@ def _check_exportable(config: Config) -> None:
             f"diffusers' UNet2DModel cannot hold model.ch {m.ch} with ch_mult {list(m.ch_mult)}: its conv_in outputs "
             f"block_out_channels[0] = {widths[0]} channels, ours outputs ch = {m.ch}; {instead}"
         )
-    if config.distill is not None and config.distill.method == "consistency":
-        raise ExportError(
-            "a consistency student samples with the consistency sampler, not DDIMScheduler's steps; export its "
-            f"teacher ({config.distill.teacher}) or a progressive student"
-        )
 
 
 def check_with_diffusers(folder: Path, config: Config, weights: dict[str, torch.Tensor]) -> None:
     """Load the export in ``folder`` with diffusers and compare its U-Net with ours on a test input
     (for a patched model, on the pixel-unshuffled input); an ExportError says what failed."""
     try:
-        from diffusers import DDIMScheduler, UNet2DModel
+        import diffusers
+        from diffusers import UNet2DModel
     except ImportError:
         warnings.warn(
             "diffusers is not installed, so the export was not loaded back to check it "
@@ -132,7 +130,7 @@ def check_with_diffusers(folder: Path, config: Config, weights: dict[str, torch.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             theirs = UNet2DModel.from_pretrained(folder / "unet").eval()
-            DDIMScheduler.from_pretrained(folder / "scheduler")
+            getattr(diffusers, scheduler_class(config)).from_pretrained(folder / "scheduler")
     except Exception as error:  # whatever diffusers raises: its first line says what
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportError(f"diffusers cannot load this export ({first}); nothing was written") from None
@@ -155,6 +153,8 @@ def check_with_diffusers(folder: Path, config: Config, weights: dict[str, torch.
 
 def exported_readme(config: Config) -> str:
     """How to sample the export with diffusers, as ``ddim sample`` samples the checkpoint."""
+    if scheduler_class(config) == "LCMScheduler":
+        return _consistency_readme(config)
     m, p = config.model, config.model.patch_size
     steps = config.sample.steps
     labels = "" if m.num_classes is None else ", class_labels=labels"
@@ -216,6 +216,64 @@ def exported_readme(config: Config) -> str:
     )
 
 
+def _consistency_readme(config: Config) -> str:
+    """The sampling loop of a consistency or DMD student: LCMScheduler's steps, each image's noise
+    (its x_T, its class, then what each step re-noises with) drawn from its own generator seeded
+    ``seed + i`` as ``ddim sample`` draws it, so that the images are ``ddim sample``'s."""
+    m, p, x = config.model, config.model.patch_size, config.distill
+    served = ", ".join(map(str, _served_counts(config)))
+    c, size = config.data.channels, config.data.image_size
+    labels = ""
+    if m.num_classes is not None:
+        labels = (
+            f"labels = torch.cat([torch.randint({m.num_classes}, (1,), generator=g) for g in generators])  "
+            "# drawn as ddim sample draws them (always, even with --class)\n"
+            f"# labels = torch.tensor([3] * 4)  # --class 3; {m.num_classes} is the null label (--unconditional)\n"
+        )
+    network_input = f"F.pixel_unshuffle(x, {p})" if p > 1 else "x"
+    call = f"unet({network_input}, t{', class_labels=labels' if labels else ''}).sample"
+    if p > 1:
+        call = f"F.pixel_shuffle({call}, {p})"
+    guided = f"; it learnt its teacher guided at w = {x.guidance:g}, so no guidance is needed" if labels else ""
+    patched = (
+        f" The U-Net runs on {p}x{p} patches: it sees the image pixel-unshuffled into {c * p * p} channels at "
+        f"{size // p}x{size // p}, and its output is shuffled back, so the scheduler steps (and draws its noise) "
+        "in pixel space, as ddim sample does."
+        if p > 1
+        else ""
+    )
+    return (
+        "# Exported by ddim-cli (`ddim export`)\n\n"
+        f"This is a {x.method} student distilled from {x.teacher} (ddim distill){guided}. It samples with "
+        f"LCMScheduler's multistep consistency chain in {served} steps ({x.steps} as trained): each step predicts "
+        "the image and, before the next, re-noises it with fresh noise. No diffusers pipeline steps an LCMScheduler "
+        f"over a UNet2DModel, so this folder has no model_index.json; the loop is below.{patched}\n\n"
+        "```python\nimport torch\nimport torch.nn.functional as F\nfrom diffusers import LCMScheduler, UNet2DModel\n\n"
+        'unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet")\n'
+        'scheduler = LCMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler")\n'
+        f"scheduler.set_timesteps({x.steps})\n"
+        "generators = [torch.Generator().manual_seed(seed) for seed in range(4)]  # ddim sample --seed 0 --n 4\n"
+        f"x = torch.stack([torch.randn({c}, {size}, {size}, generator=g) for g in generators])  # x_T\n"
+        + labels
+        + "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
+        f"        x = scheduler.step({call}, t, x, generator=generators).prev_sample\n"
+        "images = x  # in [-1, 1]\n```\n"
+    )
+
+
+def _served_counts(config: Config) -> list[int]:
+    from ddim_cli.distillation.consistency import consistency_times
+
+    served = []
+    for count in range(1, config.distill.grid_size + 1):
+        try:
+            consistency_times(config.diffusion.num_timesteps, config.distill.grid_size, count)
+        except ValueError:
+            continue
+        served.append(count)
+    return served
+
+
 def unet_config(config: Config) -> dict[str, Any]:
     """The ``UNet2DModel`` config of our U-Net (single-head attention: ``attention_head_dim`` None
     makes each attention block's head as wide as its channels)."""
@@ -255,10 +313,19 @@ def unet_config(config: Config) -> dict[str, Any]:
     }
 
 
+def scheduler_class(config: Config) -> str:
+    """``DDIMScheduler``, or for a consistency or DMD student ``LCMScheduler``, which steps the
+    multistep consistency chain (CM Algorithm 1) with our boundary scalings (``timestep_scaling``)."""
+    return "LCMScheduler" if config.distill is not None and config.distill.sampler == "consistency" else "DDIMScheduler"
+
+
 def scheduler_config(config: Config) -> dict[str, Any]:
     """A ``DDIMScheduler`` config giving our schedule (named where diffusers has the same formula,
     else as ``trained_betas``), prediction target, clipping and default spacing; the last step goes
-    to ``alpha_bar = 1`` as ours does (``set_alpha_to_one``)."""
+    to ``alpha_bar = 1`` as ours does (``set_alpha_to_one``). For a consistency or DMD student, an
+    ``LCMScheduler`` config whose ``set_timesteps(N)`` gives the student's ``lcm`` grid
+    (``original_inference_steps = T``) and whose ``c_skip``/``c_out`` are ours (``timestep_scaling``
+    = :data:`~ddim_cli.distillation.consistency.BOUNDARY_SCALE`)."""
     d, sample = config.diffusion, config.sample
     named = {ours: theirs for theirs, ours in DIFFUSERS_SCHEDULES.items()}
     scheduler: dict[str, Any] = {
@@ -278,10 +345,23 @@ def scheduler_config(config: Config) -> dict[str, Any]:
         "timestep_spacing": _SPACINGS.get(sample.skip, "leading"),
         "rescale_betas_zero_snr": bool(d.rescale_zero_terminal_snr),
     }
+    if scheduler_class(config) == "LCMScheduler":
+        from ddim_cli.distillation.consistency import BOUNDARY_SCALE
+
+        for key in ("steps_offset", "timestep_spacing"):
+            del scheduler[key]
+        scheduler |= {
+            "_class_name": "LCMScheduler",
+            "clip_sample": False,  # the chain does not clip
+            "original_inference_steps": d.num_timesteps,
+            "timestep_scaling": BOUNDARY_SCALE,
+            "dynamic_thresholding_ratio": 0.995,
+            "sample_max_value": 1.0,
+        }
     if d.schedule not in named:
         betas = 1 - config.alpha_bars() / torch.cat([torch.ones(1, dtype=torch.float64), config.alpha_bars()[:-1]])
         scheduler |= {"beta_schedule": "linear", "trained_betas": betas.tolist(), "rescale_betas_zero_snr": False}
-    if sample.skip not in _SPACINGS:
+    if sample.skip not in _SPACINGS and scheduler_class(config) == "DDIMScheduler":
         warnings.warn(
             f"diffusers has no {sample.skip!r} spacing; the exported scheduler uses 'leading' (our 'uniform')",
             stacklevel=2,

@@ -267,17 +267,17 @@ def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedMo
     if distilled is None:
         return loaded
     steps = distilled.steps if steps is None else steps
-    if distilled.method == "consistency":
+    if distilled.sampler == "consistency":
         from ddim_cli.distillation import consistency_times
 
         try:
-            consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_points, steps)
+            consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_size, steps)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
-    if loaded.checkpoint.parent.name == STUDENTS and (steps == distilled.steps or distilled.method == "consistency"):
+    if loaded.checkpoint.parent.name == STUDENTS and (steps == distilled.steps or distilled.sampler == "consistency"):
         return loaded  # a kept student, given as a file
     served = kept_students(loaded.run_dir)
-    if distilled.method == "consistency" and served:
+    if distilled.sampler == "consistency" and served:
         return load_model(served[max(served)], use_ema=True, device=next(loaded.model.parameters()).device)
     if steps not in served:
         if not served:

@@ -54,7 +54,7 @@ def sample_ema(
             eps_model = classifier_free_guidance(
                 ema, labels[chunk].to(device), s.guidance, null_label=num_classes, rescale=s.guidance_rescale
             )
-        if config.distill is not None and config.distill.method == "consistency":
+        if config.distill is not None and config.distill.sampler == "consistency":
             batch = consistency_sample(
                 eps_model,
                 x_T[chunk].to(device),

@@ -1,7 +1,8 @@
-"""The pieces of a run that ``ddim train`` and ``ddim distill`` share: its directory and lock, its
-log and metrics, the optimizer and EMA, durable checkpoints and their restore, what happens after a
-stop, and the calls that keep torchrun's ranks in step (the data stream is
-:mod:`ddim_cli.training_data`, the stop itself :mod:`ddim_cli.stopping`).
+"""The one training loop that ``ddim train`` and every ``ddim distill`` method run, driven by an
+:class:`Objective` (what is trained and its loss), and the pieces of a run around it: its
+directory, the optimizer and EMA, durable checkpoints and their restore, what happens after a stop,
+and the calls that keep torchrun's ranks in step (the log is :mod:`ddim_cli.run_log`, the data
+stream :mod:`ddim_cli.training_data`, the stop itself :mod:`ddim_cli.stopping`).
 
 Every random draw of step ``k`` on rank ``r`` comes from :func:`derived_seed` ``(seed, k, r,
 purpose)``, so a run's whole state is its weights, its optimizer state and its step.
@@ -9,8 +10,7 @@ purpose)``, so a run's whole state is its weights, its optimizer state and its s
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
 import signal
 import time
@@ -19,21 +19,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ddim_cli import distributed, stopping
+from ddim_cli.acceleration import describe_device
 from ddim_cli.checkpoint import CheckpointError, list_checkpoints, newest_intact, prune_checkpoints, save_checkpoint
 from ddim_cli.config import Config
-from ddim_cli.errors import describe_os_error
-from ddim_cli.monitor import TensorBoardLog
+from ddim_cli.errors import TrainingError, describe_os_error
+from ddim_cli.monitor import TensorBoardLog, plot_metrics
+from ddim_cli.run_log import LossWindow, RunLog
+from ddim_cli.seeding import derived_seed
+from ddim_cli.training_data import data_batches
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
 RUN_GLOBS = ("fid-reference-*.npz",)  # cached statistics of the training set
-RUN_DIRS = ("checkpoints", "samples")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; described in one line."""
+RUN_DIRS = ("checkpoints", "samples", "students")  # students: a distillation's kept students
 
 
 class TrainingInterrupted(RuntimeError):
@@ -76,11 +77,6 @@ def clear_run(run_dir: Path) -> None:
         for file in (run_dir / name).glob("*"):
             if file.is_file():
                 file.unlink()
-
-
-def derived_seed(seed: int, step: int, rank: int, purpose: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer
 
 
 def learning_rate(cfg, step: int) -> float:
@@ -159,94 +155,6 @@ def restore_run(run_dir: Path, model, ema, optimizer) -> dict:
     return state
 
 
-class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, board: TensorBoardLog | None = None):
-        self.run_dir, self.enabled, self.board = run_dir, enabled, board
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)
-            with open(self.run_dir / "train.log", "a") as handle:
-                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-
-    def metrics(self, **values) -> None:
-        if self.enabled:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(values) + "\n")
-            if self.board is not None:
-                self.board.scalars(values["step"], {k: v for k, v in values.items() if k != "step"})
-
-    def grid(self, step: int, path: Path) -> None:
-        if self.enabled and self.board is not None:
-            self.board.grid(step, path)
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-    def truncate_metrics(self, after: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
-            path.write_text("".join(line + "\n" for line in kept))
-
-
-class LossWindow:
-    """The mean loss and last gradient norm over the steps since the previous metrics line, read
-    back without a host sync in the step: when a window closes its values are all-reduced and
-    copied to host memory asynchronously, behind an event, and written out once they have
-    arrived, at a later log step, or at once where the run waits anyway (``wait``: before a
-    checkpoint, a stop or the end, so no checkpoint is written past a non-finite loss). On a
-    CPU they arrive at once."""
-
-    def __init__(self, device: torch.device, world: int, batch_size: int, remedy: str):
-        self.device, self.world, self.batch_size, self.remedy = device, world, batch_size, remedy
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.start = 0, time.perf_counter()
-        self.queued: list[tuple] = []
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.steps += 1
-
-    def close(self, step: int, lr: float, grad_norm: torch.Tensor, **fields) -> None:
-        """End the window at ``step``; its line will carry ``lr`` and ``fields`` as they are now."""
-        loss = self.loss_sum / self.steps
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        values = torch.stack([loss, grad_norm.detach().float()])
-        event = None
-        if self.device.type == "cuda":
-            host = torch.empty(values.shape, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            values = host
-        images_per_s = self.steps * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
-        self.queued.append((step, self.steps, values, event, lr, images_per_s, fields))
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.start = 0, time.perf_counter()
-
-    def arrived(self, wait: bool) -> list[dict]:
-        """The closed windows whose values are on the host (all of them with ``wait``), oldest
-        first, as metrics lines; a TrainingError for a non-finite loss."""
-        lines = []
-        while self.queued and (wait or self.queued[0][3] is None or self.queued[0][3].query()):
-            step, steps, values, event, lr, images_per_s, fields = self.queued.pop(0)
-            if event is not None:
-                event.synchronize()
-            loss, grad_norm = values.tolist()
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became non-finite between steps {step - steps + 1} and {step}; "
-                    f"no checkpoint was written for it ({self.remedy})"
-                )
-            lines.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=images_per_s, **fields))
-        return lines
-
-
 def next_batch(batches: Iterator, stop: stopping.StopFlag, step: int, start: int, run_dir: Path, command: str):
     """The next batch. A DataLoader worker killed by the signal that stops the run (it can reach a
     worker that has not yet set itself to ignore it, as the workers start at the run's first
@@ -284,3 +192,174 @@ def setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+class Objective:
+    """What a run trains, and how: the loop below calls these hooks, and nothing in it depends on
+    which objective it runs. ``model`` is the trained network, ``ema`` its average (the weights
+    kept), ``optimizer`` its optimizer (an objective may replace it, e.g. at a round's start)."""
+
+    command = "ddim train"  # what the stop message tells the user to resume with
+    stream = "noise"  # names the step's random stream: derived_seed(seed, step, rank, stream)
+    remedy = "try a lower train.lr or train.grad_clip"  # said when the loss becomes non-finite
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    ema_decay: float
+
+    def describe(self) -> str:
+        """What the run does, for its starting line."""
+        raise NotImplementedError
+
+    def restore(self, state: dict, step: int) -> None:
+        """Continue from a checkpoint's training ``state`` at ``step`` (weights are already loaded)."""
+
+    def prepare(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The network the step calls (e.g. compiled); ``net`` is ``model``, under DDP with torchrun."""
+        return net
+
+    def before_step(self, step: int, start: int) -> None:
+        """Called before step ``step`` (``start``: the run's first step in this process)."""
+
+    def learning_rate(self, step: int) -> float:
+        raise NotImplementedError
+
+    def loss(self, net, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, step: int):
+        """The step's scalar loss on the batch ``(x0, labels)``; random draws from ``generator``."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizer and EMA updates of step ``step`` (e.g. a target network's EMA)."""
+
+    def boundary(self, step: int) -> bool:
+        """Whether ``step`` (completed steps) ends a stretch that is always logged and checkpointed."""
+        return step == self.total_steps
+
+    def fields(self, step: int) -> dict:
+        """Extra fields of the metrics line that closes at ``step``."""
+        return {}
+
+    def after_log(self, step: int, log: RunLog) -> None:
+        """Called after step ``step`` is logged, before its checkpoint (sample grids, FID, a kept student)."""
+
+    def extra_state(self) -> dict | None:
+        """More of the run's state for the checkpoint (e.g. a target network)."""
+        return None
+
+
+def run(
+    objective: Objective,
+    config: Config,
+    run_dir: Path,
+    dataset,
+    shard,
+    device,
+    *,
+    resume,
+    overwrite,
+    progress,
+    stop: stopping.StopFlag,
+    board_log: bool = True,
+) -> tuple[int, Path | None]:
+    """Run ``objective`` in ``run_dir`` (checked and locked) to ``objective.total_steps``; returns the
+    last step and its checkpoint (None on ranks other than 0). Raises TrainingInterrupted at a stop."""
+    cfg, rank, world = config.train, shard.rank, shard.world
+    restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
+    start = 0
+    if resume and not restart:
+        state = restore_run(run_dir, objective.model, objective.ema, objective.optimizer)
+        start = int(state["step"])
+        objective.restore(state, start)
+    if rank == 0:
+        if overwrite and not resume:
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
+    barrier(world)
+    board = None
+    if cfg.tensorboard and rank == 0:
+        board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
+    log = RunLog(run_dir, enabled=rank == 0, board=board)
+    if restart:
+        log.message(f"{run_dir} has no checkpoint yet (it stopped before its first): starting it again from step 0")
+    hardware = describe_device(device)
+    log.message(
+        f"{'resuming at' if resume else 'starting'} step {start} of {objective.total_steps}: "
+        f"{objective.describe()}; on {device} x{world} [{hardware}]"
+    )
+    if resume:
+        log.truncate_metrics(after=start)
+    net = objective.prepare(DistributedDataParallel(objective.model) if world > 1 else objective.model)
+    batches = data_batches(dataset, config, start, rank, world, device)
+    total = objective.total_steps
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
+    window = LossWindow(device, world, cfg.batch_size, objective.remedy)
+    step, checkpoint, run_start = start, None, time.perf_counter()
+    # Closing the batches ends DataLoader workers before the process exits: they ignore the stop
+    # signals, so Python's exit could not end them by SIGTERM.
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        contextlib.closing(log),
+        contextlib.closing(batches),
+    ):
+        objective.model.train()
+        while step < total:
+            objective.before_step(step, start)
+            x0, labels = next_batch(batches, stop, step, start, run_dir, objective.command)
+            generator = torch.Generator(device).manual_seed(derived_seed(cfg.seed, step, rank, objective.stream))
+            torch.manual_seed(derived_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
+            lr = objective.learning_rate(step)
+            optimizer = objective.optimizer
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = objective.loss(net, x0, labels, generator, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.model.parameters(), cfg.grad_clip or math.inf)
+            optimizer.step()
+            update_ema(objective.ema, objective.model, objective.ema_decay)
+            objective.after_step(step)
+            step += 1
+            window.add(loss)
+            bar.update(1)
+
+            at_log = step % cfg.log_every == 0 or objective.boundary(step)
+            at_checkpoint = step % cfg.checkpoint_every == 0 or objective.boundary(step)
+            stop_reason = stop.requested(world, check=at_log)
+            if at_log or at_checkpoint or stop_reason is not None:
+                window.close(step, lr, grad_norm, **objective.fields(step))
+                for line in window.arrived(wait=at_checkpoint or stop_reason is not None):
+                    log.metrics(**line)
+                    bar.set_postfix(loss=f"{line['loss']:.4g}", img_s=f"{line['images_per_s']:.0f}")
+            objective.after_log(step, log)
+            if at_checkpoint or stop_reason is not None:
+                with stop.timing_checkpoint():
+                    checkpoint = save_run_checkpoint(
+                        run_dir,
+                        step,
+                        config,
+                        objective.model,
+                        objective.ema,
+                        optimizer,
+                        rank,
+                        log,
+                        len(dataset),
+                        objective.extra_state(),
+                    )
+                if rank == 0:
+                    plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+            if stop_reason is not None:
+                bar.close()
+                barrier(world)
+                note = after_stop(stop_reason, cfg.requeue, rank, log)
+                raise TrainingInterrupted(step, run_dir, stop_reason, objective.command, note)
+    bar.close()
+    barrier(world)
+    seconds = time.perf_counter() - run_start
+    log.message(
+        f"finished at step {step}: {step - start} steps in {seconds:.0f} s, "
+        f"{(step - start) * cfg.batch_size / max(seconds, 1e-9):.0f} images/s on {hardware}"
+    )
+    return step, checkpoint or (list_checkpoints(run_dir / "checkpoints") or [None])[-1]

@@ -15,7 +15,7 @@ import math
 import torch
 
 SCHEDULE_KINDS = ("linear", "cosine", "quadratic", "sigmoid")
-SPACINGS = ("uniform", "quad", "linspace", "trailing", "logsnr")
+SPACINGS = ("uniform", "quad", "linspace", "trailing", "lcm", "logsnr")
 
 _SCHEDULE_DEFAULTS = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
@@ -105,6 +105,9 @@ def timesteps(
       distinct steps remain; when it yields none, the result is the DDIM code's exactly.
     * ``linspace``: ``round(linspace(0, T - 1, S))`` (diffusers' ``linspace``).
     * ``trailing``: ``round(T - i T / S) - 1`` for ``i < S`` (diffusers' ``trailing``; starts at T-1).
+    * ``lcm``: ``T - 1 - floor(i T / S)``, the trailing grid rounded down (diffusers' ``LCMScheduler``
+      with ``original_inference_steps = T``); the same as ``trailing`` wherever ``i T / S`` is whole.
+      Consistency and DMD students sample on it, so that their export steps the same times.
     * ``logsnr``: the timesteps nearest to S values of log-SNR ``lambda = log(sqrt(alpha_bar /
       (1 - alpha_bar)))`` evenly spaced from ``lambda[T-1]`` to ``lambda[0]`` (repeats moved up as
       for ``quad``); needs ``alpha_bars``. It suits DPM-Solver, which steps in lambda.
@@ -133,6 +136,8 @@ def timesteps(
         kept = torch.linspace(0, T - 1, S, dtype=torch.float64).round().long().tolist()
     elif spacing == "trailing":
         kept = (torch.round(T - torch.arange(S, dtype=torch.float64) * (T / S)) - 1).long().tolist()
+    elif spacing == "lcm":
+        kept = [T - 1 - (i * T) // S for i in range(S)]
     else:  # logsnr
         if alpha_bars is None or len(alpha_bars) != T:
             raise ValueError(f"spacing 'logsnr' needs the schedule's alpha_bars (T={T})")

@@ -6,6 +6,8 @@ of images or the device, and changing only the class of an image keeps its noise
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -36,3 +38,10 @@ def side_generator(seed: int, *key: int) -> torch.Generator:
     words = [value % (1 << 64) for value in (seed, *key)]  # SeedSequence takes non-negative integers
     state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def derived_seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    """The seed of one random draw of a training run: its ``purpose`` at step ``step`` on rank ``rank``
+    (the whole RNG state of a run is its seed and its step)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer

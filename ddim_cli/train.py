@@ -15,21 +15,18 @@ bit-identical on CPU to one that never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ddim_cli import run_loop
 from ddim_cli.acceleration import (
     autocast,
     compile_model,
-    describe_device,
     estimated_eager_seconds,
     resolve_compile,
     resolve_precision,
@@ -37,33 +34,25 @@ from ddim_cli.acceleration import (
     use_channels_last,
     use_compile_cache,
 )
-from ddim_cli.checkpoint import list_checkpoints, remove_partial_writes
+from ddim_cli.checkpoint import remove_partial_writes
 from ddim_cli.config import Config
 from ddim_cli.data import DataError, build_dataset
 from ddim_cli.fid import FeatureExtractor
-from ddim_cli.monitor import TensorBoardLog, TrainingFID, plot_metrics, save_sample_grid, tensorboard_missing
+from ddim_cli.monitor import TrainingFID, save_sample_grid, tensorboard_missing
 from ddim_cli.parameterization import loss_weights, training_target
+from ddim_cli.run_log import RunLog
 from ddim_cli.run_loop import (
-    LossWindow,
-    RunLog,
+    Objective,
     TrainingError,
     TrainingInterrupted,
-    after_stop,
-    barrier,
     check_run_dir,
-    clear_run,
-    derived_seed,
     learning_rate,
     make_optimizer,
-    next_batch,
-    restore_run,
-    save_run_checkpoint,
     setup_distributed,
-    update_ema,
 )
 from ddim_cli.runlock import run_lock
+from ddim_cli.seeding import derived_seed
 from ddim_cli.stopping import StopFlag, deadline
-from ddim_cli.training_data import data_batches
 from ddim_cli.unet import UNet
 
 __all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "learning_rate", "train"]
@@ -123,155 +112,116 @@ def train(
         if rank == 0:
             for path in remove_partial_writes(run_dir / "checkpoints"):
                 tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
-        return _train(config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor, stop)
+        fid = None
+        if cfg.fid_every and rank == 0:
+            name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
+            fid = TrainingFID(run_dir, dataset, config, fid_extractor, name, device_)
+        objective = DenoisingObjective(config, len(dataset), world, device_, fid)
+        step, checkpoint = run_loop.run(
+            objective,
+            config,
+            run_dir,
+            dataset,
+            shard,
+            device_,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            stop=stop,
+        )
+        return TrainResult(run_dir, step, checkpoint)
 
 
-def _train(
-    config, run_dir, dataset, rank, world, device_, resume, overwrite, progress, fid_extractor, stop: StopFlag
-) -> TrainResult:
-    """The run itself, once its directory is checked and locked."""
-    cfg = config.train
-    num_classes = config.model.num_classes
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
-        model = UNet(config.unet_config()).to(device_)
-    layout = torch.channels_last if use_channels_last(device_, config.data.image_size, training=True) else None
-    if layout is not None:
-        model.to(memory_format=layout)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = make_optimizer(model, config)
-    restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
-    start = int(restore_run(run_dir, model, ema, optimizer)["step"]) if resume and not restart else 0
-    if rank == 0:
-        if overwrite and not resume:
-            clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
-    barrier(world)
+class DenoisingObjective(Objective):
+    """DDPM's loss (Algorithm 1) on a U-Net of ``config`` initialised from ``train.seed``."""
 
-    local_batch = cfg.batch_size // world
-    precision = resolve_precision(cfg.precision, device_)
-    set_fp32_math(precision, device_)
-    net = DistributedDataParallel(model) if world > 1 else model
-    eager_seconds = None
-    if cfg.compile == "auto" and device_.type == "cuda":  # a step is a forward and a backward: 3 calls' work
-        left = cfg.steps - start
-        eager_seconds = estimated_eager_seconds(config.unet_config(), 3 * left * local_batch, 3 * left, precision)
-    compiled = resolve_compile(cfg.compile, device_, eager_seconds)
-    if compiled:
-        net = compile_model(net, notify=None)  # its build is timed as the first step, backward included
-    ab = config.alpha_bars()
-    ab_device = ab.float().to(device_)
-    sqrt_ab, sqrt_one_minus_ab = ab.sqrt().float().to(device_), (1 - ab).sqrt().float().to(device_)
-    fast_path = [precision] + ["channels_last"] * (layout is not None) + ["compiled"] * compiled
+    def __init__(self, config: Config, dataset_size: int, world: int, device: torch.device, fid: TrainingFID | None):
+        cfg = config.train
+        self.config, self.device, self.local_batch = config, device, cfg.batch_size // world
+        self.total_steps, self.ema_decay = cfg.steps, cfg.ema_decay
+        self.dataset_size, self.fid, self.start = dataset_size, fid, 0
+        self.build_start = self.build_seconds = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(cfg.seed, 0, 0, "init"))  # the same initial weights on every rank and run
+            self.model = UNet(config.unet_config()).to(device)
+        self.layout = torch.channels_last if use_channels_last(device, config.data.image_size, training=True) else None
+        if self.layout is not None:
+            self.model.to(memory_format=self.layout)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = make_optimizer(self.model, config)
+        self.precision = resolve_precision(cfg.precision, device)
+        set_fp32_math(self.precision, device)
+        ab = self.alpha_bars = config.alpha_bars()
+        self.ab = ab.float().to(device)
+        self.sqrt_ab, self.sqrt_one_minus_ab = ab.sqrt().float().to(device), (1 - ab).sqrt().float().to(device)
+        self.compiled = False
 
-    board = None
-    if cfg.tensorboard and rank == 0:
-        board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
-    log = RunLog(run_dir, enabled=rank == 0, board=board)
-    fid = None
-    if cfg.fid_every and rank == 0:
-        name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")
-        fid = TrainingFID(run_dir, dataset, config, fid_extractor, name, device_)
-    if restart:
-        log.message(f"{run_dir} has no checkpoint yet (it stopped before its first): starting it again from step 0")
-    hardware = describe_device(device_)
-    log.message(
-        f"{'resuming at' if resume else 'starting'} step {start} of {cfg.steps} on {device_} x{world} "
-        f"[{hardware}] ({', '.join(fast_path)}); {len(dataset)} images; "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
-    )
-    if resume:
-        log.truncate_metrics(after=start)
-    batches = data_batches(dataset, config, start, rank, world, device_)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
-    window = LossWindow(device_, world, cfg.batch_size, "try a lower train.lr or train.grad_clip")
-    step, checkpoint = start, None
-    run_start = time.perf_counter()
+    def describe(self) -> str:
+        fast_path = [self.precision] + ["channels_last"] * (self.layout is not None) + ["compiled"] * self.compiled
+        parameters = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return f"denoising on {self.dataset_size} images, {parameters:.2f}M parameters ({', '.join(fast_path)})"
 
-    # Closing the batches ends DataLoader workers before the process exits: they ignore the stop
-    # signals, so Python's exit could not end them by SIGTERM.
-    with (
-        torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []),
-        contextlib.closing(log),
-        contextlib.closing(batches),
-    ):
-        model.train()
-        while step < cfg.steps:
-            x0, labels = next_batch(batches, stop, step, start, run_dir, "ddim train")
-            generator = torch.Generator(device_).manual_seed(derived_seed(cfg.seed, step, rank, "noise"))
-            torch.manual_seed(derived_seed(cfg.seed, step, rank, "dropout"))  # dropout masks
-            x0, labels = _augment(x0, labels, config, generator)
-            t = torch.randint(0, len(ab), (local_batch,), device=device_, generator=generator)
-            noise = torch.randn(x0.shape, device=device_, generator=generator)
-            view = (-1,) + (1,) * (x0.dim() - 1)
-            x_t = sqrt_ab[t].view(view) * x0 + sqrt_one_minus_ab[t].view(view) * noise  # q(x_t | x_0), Eq. 4
+    def restore(self, state: dict, step: int) -> None:
+        self.start = step
 
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if layout is not None:
-                x_t = x_t.contiguous(memory_format=layout)
-            with autocast(precision, device_):
-                prediction = net(x_t, t, labels) if num_classes is not None else net(x_t, t)
-            ab_t = ab_device[t].view(view)
-            target = training_target(x0, noise, ab_t, config.model.prediction)
-            per_example = (prediction.float() - target).pow(2).flatten(1).mean(1)
-            weights = loss_weights(ab_t.flatten(), config.model.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
-            loss = (weights * per_example).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            update_ema(ema, model, cfg.ema_decay)
-            if compiled and step == start:
-                log.message(
-                    f"torch.compile: the training step built in {time.perf_counter() - run_start:.1f} s "
-                    f"(cache: {use_compile_cache()})"
-                )
-            step += 1
-            window.add(loss)
-            bar.update(1)
+    def prepare(self, net):
+        cfg = self.config.train
+        eager_seconds = None
+        if cfg.compile == "auto" and self.device.type == "cuda":  # a step is a forward and a backward: 3 calls' work
+            left = cfg.steps - self.start
+            calls = 3 * left * self.local_batch
+            eager_seconds = estimated_eager_seconds(self.config.unet_config(), calls, 3 * left, self.precision)
+        self.compiled = resolve_compile(cfg.compile, self.device, eager_seconds)
+        # its build is timed as the first step, backward included
+        return compile_model(net, notify=None) if self.compiled else net
 
-            at_log = step % cfg.log_every == 0 or step == cfg.steps
-            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            stopping = stop.requested(world, check=at_log)
-            if at_log or at_checkpoint or stopping is not None:
-                window.close(step, lr, grad_norm)
-                for line in window.arrived(wait=at_checkpoint or stopping is not None):
-                    log.metrics(**line)
-                    bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{line['images_per_s']:.0f}")
+    def before_step(self, step: int, start: int) -> None:
+        if self.compiled and step == start:
+            self.build_start = time.perf_counter()
 
-            if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                save_sample_grid(ema, config, ab, run_dir / "samples" / f"step-{step:07d}.png", device_)
-                log.grid(step, run_dir / "samples" / f"step-{step:07d}.png")
-            if fid is not None and (step % cfg.fid_every == 0 or step == cfg.steps):
-                value = fid.measure(ema, ab, device_)
-                if value is not None:
-                    log.metrics(step=step, fid=value)
-                    log.message(f"step {step}: FID {value:.3f} ({cfg.fid_samples} EMA samples vs the training set)")
-            if at_checkpoint or stopping is not None:
-                with stop.timing_checkpoint():
-                    checkpoint = save_run_checkpoint(
-                        run_dir, step, config, model, ema, optimizer, rank, log, len(dataset)
-                    )
-                if rank == 0:
-                    plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-            if stopping is not None:
-                bar.close()
-                barrier(world)
-                raise TrainingInterrupted(step, run_dir, stopping, note=after_stop(stopping, cfg.requeue, rank, log))
-    bar.close()
-    barrier(world)
-    seconds = time.perf_counter() - run_start
-    log.message(
-        f"finished at step {step}: {step - start} steps in {seconds:.0f} s, "
-        f"{(step - start) * cfg.batch_size / max(seconds, 1e-9):.0f} images/s on {hardware}"
-    )
-    return TrainResult(run_dir, step, checkpoint or list_checkpoints(run_dir / "checkpoints")[-1])
+    def learning_rate(self, step: int) -> float:
+        return learning_rate(self.config.train, step)
+
+    def loss(self, net, x0, labels, generator, step):
+        config = self.config
+        x0, labels = _augment(x0, labels, config, generator)
+        t = torch.randint(0, len(self.ab), (self.local_batch,), device=self.device, generator=generator)
+        noise = torch.randn(x0.shape, device=self.device, generator=generator)
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = self.sqrt_ab[t].view(view) * x0 + self.sqrt_one_minus_ab[t].view(view) * noise  # q(x_t | x_0), Eq. 4
+        if self.layout is not None:
+            x_t = x_t.contiguous(memory_format=self.layout)
+        with autocast(self.precision, self.device):
+            prediction = net(x_t, t, labels) if config.model.num_classes is not None else net(x_t, t)
+        ab_t = self.ab[t].view(view)
+        target = training_target(x0, noise, ab_t, config.model.prediction)
+        per_example = (prediction.float() - target).pow(2).flatten(1).mean(1)
+        cfg = config.train
+        weights = loss_weights(ab_t.flatten(), config.model.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
+        return (weights * per_example).mean()
+
+    def after_step(self, step: int) -> None:
+        if self.build_start is not None:
+            self.build_seconds, self.build_start = time.perf_counter() - self.build_start, None
+
+    def after_log(self, step: int, log: RunLog) -> None:
+        if self.build_seconds is not None:
+            log.message(
+                f"torch.compile: the training step built in {self.build_seconds:.1f} s (cache: {use_compile_cache()})"
+            )
+            self.build_seconds = None
+        cfg, run_dir = self.config.train, log.run_dir
+        if log.enabled and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            path = run_dir / "samples" / f"step-{step:07d}.png"
+            save_sample_grid(self.ema, self.config, self.alpha_bars, path, self.device)
+            log.grid(step, path)
+        if self.fid is not None and (step % cfg.fid_every == 0 or step == cfg.steps):
+            value = self.fid.measure(self.ema, self.alpha_bars, self.device)
+            if value is not None:
+                log.metrics(step=step, fid=value)
+                log.message(f"step {step}: FID {value:.3f} ({cfg.fid_samples} EMA samples vs the training set)")
 
 
-# --- pieces of the loop ----------------------------------------------------------------------------
 def _augment(x0: torch.Tensor, labels: torch.Tensor, config: Config, generator: torch.Generator):
     if config.data.random_flip:
         flip = torch.rand(x0.shape[0], device=x0.device, generator=generator) < 0.5

@@ -1,7 +1,7 @@
 """The batches a training or distillation run draws, step by step.
 
 Step ``k``'s global batch is a slice of epoch ``k // steps_per_epoch``'s permutation, drawn from
-:func:`~ddim_cli.run_loop.derived_seed` ``(train.seed, epoch)``; rank ``r`` of ``world`` takes
+:func:`~ddim_cli.seeding.derived_seed` ``(train.seed, epoch)``; rank ``r`` of ``world`` takes
 its ``r``-th share. Two ways deliver those same images:
 
 - **on the device** (``data.on_device``): the whole dataset decoded once and held on the training
@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ddim_cli.config import Config
-from ddim_cli.run_loop import TrainingError, derived_seed
+from ddim_cli.errors import TrainingError
+from ddim_cli.seeding import derived_seed
 from ddim_cli.stopping import ignore_stop_signals
 
 # ``data.on_device: auto`` holds a dataset whose decoded images take at most this much (and, on

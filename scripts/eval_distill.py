@@ -79,8 +79,7 @@ def rows_for(teacher, students: list, steps: int) -> list[tuple[str, object, obj
         except Exception as error:  # a run without a student for this count: say so, go on
             print(f"note: {student.run_dir}: {error}", file=sys.stderr)
             continue
-        method = "consistency" if distilled.method == "consistency" else "ddim"
-        spec = SamplerSpec(method, steps, 0.0, "trailing", clip_x0=chosen.config.sample.clip_x0)
+        spec = SamplerSpec(distilled.sampler, steps, 0.0, chosen.config.distill.spacing, clip_x0=chosen.config.sample.clip_x0)
         rows.append((f"{student.run_dir.name} S={steps}", chosen, spec, 0.0, 0.0, steps))
     return rows
 

@@ -178,7 +178,28 @@ def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path
     assert "samples with 1, 2, 4, 8 steps, not 3" in line
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_dmd_distils_a_generator_that_samples_in_its_steps_and_their_halves(teacher, tmp_path):
+    run = tmp_path / "dmd"
+    result = distilled(teacher, run, "--method", "dmd", "--steps", 4, "--set", "distill.regression_pairs=16")
+    assert "students (4 steps:" in result.output
+    log = (run / "train.log").read_text()
+    assert "distribution matching distillation for 4-step sampling, 2 fake-score updates per step" in log
+    state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1], training_state=True).training_state
+    assert {"fake", "fake_optimizer"} <= state.keys()  # the fake score is part of the run's state
+    teacher_weights = load_checkpoint(list_checkpoints(teacher / "checkpoints")[-1]).ema
+    assert any(not torch.equal(state["fake"][k], teacher_weights[k]) for k in teacher_weights)  # it was trained
+    for steps in (4, 2, 1):
+        assert (
+            f"consistency S={steps}"
+            in ok("sample", run, "--n", 3, "--steps", steps, "--out", tmp_path / "a.png").output
+        )
+    line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
+    assert "samples with 1, 2, 4 steps, not 3" in line
+    line = one_line_error(ddim("distill", teacher, "--method", "dmd", "--set", "distill.fake_updates=0"), 2)
+    assert "distill.fake_updates: must be >= 1, got 0" in line
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency", "dmd"])
 def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, method):
     args = [
         "--steps",
@@ -190,6 +211,7 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
         "train.checkpoint_every=1",
         "--method",
         method,
+        *(["--set", "distill.regression_pairs=16"] if method == "dmd" else []),
     ]
     distilled(teacher, tmp_path / "reference", *args[2:])
     command = [sys.executable, "-m", "ddim_cli", "distill", str(teacher), *map(str, args), "--no-progress"]

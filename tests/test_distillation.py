@@ -189,3 +189,45 @@ def test_consistency_sampling_with_the_exact_function_draws_the_data(times):
     mean, std = a0 * mu, math.sqrt(a0**2 * s**2 + 1 - a0**2)
     assert abs(float(x.mean()) - mean) < 3.5 * std / 200
     assert abs(float(x.std()) - std) < 3.5 * std / 200 / math.sqrt(2) + 2e-3
+
+
+def gaussian_x0(mean: float, var: float, ab: torch.Tensor):
+    """E[x | x_t] for x ~ N(mean, var): the exact data prediction of a 1-D Gaussian's score."""
+
+    def x0(z, t):
+        a, s2 = ab[t].sqrt().view(-1, 1), (1 - ab[t]).view(-1, 1)
+        return mean + a * var / (a * a * var + s2) * (z - a * mean)
+
+    return x0
+
+
+def test_dmd_loss_has_dmds_gradient_and_matches_a_gaussian_generator_to_the_data():
+    from ddim_cli.distillation.dmd import distribution_matching_loss
+
+    x = torch.randn(5, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    real, fake = torch.randn(5, 1, 2, 2, dtype=torch.float64), torch.randn(5, 1, 2, 2, dtype=torch.float64)
+    distribution_matching_loss(x, real, fake).backward()
+    scale = (x - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    assert torch.allclose(x.grad, (fake - real) / scale / x.numel())  # DMD Eq. 7 and 8, over the mean's numel
+
+    # G(z) = a z + b against data N(0.3, 0.5^2), with both scores exact (the fake one of G's own
+    # current distribution, as a perfectly trained fake score would be): G converges to the data.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.tensor(1.0, dtype=torch.float64, requires_grad=True),
+        torch.tensor(-0.5, dtype=torch.float64, requires_grad=True),
+    )
+    optimizer = torch.optim.Adam([a, b], lr=0.01)
+    real_x0 = gaussian_x0(0.3, 0.25, AB)
+    for _ in range(1500):
+        z = torch.randn(256, 1, dtype=torch.float64, generator=generator)
+        sample = a * z + b
+        t = torch.randint(20, 980, (256,), generator=generator)
+        noised = AB[t].sqrt().view(-1, 1) * sample.detach() + (1 - AB[t]).sqrt().view(-1, 1) * torch.randn(
+            256, 1, dtype=torch.float64, generator=generator
+        )
+        fake_x0 = gaussian_x0(b.item(), a.item() ** 2, AB)
+        optimizer.zero_grad()
+        distribution_matching_loss(sample, real_x0(noised, t), fake_x0(noised, t)).backward()
+        optimizer.step()
+    assert abs(float(b) - 0.3) < 0.02 and abs(abs(float(a)) - 0.5) < 0.02

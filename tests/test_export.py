@@ -3,8 +3,9 @@
 import json
 
 import numpy as np
+import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, LCMScheduler, UNet2DModel
 from safetensors.torch import load_file
 from test_commands import make_run, ok
 from test_convert import DDPM_FAMILY, random_diffusers_unet
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
+from ddim_cli.distillation import consistency_times
 from ddim_cli.export import scheduler_config
 from ddim_cli.images import save_latents
 from ddim_cli.models import load_model, resolve_checkpoint
@@ -203,8 +205,33 @@ def test_a_progressive_student_exports_and_reproduces_ddim_sample(tmp_path):
     ours = ddim_sample_of(student, latents, tmp_path, "--class", 6)
     theirs = diffusers_steps(tmp_path / "out", latents, 2, labels=torch.full((3,), 6))
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
-    ok("distill", teacher, "--steps", 2, *SMALL, "--method", "consistency", "--run-dir", tmp_path / "cd")
-    result = cli("export", tmp_path / "cd", "--out", tmp_path / "cd-out")
-    assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert "a consistency student samples with the consistency sampler" in result.output
-    assert not (tmp_path / "cd-out").exists()
+
+
+@pytest.mark.parametrize("method", ["consistency", "dmd"])
+def test_a_consistency_or_dmd_student_exports_as_an_lcm_scheduler_that_reproduces_ddim_sample(tmp_path, method):
+    from test_distill import SMALL
+
+    teacher = make_run(tmp_path / "teacher", prediction="v", num_classes=10, patch_size=2)
+    student = tmp_path / "student"
+    small = [*SMALL[2:], "--set", "distill.regression_pairs=16", "--set", "distill.teacher_steps=4"]
+    ok("distill", teacher, "--steps", 4 if method == "dmd" else 2, *small, "--method", method, "--run-dir", student)
+    cli_ok("export", student, "--out", tmp_path / "out")
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and not (tmp_path / "out" / "model_index.json").exists()
+    lcm = LCMScheduler.from_pretrained(tmp_path / "out" / "scheduler")
+    loaded = load_model(resolve_checkpoint(student)[0][0])
+    for count in (1, 2, 4):  # what the student serves (8 grid points, or the dmd student's own 4 steps)
+        lcm.set_timesteps(count)
+        assert lcm.timesteps.tolist() == consistency_times(50, loaded.config.distill.grid_size, count).tolist()
+
+    code = (tmp_path / "out" / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    code = code.replace("THIS_FOLDER", str(tmp_path / "out"))
+    for steps in (1, 2, 4):  # one step, then steps that re-noise with each image's own noise
+        scope = {}
+        exec(
+            code.replace("set_timesteps(4)" if method == "dmd" else "set_timesteps(2)", f"set_timesteps({steps})"),
+            scope,
+        )
+        ok("sample", student, "--n", 4, "--steps", steps, "--npz", tmp_path / "s.npz", "--out", tmp_path / "g.png")
+        ours = np.load(tmp_path / "s.npz")["arr_0"]
+        assert np.abs(to_uint8(scope["images"]).astype(int) - ours.astype(int)).max() <= 1, steps

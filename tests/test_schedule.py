@@ -95,6 +95,18 @@ def test_golden_timesteps():
     assert timesteps(1000, 3, "linspace").tolist() == [999, 500, 0]
     assert timesteps(1000, 10, "trailing").tolist() == list(range(999, 0, -100))
     assert timesteps(1000, 3, "trailing").tolist() == [999, 666, 332]
+    assert timesteps(1000, 3, "lcm").tolist() == [999, 666, 333]  # rounded down where trailing rounds
+    assert timesteps(1000, 16, "lcm")[:4].tolist() == [999, 937, 874, 812]  # trailing: 999, 937, 874, 811
+    assert timesteps(1000, 8, "lcm").tolist() == timesteps(1000, 8, "trailing").tolist()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 16, 25, 32])
+def test_lcm_spacing_is_what_diffusers_lcm_scheduler_steps(steps):
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(num_train_timesteps=1000, original_inference_steps=1000)
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == timesteps(1000, steps, "lcm").tolist()
 
 
 @pytest.mark.parametrize("S", [10, 20, 25])

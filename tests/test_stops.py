@@ -98,9 +98,9 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_cleanly_and_resumes
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR2])
 def test_every_stop_signal_finishes_the_step_and_checkpoints_it(tmp_path, monkeypatch, sig):
-    from ddim_cli import train as train_module
+    from ddim_cli import run_loop
 
-    real_ema, taken = train_module.update_ema, []
+    real_ema, taken = run_loop.update_ema, []
 
     def ema_then_signal(*args):  # the signal lands in the middle of step 2
         real_ema(*args)
@@ -108,7 +108,7 @@ def test_every_stop_signal_finishes_the_step_and_checkpoints_it(tmp_path, monkey
         if len(taken) == 2:
             os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(train_module, "update_ema", ema_then_signal)
+    monkeypatch.setattr(run_loop, "update_ema", ema_then_signal)
     config = tiny_config(train={"steps": 100, "checkpoint_every": 100, "sample_every": 0})
     with pytest.raises(TrainingInterrupted) as stopped:
         train(config, tmp_path / "run", device="cpu", progress=False)
@@ -197,11 +197,11 @@ def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from ddim_cli import train as train_module
+    from ddim_cli import run_loop
 
     dist.init_process_group("gloo")
     if rank == 1 and stop_after is not None:  # a signal to one rank only, in the middle of a step
-        real_ema = train_module.update_ema
+        real_ema = run_loop.update_ema
         taken = []
 
         def ema_then_signal(*args):
@@ -210,7 +210,7 @@ def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
             if len(taken) == stop_after:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        train_module.update_ema = ema_then_signal
+        run_loop.update_ema = ema_then_signal
     config = tiny_config(train={"steps": steps, "checkpoint_every": 100_000, "sample_every": 0, "log_every": 2})
     try:
         train(config, Path(run_dir), resume=(Path(run_dir) / "checkpoints").exists(), device="cpu", progress=False)

@@ -259,18 +259,18 @@ def _ddp_worker(rank, world, port, run_dir, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from ddim_cli import train as train_module
+    from ddim_cli import run_loop
 
     config = tiny_config(train={"steps": 4, "checkpoint_every": 4, "sample_every": 0, "log_every": 2})
     dist.init_process_group("gloo")
     captured = {}
-    real_ddp = train_module.DistributedDataParallel
+    real_ddp = run_loop.DistributedDataParallel
 
     def capture(model):
         captured["model"] = model
         return real_ddp(model)
 
-    train_module.DistributedDataParallel = capture
+    run_loop.DistributedDataParallel = capture
     train(config, Path(run_dir), device="cpu", progress=False)
     torch.save(captured["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -122,23 +122,23 @@ def sampler_spec(loaded, sampler: Sampler, steps, eta, skip, variance: Variance,
 
 
 def _student_spec(loaded, sampler: Sampler, steps, eta, skip, clip_x0):
-    """A student samples as it was distilled: its own sampler on the trailing grid, deterministic
+    """A student samples as it was distilled: its own sampler on the grid it learned, deterministic
     for progressive students (DDIM, eta 0)."""
     from ddim_cli.models import SamplerSpec
 
     distilled = loaded.config.distill
-    own = "consistency" if distilled.method == "consistency" else "ddim"
+    own = distilled.sampler
     if sampler is not Sampler.ddim:
         raise ValueError(f"a {distilled.method} student samples with its own sampler ({own}); drop --sampler")
     if eta and own == "ddim":
         raise ValueError("a progressive student learned deterministic DDIM steps; drop --eta")
-    if skip not in (None, "trailing"):
-        raise ValueError("a distilled student samples on the trailing grid it learned; drop --skip")
+    if skip not in (None, distilled.spacing):
+        raise ValueError(f"a distilled student samples on the {distilled.spacing} grid it learned; drop --skip")
     spec = SamplerSpec(
         own,
         distilled.steps if steps is None else steps,
         0.0,
-        "trailing",
+        distilled.spacing,
         clip_x0=(loaded.config.sample.clip_x0 if clip_x0 is None else clip_x0),
     )
     spec.check(loaded.alpha_bars)

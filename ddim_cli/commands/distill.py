@@ -1,4 +1,4 @@
-"""ddim distill: a few-step student of a trained model (progressive or consistency distillation)."""
+"""ddim distill: a few-step student of a trained model (consistency, DMD or progressive distillation)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ddim_cli.commands.options import (
 class DistillMethod(str, Enum):
     progressive = "progressive"
     consistency = "consistency"
+    dmd = "dmd"
 
 
 def distill(
@@ -36,14 +37,16 @@ def distill(
         ),
     ],
     method: Annotated[
-        DistillMethod,
+        DistillMethod | None,
         typer.Option(
             "--method",
-            help="consistency (the default: the best student at every step count measured, 1 to 8): one "
-            "student that samples in 1 step or a few (Song et al. 2023); progressive: rounds that halve the "
-            "step count (Salimans & Ho 2022), every round's student kept.",
+            help="Default: the method that measured best for --steps (dmd for 1 step, consistency for more; "
+            "BENCHMARKS.md). dmd: a generator whose samples match the teacher's distribution (Yin et al. "
+            "2023/2024); consistency: one student that samples in 1 step or a few (Song et al. 2023); "
+            "progressive: rounds that halve the step count (Salimans & Ho 2022), every round's student kept.",
+            show_default=False,
         ),
-    ] = DistillMethod.consistency,
+    ] = None,
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
     ] = 4,
@@ -73,8 +76,10 @@ def distill(
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
-    Consistency distillation (the default) trains one student that samples in --steps network calls,
-    or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`). Progressive distillation (--method
+    By default the method that measured best for --steps: distribution matching (DMD) for 1 step, a
+    generator whose one-call samples match the teacher's distribution; consistency distillation for
+    more, one student that samples in --steps network calls or in 1, 2, ... of them (`ddim sample
+    RUN_DIR --steps 1`). Progressive distillation (--method
     progressive) halves the teacher's 16 DDIM steps round by round down to --steps, keeping every
     round's student in RUN_DIR/students/ (S8, S4, ... .safetensors); `ddim sample RUN_DIR` then
     samples with --steps and `--steps 8` with the 8-step student. A class-conditional
@@ -83,8 +88,8 @@ def distill(
     """
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import load_config
-    from ddim_cli.distill import distill as run_distillation
-    from ddim_cli.distill import student_config
+    from ddim_cli.distillation import default_method, student_config
+    from ddim_cli.distillation import distill as run_distillation
     from ddim_cli.models import load_model, resolve_checkpoint
     from ddim_cli.run_loop import TrainingError, TrainingInterrupted
     from ddim_cli.runlock import RunBusyError
@@ -99,9 +104,8 @@ def distill(
             config = load_config(directory / "config.yaml", overrides)
         else:
             teacher = load_model(resolve_checkpoint(source)[0])
-            config = student_config(
-                teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
-            )
+            chosen = method.value if method is not None else default_method(steps)
+            config = student_config(teacher.config, teacher.checkpoint, method=chosen, steps=steps, overrides=overrides)
             directory = run_dir or Path("runs") / config.name
             resume = resume or (resume_if_exists and (directory / "config.yaml").is_file())
             if resume and (directory / "config.yaml").is_file():

@@ -1,0 +1,182 @@
+"""Distribution matching distillation: a one-step (or few-step) generator whose samples' distribution
+matches its teacher's (Yin et al. 2023, "One-step Diffusion with Distribution Matching
+Distillation", DMD below; Yin et al. 2024, "Improved Distribution Matching Distillation for Fast
+Image Synthesis", DMD2).
+
+The generator ``G`` is a network of the teacher's shape, initialised from it and used through the
+consistency parameterisation (:func:`~ddim_cli.distillation.consistency.consistency_function`,
+which is the network's own data prediction away from t = 0), so that its students sample with the
+same chain as consistency students (CM Algorithm 1) and export to the same scheduler. With ``N``
+steps, ``G`` is trained at each of the ``N`` trailing times on inputs made by the generator's own
+chain from pure noise (DMD2, Section 4.5, "backward simulation"); one step is ``x = G(x_T, T - 1)``.
+
+Each step:
+
+1. ``distill.fake_updates`` updates of the *fake score* ``mu_fake`` (a second copy of the teacher)
+   with the denoising loss on the generator's current samples (DMD Eq. 6; several updates per
+   generator update: DMD2's two time-scale rule, Section 4.2);
+2. the generator's loss: with ``x = G(z)``, ``t ~ U[min_level T, max_level T]`` and ``x_t`` its
+   noised version, the KL gradient is ``(mu_fake(x_t, t) - mu_real(x_t, t))`` (DMD Eq. 7, in data
+   predictions), where ``mu_real`` is the teacher guided at ``distill.guidance`` and rescaled by
+   ``distill.guidance_rescale``, normalised per example by ``1 / mean |x - mu_real(x_t, t)|`` (DMD
+   Eq. 8). It reaches ``G`` through the surrogate ``0.5 ||x - stopgrad(x - grad)||^2``, whose
+   gradient in ``x`` is ``grad`` (scaled by the mean's 1/numel);
+3. plus ``distill.regression_weight`` times the regression loss on ``distill.regression_pairs``
+   teacher ODE pairs (DMD Eq. 9: noise and the teacher's deterministic DDIM image of it, with
+   ``distill.teacher_steps`` steps; a mean squared error here where DMD uses LPIPS).
+
+DMD2's GAN term is not built: the regression pairs keep the generator from collapsing instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ddim_cli.acceleration import autocast
+from ddim_cli.distillation.consistency import consistency_function
+from ddim_cli.distillation.objective import Distillation
+from ddim_cli.guidance import classifier_free_guidance
+from ddim_cli.parameterization import loss_weights, training_target
+from ddim_cli.run_loop import make_optimizer
+from ddim_cli.sampling import sample
+from ddim_cli.schedule import timesteps
+from ddim_cli.seeding import derived_seed
+
+PAIR_BATCH = 256  # teacher ODE pairs are drawn in batches of this many
+
+
+def distribution_matching_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """The surrogate whose gradient in ``x`` is DMD's (Eq. 7 and 8): ``(fake - real) / mean|x - real|``
+    per example (over the mean's numel); ``real_x0`` and ``fake_x0`` are the two scores' data
+    predictions at ``x`` noised, without gradient."""
+    with torch.no_grad():
+        scale = (x - real_x0).abs().flatten(1).mean(1).clamp_min(1e-8).view(-1, *([1] * (x.dim() - 1)))
+        grad = torch.nan_to_num((fake_x0 - real_x0) / scale)
+    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+
+
+class DistributionMatching(Distillation):
+    """DMD / DMD2 over the shared distillation objective (see the module notes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        T = self.config.diffusion.num_timesteps
+        self.times = timesteps(T, self.x.steps, "lcm").to(self.device)
+        self.levels = (int(self.x.min_level * T), min(T - 1, int(self.x.max_level * T)))
+        self.fake = self.frozen_copy().requires_grad_(True).train()
+        self.fake_net = self.fake
+        self.fake_optimizer = make_optimizer(self.fake, self.config)
+        self.pairs = None
+
+    def describe(self) -> str:
+        return (
+            f"distribution matching distillation for {self.x.steps}-step sampling, {self.x.fake_updates} fake-score "
+            f"updates per step, regression weight {self.x.regression_weight:g}, of {self.x.teacher}; "
+            f"guidance {self.x.guidance:g}"
+        )
+
+    def prepare(self, net):
+        if self.shard.world > 1:
+            self.fake_net = DistributedDataParallel(self.fake)
+        return net
+
+    def begin_round(self, round_index: int) -> None:
+        super().begin_round(round_index)
+        self.fake.load_state_dict(self.teacher_weights(round_index))
+        self.fake_optimizer = make_optimizer(self.fake, self.config)
+
+    def restore(self, state: dict, step: int) -> None:
+        super().restore(state, step)
+        self.fake.load_state_dict(state["fake"])
+        self.fake_optimizer.load_state_dict(state["fake_optimizer"])
+
+    def extra_state(self) -> dict:
+        return {"fake": self.fake.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict()}
+
+    # --- the step -------------------------------------------------------------------------------
+    def loss(self, net, x0, labels, generator, step):
+        labels = self.labels(labels, generator)
+        fake_lr = (self.x.fake_lr or self.x.lr) * self.learning_rate(step) / self.x.lr
+        for _ in range(self.x.fake_updates):
+            with torch.no_grad():
+                samples = self.generate(self.model, labels, generator, len(x0))
+            self.update_fake(samples, labels, generator, fake_lr)
+        images = self.generate(net, labels, generator, len(x0))
+        t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
+        noise = torch.randn(images.shape, device=self.device, generator=generator)
+        with torch.no_grad():
+            z = self.noised(images.detach(), noise, t)
+            real, fake = self.teacher_x0(labels)(z, t), self.x0_model(self.fake, labels)(z, t)
+        loss = distribution_matching_loss(images, real, fake)
+        if self.x.regression_weight:
+            loss = loss + self.x.regression_weight * self.regression_loss(net, generator, len(x0))
+        return loss
+
+    def generate(self, net, labels, generator, batch: int) -> torch.Tensor:
+        """The generator's samples of one batch: from pure noise, ``k`` steps of its own chain
+        without gradient (``k`` uniform over its steps), then one call (DMD2's backward simulation)."""
+        shape = (batch, self.config.data.channels, self.config.data.image_size, self.config.data.image_size)
+        x = torch.randn(shape, device=self.device, generator=generator)
+        k = int(torch.randint(0, len(self.times), (1,), generator=generator, device=self.device))
+        student = self.x0_model(self.model, labels)
+        for i in range(k):
+            with torch.no_grad():
+                x = consistency_function(student, x, self.times[i].expand(batch))
+                level = self.ab_device[self.times[i + 1]]
+                x = level.sqrt() * x + (1 - level).sqrt() * torch.randn(shape, device=self.device, generator=generator)
+        return consistency_function(self.x0_model(net, labels), x, self.times[k].expand(batch))
+
+    def update_fake(self, samples: torch.Tensor, labels, generator, lr: float) -> None:
+        """One step of the fake score's denoising loss on ``samples`` (DMD Eq. 6), weighted as the
+        teacher was trained."""
+        t = torch.randint(0, len(self.ab_device), (len(samples),), device=self.device, generator=generator)
+        noise = torch.randn(samples.shape, device=self.device, generator=generator)
+        z = self.noised(samples, noise, t)
+        prediction, cfg = self.config.model.prediction, self.config.train
+        with autocast(self.precision, self.device):
+            output = self.fake_net(z, t) if labels is None else self.fake_net(z, t, labels)
+        ab_t = self.ab_device[t].view(-1, *([1] * (samples.dim() - 1)))
+        per_example = (output.float() - training_target(samples, noise, ab_t, prediction)).pow(2).flatten(1).mean(1)
+        loss = (loss_weights(ab_t.flatten(), prediction, cfg.loss_weighting, cfg.min_snr_gamma) * per_example).mean()
+        for group in self.fake_optimizer.param_groups:
+            group["lr"] = lr
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
+        self.fake_optimizer.step()
+
+    # --- the regression pairs (DMD Eq. 9) -------------------------------------------------------
+    def regression_loss(self, net, generator, batch: int) -> torch.Tensor:
+        if self.pairs is None:
+            self.pairs = self.teacher_pairs()
+        noise, labels, images = self.pairs
+        index = torch.randint(0, len(noise), (batch,), device=self.device, generator=generator)
+        picked = None if labels is None else labels[index]
+        output = consistency_function(self.x0_model(net, picked), noise[index], self.times[0].expand(batch))
+        return (output - images[index]).pow(2).mean()
+
+    @torch.no_grad()
+    def teacher_pairs(self):
+        """``distill.regression_pairs`` noises, their labels (null with ``train.label_dropout``) and
+        the guided teacher's DDIM images of them, the same on every rank and at every resume."""
+        count, shape = self.x.regression_pairs, (self.config.data.channels, *[self.config.data.image_size] * 2)
+        draw = torch.Generator().manual_seed(derived_seed(self.config.train.seed, 0, 0, "dmd-pairs"))
+        noise = torch.randn((count, *shape), generator=draw)
+        labels = None
+        if self.null is not None:
+            labels = torch.randint(0, self.null, (count,), generator=draw)
+            drop = torch.rand(count, generator=draw) < self.config.train.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null), labels).to(self.device)
+        noise = noise.to(self.device)
+        grid = timesteps(self.config.diffusion.num_timesteps, self.x.teacher_steps, "trailing")
+        images = []
+        for first in range(0, count, PAIR_BATCH):
+            chunk = slice(first, first + PAIR_BATCH)
+            model = self.teacher
+            if labels is not None:
+                model = classifier_free_guidance(
+                    self.teacher, labels[chunk], self.x.guidance, null_label=self.null, rescale=self.x.guidance_rescale
+                )
+            images.append(sample(model, noise[chunk], self.ab, grid, prediction=self.config.model.prediction))
+        return noise, labels, torch.cat(images)
