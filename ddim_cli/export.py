@@ -31,6 +31,7 @@ from safetensors.torch import save
 from ddim_cli.checkpoint import write_durably
 from ddim_cli.config import Config
 from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, rename_diffusers
+from ddim_cli.parameterization import BOUNDARY_SCALE
 from ddim_cli.unet import UNet
 
 FORMATS = ("diffusers",)
@@ -325,7 +326,7 @@ def scheduler_config(config: Config) -> dict[str, Any]:
     to ``alpha_bar = 1`` as ours does (``set_alpha_to_one``). For a consistency or DMD student, an
     ``LCMScheduler`` config whose ``set_timesteps(N)`` gives the student's ``lcm`` grid
     (``original_inference_steps = T``) and whose ``c_skip``/``c_out`` are ours (``timestep_scaling``
-    = :data:`~ddim_cli.distillation.consistency.BOUNDARY_SCALE`)."""
+    = :data:`~ddim_cli.parameterization.BOUNDARY_SCALE`)."""
     d, sample = config.diffusion, config.sample
     named = {ours: theirs for theirs, ours in DIFFUSERS_SCHEDULES.items()}
     scheduler: dict[str, Any] = {
@@ -346,8 +347,6 @@ def scheduler_config(config: Config) -> dict[str, Any]:
         "rescale_betas_zero_snr": bool(d.rescale_zero_terminal_snr),
     }
     if scheduler_class(config) == "LCMScheduler":
-        from ddim_cli.distillation.consistency import BOUNDARY_SCALE
-
         for key in ("steps_offset", "timestep_spacing"):
             del scheduler[key]
         scheduler |= {

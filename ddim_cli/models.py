@@ -68,9 +68,6 @@ class SamplerSpec:
 
     def check(self, alpha_bars: torch.Tensor) -> None:
         """Raise ValueError (naming the numbers) if this sampler cannot run on the schedule."""
-        if self.method == "consistency":
-            self.timesteps(alpha_bars)  # one model call per time; nothing else to check
-            return
         eta = self.eta if self.method == "ddim" else 0.0
         plan(alpha_bars, self.timesteps(alpha_bars), method=self.method, eta=eta, variance=self.variance)
 

@@ -19,7 +19,6 @@ import torch
 from torchvision.utils import save_image
 
 from ddim_cli.config import Config
-from ddim_cli.distillation import consistency_sample
 from ddim_cli.fid import FeatureExtractor, FIDError, frechet_distance, load_statistics, save_statistics, statistics
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.images import to_uint8
@@ -54,22 +53,12 @@ def sample_ema(
             eps_model = classifier_free_guidance(
                 ema, labels[chunk].to(device), s.guidance, null_label=num_classes, rescale=s.guidance_rescale
             )
-        if config.distill is not None and config.distill.sampler == "consistency":
-            batch = consistency_sample(
-                eps_model,
-                x_T[chunk].to(device),
-                ab,
-                steps,
-                prediction=config.model.prediction,
-                generator=generators[chunk],
-            )
-            images.append(batch.float().cpu())
-            continue
         batch = sample(
             eps_model,
             x_T[chunk].to(device),
             ab,
             steps,
+            method="ddim" if config.distill is None else config.distill.sampler,  # a student samples as it learned
             eta=s.eta,
             clip_x0=s.clip_x0,
             prediction=config.model.prediction,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ddim_cli.parameterization import check_prediction, x0_and_eps
-from ddim_cli.sampling import EXACT_TOL, ExactInversionReport, invert, plan
+from ddim_cli.sampling import EXACT_TOL, ExactInversionReport, invert, plan, update
 
 EmbeddedModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Adam iterations per step at most. The paper's 10 suits in-distribution images; on smooth digits unlike the
@@ -116,7 +116,7 @@ def null_text_inversion(
         def guided_step(null: torch.Tensor, z=z, t=t, step=step, cond_output=cond_output) -> torch.Tensor:
             output = (1 + guidance) * cond_output - guidance * model(z, t, null)
             x0_hat, eps = x0_and_eps(output, z, step.alpha_bar, prediction)
-            return step.a * x0_hat + step.b * eps  # DDIM, eta = 0 (Eq. 12)
+            return update(step, x0_hat, eps)  # DDIM, eta = 0 (Eq. 12)
 
         embedding = _fit_null_embedding(guided_step, embedding, target, inner_steps, lr, early_stop)
         with torch.no_grad():

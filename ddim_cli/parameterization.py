@@ -15,6 +15,10 @@ Min-SNR-gamma (Hang et al. 2023) weights the per-example MSE of each target so t
 amounts to the same loss on ``x0``, clamped at ``SNR = gamma``: with ``SNR = a^2 / s^2``,
 ``min(SNR, gamma) / SNR`` for eps, ``min(SNR, gamma)`` for x0 and ``min(SNR, gamma) / (SNR + 1)``
 for v (their Eq. 8 and Section 3.4).
+
+A consistency or DMD student is read through ``f(x, t) = c_skip(t) x + c_out(t) x0`` (Song et al.
+2023, Eq. 5), whose scalings :func:`consistency_scalings` gives; its sampler is a method of
+:func:`ddim_cli.sampling.sample`.
 """
 
 from __future__ import annotations
@@ -80,3 +84,23 @@ def loss_weights(alpha_bar: torch.Tensor, prediction: str, weighting: str = "non
     if prediction == "x0":
         return clamped
     return clamped / (snr + 1)
+
+
+# --- the boundary scalings of a consistency function (:mod:`ddim_cli.distillation.consistency`) -----
+SIGMA_DATA = 0.5  # the data's standard deviation assumed by c_skip / c_out (CM, Appendix C)
+# Delta of c_skip / c_out per timestep (LCM's timestep_scaling): the boundary is a single timestep
+# wide, so away from t_min f is the network's own data prediction and a student initialised from
+# its teacher starts out as the teacher's x_hat. (CM's Delta = sigma_VE(t) - sigma_VE(t_min) gives
+# c_skip 0.59 at sigma_VE 0.42, mixing that much of the noisy z into f: the network then has to
+# learn to cancel it, and multistep samples, which visit those times, came out worse than 1-step.)
+BOUNDARY_SCALE = 10.0
+
+
+def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` at timesteps ``t`` (float64): exactly (1, 0) at t_min = 0, and
+    ``c_skip < 0.003``, ``c_out > 0.998`` from timestep 1 on (CM, Appendix C, with LCM's
+    ``Delta = 10 t`` in timesteps instead of a noise-level difference)."""
+    delta = BOUNDARY_SCALE * t.double()
+    c_skip = SIGMA_DATA**2 / (delta**2 + SIGMA_DATA**2)
+    c_out = delta / (delta**2 + SIGMA_DATA**2).sqrt()
+    return c_skip, c_out

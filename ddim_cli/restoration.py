@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ddim_cli.parameterization import check_prediction, x0_and_eps
-from ddim_cli.sampling import Callback, EpsModel, Generator, noise_like, plan
+from ddim_cli.sampling import Callback, EpsModel, Generator, noise_like, plan, update
 
 RESTORE_METHODS = ("ddnm", "repaint")
 MASK_PRESETS = ("bottom-half", "top-half", "left-half", "right-half", "center")
@@ -352,7 +352,7 @@ def restore(
                 if clip_x0
                 else _consistent(x0_hat, y, degradation)
             )
-            x = _ddim_step(x0_hat, eps, step, generator)
+            x = update(step, x0_hat, eps, generator=generator)  # DDIM, Eq. 12
         else:
             if clip_x0:
                 x0_hat = x0_hat.clamp(-1.0, 1.0)
@@ -404,12 +404,6 @@ def _smallest_gain(degradation: Degradation, y: torch.Tensor) -> float:
     """The smallest nonzero entry of ``A^+`` applied to ones: how little a multiplier moves a pixel."""
     gain = degradation.pinv(torch.ones_like(y))
     return float(gain[gain > 0].min())
-
-
-def _ddim_step(x0_hat, eps, step, generator) -> torch.Tensor:
-    """DDIM's Eq. 12 from a given ``(x0_hat, eps)``."""
-    x_next = step.a * x0_hat + step.b * eps
-    return x_next + step.sigma * noise_like(x0_hat, generator) if step.sigma else x_next
 
 
 def _ddnm_plus_step(x0_hat, eps, y, degradation: Degradation, step, generator) -> torch.Tensor:

@@ -18,6 +18,11 @@ method is a table of ``(a, b, c, sigma)`` per step, computed once in float64:
 * DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the same ODE as DDIM
   with eta = 0, in log-SNR time on the visited timesteps; it also uses the previous step's
   ``x0_hat`` (coefficient ``d``). Its first step and its step into x_0 are DDIM's.
+* The multistep consistency chain (Song et al. 2023, "Consistency Models", Algorithm 1) of a
+  consistency or DMD student, ``f(x, t) = c_skip(t) x + c_out(t) x0_hat`` then re-noised to the
+  next level: ``a = sqrt(alpha_bar_prev) c_out``, ``c = sqrt(alpha_bar_prev) c_skip``, ``b = 0``,
+  ``sigma = sqrt(1 - alpha_bar_prev)`` (0 into x_0, where it returns ``f``); diffusers'
+  ``LCMScheduler`` steps the same chain.
 * Inversion runs the deterministic DDIM update the other way, from ``alpha_bar`` = 1 (the data) up
   the same timesteps, taking ``eps`` at the current point and the *target* timestep (the explicit
   choice of diffusers' ``DDIMInverseScheduler`` and Null-text Inversion); it is exact as the steps
@@ -40,13 +45,13 @@ from itertools import pairwise
 
 import torch
 
-from ddim_cli.parameterization import check_prediction, x0_and_eps
+from ddim_cli.parameterization import check_prediction, consistency_scalings, x0_and_eps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
-METHODS = ("ddim", "ddpm", "dpm++2m")
+METHODS = ("ddim", "ddpm", "dpm++2m", "consistency")
 VARIANCES = ("posterior", "beta")
 
 
@@ -85,7 +90,8 @@ def sample(
     ``alpha_bars``: the model's training schedule, shape ``(T,)``. ``timesteps``: the training
     timesteps to visit, strictly decreasing (see :func:`ddim_cli.schedule.timesteps`).
     ``method="ddim"`` takes any ``eta >= 0`` for which Eq. 12 is defined; ``method="ddpm"`` takes
-    ``variance="posterior"`` (beta-tilde) or ``"beta"``; ``method="dpm++2m"`` is deterministic.
+    ``variance="posterior"`` (beta-tilde) or ``"beta"``; ``method="dpm++2m"`` is deterministic;
+    ``method="consistency"`` is a consistency or DMD student's chain (fresh noise between steps).
     ``clip_x0`` clamps ``x0_hat`` to [-1, 1] before it is used (the model's own eps is kept in
     the DDIM direction term, as in diffusers). ``prediction``: what ``eps_model`` returns, ``eps``,
     ``x0`` or ``v``; a schedule ending at ``alpha_bar = 0`` needs ``x0`` or ``v``.
@@ -115,12 +121,15 @@ def plan(
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
     if method == "ddim":
         coefficients = _ddim_coefficients(ab_t, ab_prev, eta)
-    elif method in ("ddpm", "dpm++2m"):
+    elif method in ("ddpm", "dpm++2m", "consistency"):
         if eta != 0:
             raise ValueError(f"eta applies to method='ddim' only; method={method!r} got eta={eta}")
-        coefficients = (
-            _ddpm_coefficients(ab_t, ab_prev, variance) if method == "ddpm" else _dpm2m_coefficients(ab_t, ab_prev)
-        )
+        if method == "ddpm":
+            coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
+        elif method == "dpm++2m":
+            coefficients = _dpm2m_coefficients(ab_t, ab_prev)
+        else:
+            coefficients = _consistency_coefficients(timesteps, ab_prev)
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return [
@@ -377,17 +386,30 @@ def _run(
             x0_hat = (x - math.sqrt(1.0 - step.alpha_bar) * eps) / math.sqrt(step.alpha_bar)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
-        x_next = step.a * x0_hat + step.b * eps
-        if step.c:
-            x_next = x_next + step.c * x
-        if step.d:
-            x_next = x_next + step.d * x0_prev
-        if step.sigma:
-            x_next = x_next + step.sigma * noise_like(x, generator)
-        x, x0_prev = x_next, x0_hat
+        x, x0_prev = update(step, x0_hat, eps, x, x0_prev, generator), x0_hat
         if callback is not None:
             callback(i, step.model_t, x, x0_hat)
     return x
+
+
+def update(
+    step: _Step,
+    x0_hat: torch.Tensor,
+    eps: torch.Tensor,
+    x: torch.Tensor | None = None,
+    x0_prev: torch.Tensor | None = None,
+    generator: Generator = None,
+) -> torch.Tensor:
+    """One step of any method from its model's ``(x0_hat, eps)``: ``a x0_hat + b eps + c x + d x0_prev
+    + sigma z`` (DDIM's Eq. 12 where ``c = d = 0``); the one place a sampler's step is written."""
+    x_next = step.a * x0_hat + step.b * eps
+    if step.c:
+        x_next = x_next + step.c * x
+    if step.d:
+        x_next = x_next + step.d * x0_prev
+    if step.sigma:
+        x_next = x_next + step.sigma * noise_like(x0_hat, generator)
+    return x_next
 
 
 def _step_alpha_bars(alpha_bars: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,6 +454,21 @@ def _ddim_coefficients(
         )
     direction = torch.sqrt(direction_var.clamp_min(0))
     return list(zip(torch.sqrt(ab_prev).tolist(), direction.tolist(), [0.0] * len(ab_t), sigma.tolist(), strict=True))
+
+
+def _consistency_coefficients(timesteps: torch.Tensor, ab_prev: torch.Tensor) -> list[tuple[float, ...]]:
+    """CM Algorithm 1 in the table's form: ``x_next = sqrt(ab_prev) f + sqrt(1 - ab_prev) z``."""
+    c_skip, c_out = consistency_scalings(timesteps.detach().to("cpu", torch.long))
+    level = torch.sqrt(ab_prev)
+    return list(
+        zip(
+            (level * c_out).tolist(),
+            [0.0] * len(ab_prev),
+            (level * c_skip).tolist(),
+            torch.sqrt(1 - ab_prev).tolist(),
+            strict=True,
+        )
+    )
 
 
 def _ddpm_coefficients(

@@ -7,6 +7,10 @@ teacher's DDIM at 50 steps as the reference. Judged like scripts/eval_digits.py:
 classifier p > 0.8, PCA Fréchet distance (real held-out digits: 0.96 and 13). A guided teacher
 evaluates the network twice per step (conditional and null label, batched); a student once.
 
+Each student's wall time (its train.log's "finished at step ... in X s") is printed as a multiple
+of the teacher's training, read the same way; the two are comparable only when both ran on the
+same quiet machine (the device each log names is printed beside them).
+
 With --per-class, every row also samples 500 images asked class k (50 per class) and reports the
 fraction judged k (in_class).
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -79,9 +84,40 @@ def rows_for(teacher, students: list, steps: int) -> list[tuple[str, object, obj
         except Exception as error:  # a run without a student for this count: say so, go on
             print(f"note: {student.run_dir}: {error}", file=sys.stderr)
             continue
-        spec = SamplerSpec(distilled.sampler, steps, 0.0, chosen.config.distill.spacing, clip_x0=chosen.config.sample.clip_x0)
+        spec = SamplerSpec(
+            distilled.sampler, steps, 0.0, chosen.config.distill.spacing, clip_x0=chosen.config.sample.clip_x0
+        )
         rows.append((f"{student.run_dir.name} S={steps}", chosen, spec, 0.0, 0.0, steps))
     return rows
+
+
+def wall_time(run_dir: Path) -> tuple[float, str] | None:
+    """Seconds and device of a run's whole training, from its train.log (None if it did not finish
+    in one go: a resumed run's time is split over its processes)."""
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return None
+    text = log.read_text()
+    finished = re.findall(r"finished at step \d+: \d+ steps in (\d+) s, \d+ images/s on (.+)", text)
+    if not finished or "resuming at" in text:
+        return None
+    seconds, device = finished[-1]
+    return float(seconds), device
+
+
+def report_wall_times(teacher, students) -> None:
+    base = wall_time(teacher.run_dir)
+    if base is None:
+        print(f"note: {teacher.run_dir} has no single finished training in its train.log", file=sys.stderr)
+        return
+    print(f"teacher training: {base[0]:.0f} s on {base[1]}")
+    for student in students:
+        own = wall_time(student.run_dir)
+        if own is None:
+            print(f"{student.run_dir.name}: no single finished distillation in its train.log")
+            continue
+        same = "" if own[1] == base[1] else f" (on {own[1]}: another device, not comparable)"
+        print(f"{student.run_dir.name}: {own[0]:.0f} s, {own[0] / base[0]:.2f}x the teacher's training{same}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for steps in [int(s) for s in args.steps.split(",")]:
         plan += rows_for(teacher, students, steps)
 
+    report_wall_times(teacher, students)
     results = []
     header = f"{'samples':<34} {'calls':>5} {'confident':>9} {'pca_fd':>7} {'in_class':>8} {'s/image':>8}"
     print(header)

@@ -1,4 +1,4 @@
-"""Progressive and consistency distillation (ddim_cli.distillation) against closed-form oracles."""
+"""Progressive, consistency and DMD distillation (ddim_cli.distillation) against closed-form oracles."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from oracles import gaussian_model, mixture_eps_model
 
 from ddim_cli import distillation as d
-from ddim_cli.parameterization import x0_and_eps
+from ddim_cli.parameterization import consistency_scalings, x0_and_eps
 from ddim_cli.sampling import sample
 from ddim_cli.schedule import alpha_bars, timesteps
 
@@ -112,7 +112,7 @@ def student_for(f, table):
     """The data predictor whose consistency function is ``f`` (c_out > 0 away from t_min)."""
 
     def x0_model(z, t):
-        c_skip, c_out = d.consistency_scalings(t)
+        c_skip, c_out = consistency_scalings(t)
         c_skip, c_out = (c.to(z).view(-1, *([1] * (z.dim() - 1))) for c in (c_skip, c_out))
         return (f(z, t) - c_skip * z) / c_out.clamp(min=1e-300)
 
@@ -120,7 +120,7 @@ def student_for(f, table):
 
 
 def test_the_boundary_condition_holds_exactly_at_the_smallest_time():
-    c_skip, c_out = d.consistency_scalings(torch.tensor([0]))
+    c_skip, c_out = consistency_scalings(torch.tensor([0]))
     assert float(c_skip) == 1.0 and float(c_out) == 0.0
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -128,7 +128,7 @@ def test_the_boundary_condition_holds_exactly_at_the_smallest_time():
         return torch.full_like(x, 123.0)
 
     assert torch.equal(d.consistency_function(anything, z, at(0, 4)), z)
-    c_skip, c_out = d.consistency_scalings(torch.tensor([999]))
+    c_skip, c_out = consistency_scalings(torch.tensor([999]))
     assert float(c_skip) < 1e-6 and float(c_out) > 0.999999
     assert torch.equal(d.consistency_grid(1000, 4), torch.tensor([999, 749, 499, 249, 0]))
 
@@ -183,7 +183,10 @@ def test_consistency_sampling_with_the_exact_function_draws_the_data(times):
     exact = exact_consistency(mu, s, AB)
     student = student_for(exact, AB)
     x_T = torch.randn(40000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    x = d.consistency_sample(student, x_T, AB, times, prediction="x0", generator=torch.Generator().manual_seed(6))
+    times = torch.tensor(times)
+    x = sample(
+        student, x_T, AB, times, method="consistency", prediction="x0", generator=torch.Generator().manual_seed(6)
+    )
     # f maps to t_min = 0: N(a0 mu, a0^2 s^2 + 1 - a0); up to 3.5 standard errors of 40000 draws.
     a0 = math.sqrt(float(AB[0]))
     mean, std = a0 * mu, math.sqrt(a0**2 * s**2 + 1 - a0**2)

@@ -1,10 +1,12 @@
 """Few-step students of a trained diffusion model (``ddim distill``): progressive distillation
-(Salimans & Ho 2022) and consistency distillation (Song et al. 2023), each an objective of the one
+(Salimans & Ho 2022), consistency distillation (Song et al. 2023) and distribution matching
+distillation (Yin et al. 2023, 2024), each an objective of the one
 training loop (:mod:`ddim_cli.run_loop`), with their formulas over any teacher given as an
 ``x0_model(z, t)``:
 
 - :mod:`.core`: the data prediction of eps, x0 and v outputs, and the DDIM step between two levels;
-- :mod:`.progressive`, :mod:`.consistency`: each method's targets, losses and (consistency) sampler;
+- :mod:`.progressive`, :mod:`.consistency`, :mod:`.dmd`: each method's targets and losses (students
+  sample with :func:`ddim_cli.sampling.sample`, ``method="ddim"`` or ``"consistency"``);
 - :mod:`.objective` and :mod:`.methods`: what the loop runs; :mod:`.students`: a student's config;
 - :mod:`.run`: :func:`distill`, the run ``ddim distill`` makes.
 """
@@ -12,8 +14,6 @@ training loop (:mod:`ddim_cli.run_loop`), with their formulas over any teacher g
 from ddim_cli.distillation.consistency import (
     consistency_function,
     consistency_grid,
-    consistency_sample,
-    consistency_scalings,
     consistency_target,
     consistency_times,
     pseudo_huber,
@@ -37,8 +37,6 @@ __all__ = [
     "DistillResult",
     "consistency_function",
     "consistency_grid",
-    "consistency_sample",
-    "consistency_scalings",
     "consistency_target",
     "consistency_times",
     "ddim_step",

@@ -14,21 +14,12 @@ chain, :mod:`ddim_cli.export`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 
-from ddim_cli.distillation.core import X0Model, ddim_step, per_example, x0_from_output
-from ddim_cli.sampling import noise_like
+from ddim_cli.distillation.core import X0Model, ddim_step, per_example
+from ddim_cli.parameterization import consistency_scalings
 from ddim_cli.schedule import timesteps
-
-SIGMA_DATA = 0.5  # the data's standard deviation assumed by c_skip / c_out (CM, Appendix C)
-# Delta of c_skip / c_out per timestep (LCM's timestep_scaling): the boundary is a single timestep
-# wide, so away from t_min f is the network's own data prediction and a student initialised from
-# its teacher starts out as the teacher's x_hat. (CM's Delta = sigma_VE(t) - sigma_VE(t_min) gives
-# c_skip 0.59 at sigma_VE 0.42, mixing that much of the noisy z into f: the network then has to
-# learn to cancel it, and multistep samples, which visit those times, came out worse than 1-step.)
-BOUNDARY_SCALE = 10.0
 
 
 def consistency_grid(num_timesteps: int, points: int) -> torch.Tensor:
@@ -54,16 +45,6 @@ def consistency_times(num_timesteps: int, points: int, steps: int) -> torch.Tens
             f"a student of a {points}-point grid samples with {', '.join(map(str, served))} steps, not {steps}"
         )
     return timesteps(num_timesteps, steps, "lcm")
-
-
-def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c_skip, c_out)`` at timesteps ``t`` (float64): exactly (1, 0) at t_min = 0, and
-    ``c_skip < 0.003``, ``c_out > 0.998`` from timestep 1 on (CM, Appendix C, with LCM's
-    ``Delta = 10 t`` in timesteps instead of a noise-level difference)."""
-    delta = BOUNDARY_SCALE * t.double()
-    c_skip = SIGMA_DATA**2 / (delta**2 + SIGMA_DATA**2)
-    c_out = delta / (delta**2 + SIGMA_DATA**2).sqrt()
-    return c_skip, c_out
 
 
 def consistency_function(x0_model: X0Model, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -94,36 +75,3 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dims = a[0].numel()
     c = 0.00054 * math.sqrt(dims)
     return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
-
-
-def consistency_sample(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x_T: torch.Tensor,
-    alpha_bars: torch.Tensor,
-    times: Sequence[int] | torch.Tensor,
-    *,
-    prediction: str = "x0",
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Multistep consistency sampling (CM, Algorithm 1): ``f`` at the first of ``times`` (decreasing
-    training timesteps), then at each next time re-noised to its level with fresh noise. ``model``
-    is the student network (its output read as ``prediction``); one call per time."""
-    ab = alpha_bars.to(x_T.device)
-    times = [int(time) for time in times]
-    batch = len(x_T)
-
-    def x0_model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x0_from_output(model(z, t), z, ab[t], prediction)
-
-    with torch.no_grad():
-        x = x_T
-        for i, time in enumerate(times):
-            t = torch.full((batch,), time, dtype=torch.long, device=x_T.device)
-            if i:
-                level = ab[time].to(x.dtype)
-                x = level.sqrt() * x + (1 - level).sqrt() * noise_like(x, generator)
-            x = consistency_function(x0_model, x, t)
-            if callback is not None:
-                callback(i, time, x)
-    return x

@@ -21,7 +21,6 @@ import torch
 
 from ddim_cli.acceleration import Precision, Switch, job_size
 from ddim_cli.batches import AllRanksProgress, in_batches, pick, step_counter
-from ddim_cli.distillation import consistency_sample
 from ddim_cli.distributed import Shard
 from ddim_cli.images import load_latents
 from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, class_labels, noise_model
@@ -49,18 +48,6 @@ def generate(
     eta = spec.eta if spec.method == "ddim" else 0.0
 
     def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
-        if spec.method == "consistency":
-            images = consistency_sample(
-                make_eps(pick(labels, index)),
-                batch,
-                ab,
-                ts,
-                prediction=loaded.prediction,
-                generator=[generators[i] for i in index],
-            )
-            if progress is not None:
-                progress(len(batch) * len(ts))
-            return images
         return sample(
             make_eps(pick(labels, index)),
             batch,
