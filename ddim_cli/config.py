@@ -135,6 +135,7 @@ class DistillConfig:
     fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
     regression_weight: float = 0.25  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
     regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its teacher_steps DDIM image), drawn once
+    gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
     min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T
     max_level: float = 0.98
 
@@ -350,7 +351,7 @@ def _validate_distill(config: Config, need) -> None:
         need(0 <= getattr(x, key) < 1, f"distill.{key}", f"must be in [0, 1), got {getattr(x, key)}")
     need(x.fake_updates >= 1, "distill.fake_updates", f"must be >= 1, got {x.fake_updates}")
     need(x.regression_pairs >= 1, "distill.regression_pairs", f"must be >= 1, got {x.regression_pairs}")
-    for key in ("fake_lr", "regression_weight"):
+    for key in ("fake_lr", "regression_weight", "gan_weight"):
         need(getattr(x, key) >= 0, f"distill.{key}", f"must be >= 0, got {getattr(x, key)}")
     need(
         0 <= x.min_level < x.max_level <= 1,

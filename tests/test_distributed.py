@@ -205,3 +205,27 @@ def test_distill_on_two_ranks_keeps_every_student_and_rank_0_alone_writes(tmp_pa
     assert log.count("starting step 0 of 6") == 1 and "x2 [" in log  # one writer, two ranks
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
     one_process("sample", run, "--n", 2, "--out", tmp_path / "grid.png")
+
+
+def test_dmd_with_its_gan_term_distils_on_two_ranks(tmp_path):
+    from test_commands import make_run
+
+    from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
+
+    teacher = make_run(tmp_path / "teacher", prediction="v", num_classes=10)
+    run = tmp_path / "student"
+    options = ["distill.round_steps=2", "distill.gan_weight=0.01", "distill.regression_pairs=8", "train.batch_size=8"]
+    result = two_ranks(
+        "distill",
+        teacher,
+        "--method",
+        "dmd",
+        "--steps",
+        1,
+        *[a for o in options for a in ("--set", o)],
+        "--run-dir",
+        run,
+    )
+    assert result.stdout.count("distilled to step 2") == 1
+    state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1], training_state=True).training_state
+    assert {"fake", "gan_head", "fake_optimizer"} <= state.keys()

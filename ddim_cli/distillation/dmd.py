@@ -25,13 +25,20 @@ Each step:
    teacher ODE pairs (DMD Eq. 9: noise and the teacher's deterministic DDIM image of it, with
    ``distill.teacher_steps`` steps; a mean squared error here where DMD uses LPIPS).
 
-DMD2's GAN term is not built: the regression pairs keep the generator from collapsing instead.
+4. plus ``distill.gan_weight`` times DMD2's GAN term (Section 4.3): a small classifier head on the
+   fake score's bottleneck (its middle block's output) tells the training images, noised, from
+   the generator's, noised alike; the fake score's updates add the head's loss (real 1, fake 0,
+   non-saturating), the generator's loss ``softplus(-D(G(z)_t))``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch.nn.parallel import DistributedDataParallel
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 from ddim_cli.acceleration import autocast
 from ddim_cli.distillation.consistency import consistency_function
@@ -56,6 +63,25 @@ def distribution_matching_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: 
     return 0.5 * (x - (x - grad).detach()).pow(2).mean()
 
 
+class Discriminator(nn.Module):
+    """DMD2's GAN classifier head over the fake score's bottleneck features: one logit per image."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.GroupNorm(min(32, channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features).squeeze(1)
+
+
 class DistributionMatching(Distillation):
     """DMD / DMD2 over the shared distillation objective (see the module notes)."""
 
@@ -65,8 +91,12 @@ class DistributionMatching(Distillation):
         self.times = timesteps(T, self.x.steps, "lcm").to(self.device)
         self.levels = (int(self.x.min_level * T), min(T - 1, int(self.x.max_level * T)))
         self.fake = self.frozen_copy().requires_grad_(True).train()
-        self.fake_net = self.fake
-        self.fake_optimizer = make_optimizer(self.fake, self.config)
+        self.head = None
+        if self.x.gan_weight:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derived_seed(self.config.train.seed, 0, 0, "dmd-head"))
+                self.head = Discriminator(self.config.model.ch * self.config.model.ch_mult[-1]).to(self.device)
+        self.fake_optimizer = self.make_fake_optimizer()
         self.pairs = None
 
     def describe(self) -> str:
@@ -76,23 +106,27 @@ class DistributionMatching(Distillation):
             f"guidance {self.x.guidance:g}"
         )
 
-    def prepare(self, net):
-        if self.shard.world > 1:
-            self.fake_net = DistributedDataParallel(self.fake)
-        return net
+    def make_fake_optimizer(self) -> torch.optim.Optimizer:
+        """The fake score's optimizer (and the GAN head's, whose parameters it also holds)."""
+        if self.head is None:
+            return make_optimizer(self.fake, self.config)
+        return make_optimizer(nn.ModuleList([self.fake, self.head]), self.config)
 
     def begin_round(self, round_index: int) -> None:
         super().begin_round(round_index)
         self.fake.load_state_dict(self.teacher_weights(round_index))
-        self.fake_optimizer = make_optimizer(self.fake, self.config)
+        self.fake_optimizer = self.make_fake_optimizer()
 
     def restore(self, state: dict, step: int) -> None:
         super().restore(state, step)
         self.fake.load_state_dict(state["fake"])
+        if self.head is not None:
+            self.head.load_state_dict(state["gan_head"])
         self.fake_optimizer.load_state_dict(state["fake_optimizer"])
 
     def extra_state(self) -> dict:
-        return {"fake": self.fake.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict()}
+        state = {"fake": self.fake.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict()}
+        return state | ({"gan_head": self.head.state_dict()} if self.head is not None else {})
 
     # --- the step -------------------------------------------------------------------------------
     def loss(self, net, x0, labels, generator, step):
@@ -101,7 +135,7 @@ class DistributionMatching(Distillation):
         for _ in range(self.x.fake_updates):
             with torch.no_grad():
                 samples = self.generate(self.model, labels, generator, len(x0))
-            self.update_fake(samples, labels, generator, fake_lr)
+            self.update_fake(samples, labels, generator, fake_lr, x0)
         images = self.generate(net, labels, generator, len(x0))
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         noise = torch.randn(images.shape, device=self.device, generator=generator)
@@ -111,6 +145,10 @@ class DistributionMatching(Distillation):
         loss = distribution_matching_loss(images, real, fake)
         if self.x.regression_weight:
             loss = loss + self.x.regression_weight * self.regression_loss(net, generator, len(x0))
+        if self.head is not None:
+            with _frozen(self.fake):  # the generator's step trains the generator only
+                logits = self.classify(images, labels, generator)
+            loss = loss + self.x.gan_weight * F.softplus(-logits).mean()
         return loss
 
     def generate(self, net, labels, generator, batch: int) -> torch.Tensor:
@@ -127,24 +165,46 @@ class DistributionMatching(Distillation):
                 x = level.sqrt() * x + (1 - level).sqrt() * torch.randn(shape, device=self.device, generator=generator)
         return consistency_function(self.x0_model(net, labels), x, self.times[k].expand(batch))
 
-    def update_fake(self, samples: torch.Tensor, labels, generator, lr: float) -> None:
+    def update_fake(self, samples: torch.Tensor, labels, generator, lr: float, real: torch.Tensor) -> None:
         """One step of the fake score's denoising loss on ``samples`` (DMD Eq. 6), weighted as the
-        teacher was trained."""
+        teacher was trained, and with the GAN term, its head's loss on ``real`` against ``samples``."""
         t = torch.randint(0, len(self.ab_device), (len(samples),), device=self.device, generator=generator)
         noise = torch.randn(samples.shape, device=self.device, generator=generator)
         z = self.noised(samples, noise, t)
         prediction, cfg = self.config.model.prediction, self.config.train
         with autocast(self.precision, self.device):
-            output = self.fake_net(z, t) if labels is None else self.fake_net(z, t, labels)
+            output = self.fake(z, t) if labels is None else self.fake(z, t, labels)
         ab_t = self.ab_device[t].view(-1, *([1] * (samples.dim() - 1)))
         per_example = (output.float() - training_target(samples, noise, ab_t, prediction)).pow(2).flatten(1).mean(1)
         loss = (loss_weights(ab_t.flatten(), prediction, cfg.loss_weighting, cfg.min_snr_gamma) * per_example).mean()
+        if self.head is not None:
+            fake_logits, real_logits = self.classify(samples, labels, generator), self.classify(real, labels, generator)
+            loss = loss + self.x.gan_weight * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
         for group in self.fake_optimizer.param_groups:
             group["lr"] = lr
         self.fake_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
+        parameters = [p for group in self.fake_optimizer.param_groups for p in group["params"]]
+        if self.shard.world > 1:  # the ranks' mean gradient, as DDP gives the generator's
+            grads = [p.grad for p in parameters if p.grad is not None]
+            torch._foreach_div_(grads, self.shard.world)
+            for grad in grads:
+                dist.all_reduce(grad)
+        torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip or float("inf"))
         self.fake_optimizer.step()
+
+    def classify(self, images: torch.Tensor, labels, generator) -> torch.Tensor:
+        """The GAN head's logits for ``images`` noised to a random level (real: high)."""
+        t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
+        z = self.noised(images, torch.randn(images.shape, device=self.device, generator=generator), t)
+        captured = []
+        hook = self.fake.mid.block_2.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            with autocast(self.precision, self.device):
+                self.fake(z, t) if labels is None else self.fake(z, t, labels)
+        finally:
+            hook.remove()
+        return self.head(captured[0].float())
 
     # --- the regression pairs (DMD Eq. 9) -------------------------------------------------------
     def regression_loss(self, net, generator, batch: int) -> torch.Tensor:
@@ -180,3 +240,13 @@ class DistributionMatching(Distillation):
                 )
             images.append(sample(model, noise[chunk], self.ab, grid, prediction=self.config.model.prediction))
         return noise, labels, torch.cat(images)
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """``module`` without parameter gradients inside the block (gradients still flow through it)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
