@@ -131,9 +131,9 @@ class DistillConfig:
     grid_points: int = 32  # consistency: the discretisation's points (lcm spacing, plus t = 0)
     skip_points: int = 1  # consistency: teacher DDIM step over this many grid intervals (LCM's skipping)
     target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
-    fake_updates: int = 2  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
+    fake_updates: int = 4  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
-    regression_weight: float = 0.25  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
+    regression_weight: float = 1.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
     regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its teacher_steps DDIM image), drawn once
     gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
     min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T

@@ -261,37 +261,11 @@ def run(
     overwrite,
     progress,
     stop: stopping.StopFlag,
-    board_log: bool = True,
 ) -> tuple[int, Path | None]:
     """Run ``objective`` in ``run_dir`` (checked and locked) to ``objective.total_steps``; returns the
     last step and its checkpoint (None on ranks other than 0). Raises TrainingInterrupted at a stop."""
     cfg, rank, world = config.train, shard.rank, shard.world
-    restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
-    start = 0
-    if resume and not restart:
-        state = restore_run(run_dir, objective.model, objective.ema, objective.optimizer)
-        start = int(state["step"])
-        objective.restore(state, start)
-    if rank == 0:
-        if overwrite and not resume:
-            clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
-    barrier(world)
-    board = None
-    if cfg.tensorboard and rank == 0:
-        board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
-    log = RunLog(run_dir, enabled=rank == 0, board=board)
-    if restart:
-        log.message(f"{run_dir} has no checkpoint yet (it stopped before its first): starting it again from step 0")
-    hardware = describe_device(device)
-    log.message(
-        f"{'resuming at' if resume else 'starting'} step {start} of {objective.total_steps}: "
-        f"{objective.describe()}; on {device} x{world} [{hardware}]"
-    )
-    if resume:
-        log.truncate_metrics(after=start)
-    net = objective.prepare(DistributedDataParallel(objective.model) if world > 1 else objective.model)
+    start, log, hardware, net = _open(objective, config, run_dir, rank, world, device, resume, overwrite)
     batches = data_batches(dataset, config, start, rank, world, device)
     total = objective.total_steps
     bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, unit="step")
@@ -363,3 +337,35 @@ def run(
         f"{(step - start) * cfg.batch_size / max(seconds, 1e-9):.0f} images/s on {hardware}"
     )
     return step, checkpoint or (list_checkpoints(run_dir / "checkpoints") or [None])[-1]
+
+
+def _open(objective: Objective, config: Config, run_dir: Path, rank, world, device, resume, overwrite):
+    """Restore a resumed run's state, write its config, open its log and prepare the network the
+    step calls; returns the first step, the log, the device's description and that network."""
+    restart = resume and not list_checkpoints(run_dir / "checkpoints")  # stopped before its first checkpoint
+    start = 0
+    if resume and not restart:
+        state = restore_run(run_dir, objective.model, objective.ema, objective.optimizer)
+        start = int(state["step"])
+        objective.restore(state, start)
+    if rank == 0:
+        if overwrite and not resume:
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume, with any new overrides
+    barrier(world)
+    board = None
+    if config.train.tensorboard and rank == 0:
+        board = TensorBoardLog(run_dir / "tensorboard", purge_step=start + 1 if resume else None)
+    log = RunLog(run_dir, enabled=rank == 0, board=board)
+    net = objective.prepare(DistributedDataParallel(objective.model) if world > 1 else objective.model)
+    if restart:
+        log.message(f"{run_dir} has no checkpoint yet (it stopped before its first): starting it again from step 0")
+    hardware = describe_device(device)
+    log.message(
+        f"{'resuming at' if resume else 'starting'} step {start} of {objective.total_steps}: "
+        f"{objective.describe()}; on {device} x{world} [{hardware}]"
+    )
+    if resume:
+        log.truncate_metrics(after=start)
+    return start, log, hardware, net

@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--picture",
         type=Path,
-        help="a grid of the same 12 seeds: teacher DDIM at the first --steps, the first "
-        "student there, teacher DDIM at 50 steps (one row each)",
+        help="a grid of the same 12 seeds: teacher DDIM at the first --steps, every student "
+        "there, teacher DDIM at 50 steps (one row each)",
     )
     args = parser.parse_args(argv)
     from ddim_cli.models import SamplerSpec, load_model, resolve_checkpoint
@@ -184,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, args.plot)
     if args.picture:
         steps = int(args.steps.split(",")[0])
-        chosen = [
-            row for row in plan if row[0] in (f"teacher ddim S={steps}", f"{students[0].run_dir.name} S={steps}")
-        ] + plan[:1]
+        names = [f"teacher ddim S={steps}"] + [f"{student.run_dir.name} S={steps}" for student in students]
+        chosen = [row for row in plan if row[0] in names] + plan[:1]
         picture(chosen, args.picture, args.seed)
     return 0
 

@@ -37,16 +37,15 @@ def distill(
         ),
     ],
     method: Annotated[
-        DistillMethod | None,
+        DistillMethod,
         typer.Option(
             "--method",
-            help="Default: the method that measured best for --steps (dmd for 1 step, consistency for more; "
-            "BENCHMARKS.md). dmd: a generator whose samples match the teacher's distribution (Yin et al. "
-            "2023/2024); consistency: one student that samples in 1 step or a few (Song et al. 2023); "
-            "progressive: rounds that halve the step count (Salimans & Ho 2022), every round's student kept.",
-            show_default=False,
+            help="consistency (the default: the best student measured at 1 to 8 steps): one student that "
+            "samples in 1 step or a few (Song et al. 2023); dmd: a generator whose samples match the "
+            "teacher's distribution (Yin et al. 2023/2024); progressive: rounds that halve the step count "
+            "(Salimans & Ho 2022), every round's student kept.",
         ),
-    ] = None,
+    ] = DistillMethod.consistency,
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
     ] = 4,
@@ -76,20 +75,19 @@ def distill(
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
-    By default the method that measured best for --steps: distribution matching (DMD) for 1 step, a
-    generator whose one-call samples match the teacher's distribution; consistency distillation for
-    more, one student that samples in --steps network calls or in 1, 2, ... of them (`ddim sample
-    RUN_DIR --steps 1`). Progressive distillation (--method
-    progressive) halves the teacher's 16 DDIM steps round by round down to --steps, keeping every
-    round's student in RUN_DIR/students/ (S8, S4, ... .safetensors); `ddim sample RUN_DIR` then
-    samples with --steps and `--steps 8` with the 8-step student. A class-conditional
-    student learns the teacher guided at its sample.guidance: one call per step gives the guided
-    image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
+    Consistency distillation (the default) trains one student that samples in --steps network calls,
+    or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`). --method dmd trains a generator whose
+    samples match the teacher's distribution (1 step, or --steps N by backward simulation).
+    Progressive distillation (--method progressive) halves the teacher's 16 DDIM steps round by
+    round down to --steps, keeping every round's student in RUN_DIR/students/ (S8, S4, ...);
+    `ddim sample RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A
+    class-conditional student learns the teacher guided at its sample.guidance: one call per step
+    gives the guided image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
     """
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import load_config
-    from ddim_cli.distillation import default_method, student_config
     from ddim_cli.distillation import distill as run_distillation
+    from ddim_cli.distillation import student_config
     from ddim_cli.models import load_model, resolve_checkpoint
     from ddim_cli.run_loop import TrainingError, TrainingInterrupted
     from ddim_cli.runlock import RunBusyError
@@ -104,8 +102,9 @@ def distill(
             config = load_config(directory / "config.yaml", overrides)
         else:
             teacher = load_model(resolve_checkpoint(source)[0])
-            chosen = method.value if method is not None else default_method(steps)
-            config = student_config(teacher.config, teacher.checkpoint, method=chosen, steps=steps, overrides=overrides)
+            config = student_config(
+                teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
+            )
             directory = run_dir or Path("runs") / config.name
             resume = resume or (resume_if_exists and (directory / "config.yaml").is_file())
             if resume and (directory / "config.yaml").is_file():

@@ -27,7 +27,7 @@ from ddim_cli.distillation.progressive import (
     truncated_snr_weight,
 )
 from ddim_cli.distillation.run import OBJECTIVES, DistillResult, distill
-from ddim_cli.distillation.students import default_method, student_config, student_path, with_student_steps
+from ddim_cli.distillation.students import student_config, student_path, with_student_steps
 
 METHODS = tuple(OBJECTIVES)
 
@@ -40,7 +40,6 @@ __all__ = [
     "consistency_target",
     "consistency_times",
     "ddim_step",
-    "default_method",
     "distill",
     "distillation_grid",
     "halving_rounds",

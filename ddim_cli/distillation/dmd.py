@@ -81,6 +81,16 @@ class Discriminator(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features).squeeze(1)
 
+    def judge(self, score: nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The logits of noised images ``z``: the head over ``score``'s middle-block output."""
+        captured = []
+        hook = score.mid.block_2.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            score(z, t) if labels is None else score(z, t, labels)
+        finally:
+            hook.remove()
+        return self(captured[0].float())
+
 
 class DistributionMatching(Distillation):
     """DMD / DMD2 over the shared distillation objective (see the module notes)."""
@@ -97,7 +107,7 @@ class DistributionMatching(Distillation):
                 torch.manual_seed(derived_seed(self.config.train.seed, 0, 0, "dmd-head"))
                 self.head = Discriminator(self.config.model.ch * self.config.model.ch_mult[-1]).to(self.device)
         self.fake_optimizer = self.make_fake_optimizer()
-        self.pairs = None
+        self.pairs, self.step = None, 0
 
     def describe(self) -> str:
         return (
@@ -132,11 +142,12 @@ class DistributionMatching(Distillation):
     def loss(self, net, x0, labels, generator, step):
         labels = self.labels(labels, generator)
         fake_lr = (self.x.fake_lr or self.x.lr) * self.learning_rate(step) / self.x.lr
-        for _ in range(self.x.fake_updates):
+        self.step = step
+        for update in range(self.x.fake_updates):
             with torch.no_grad():
-                samples = self.generate(self.model, labels, generator, len(x0))
+                samples = self.generate(self.model, labels, generator, len(x0), f"dmd-chain-{update}")
             self.update_fake(samples, labels, generator, fake_lr, x0)
-        images = self.generate(net, labels, generator, len(x0))
+        images = self.generate(net, labels, generator, len(x0), "dmd-chain")
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         noise = torch.randn(images.shape, device=self.device, generator=generator)
         with torch.no_grad():
@@ -144,19 +155,20 @@ class DistributionMatching(Distillation):
             real, fake = self.teacher_x0(labels)(z, t), self.x0_model(self.fake, labels)(z, t)
         loss = distribution_matching_loss(images, real, fake)
         if self.x.regression_weight:
-            loss = loss + self.x.regression_weight * self.regression_loss(net, generator, len(x0))
+            loss = loss + self.x.regression_weight * regression_loss(self, net, generator, len(x0))
         if self.head is not None:
             with _frozen(self.fake):  # the generator's step trains the generator only
                 logits = self.classify(images, labels, generator)
             loss = loss + self.x.gan_weight * F.softplus(-logits).mean()
         return loss
 
-    def generate(self, net, labels, generator, batch: int) -> torch.Tensor:
+    def generate(self, net, labels, generator, batch: int, draw: str) -> torch.Tensor:
         """The generator's samples of one batch: from pure noise, ``k`` steps of its own chain
-        without gradient (``k`` uniform over its steps), then one call (DMD2's backward simulation)."""
+        without gradient, then one call (DMD2's backward simulation). ``k`` is uniform over its
+        steps, drawn on the host from ``draw`` (a name unique in the step), so no device sync."""
         shape = (batch, self.config.data.channels, self.config.data.image_size, self.config.data.image_size)
         x = torch.randn(shape, device=self.device, generator=generator)
-        k = int(torch.randint(0, len(self.times), (1,), generator=generator, device=self.device))
+        k = derived_seed(self.config.train.seed, self.step, self.shard.rank, draw) % len(self.times)
         student = self.x0_model(self.model, labels)
         for i in range(k):
             with torch.no_grad():
@@ -185,11 +197,7 @@ class DistributionMatching(Distillation):
         self.fake_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for group in self.fake_optimizer.param_groups for p in group["params"]]
-        if self.shard.world > 1:  # the ranks' mean gradient, as DDP gives the generator's
-            grads = [p.grad for p in parameters if p.grad is not None]
-            torch._foreach_div_(grads, self.shard.world)
-            for grad in grads:
-                dist.all_reduce(grad)
+        _mean_over_ranks(parameters, self.shard.world)
         torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip or float("inf"))
         self.fake_optimizer.step()
 
@@ -197,49 +205,57 @@ class DistributionMatching(Distillation):
         """The GAN head's logits for ``images`` noised to a random level (real: high)."""
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         z = self.noised(images, torch.randn(images.shape, device=self.device, generator=generator), t)
-        captured = []
-        hook = self.fake.mid.block_2.register_forward_hook(lambda module, args, output: captured.append(output))
-        try:
-            with autocast(self.precision, self.device):
-                self.fake(z, t) if labels is None else self.fake(z, t, labels)
-        finally:
-            hook.remove()
-        return self.head(captured[0].float())
+        with autocast(self.precision, self.device):
+            return self.head.judge(self.fake, z, t, labels)
 
-    # --- the regression pairs (DMD Eq. 9) -------------------------------------------------------
-    def regression_loss(self, net, generator, batch: int) -> torch.Tensor:
-        if self.pairs is None:
-            self.pairs = self.teacher_pairs()
-        noise, labels, images = self.pairs
-        index = torch.randint(0, len(noise), (batch,), device=self.device, generator=generator)
-        picked = None if labels is None else labels[index]
-        output = consistency_function(self.x0_model(net, picked), noise[index], self.times[0].expand(batch))
-        return (output - images[index]).pow(2).mean()
 
-    @torch.no_grad()
-    def teacher_pairs(self):
-        """``distill.regression_pairs`` noises, their labels (null with ``train.label_dropout``) and
-        the guided teacher's DDIM images of them, the same on every rank and at every resume."""
-        count, shape = self.x.regression_pairs, (self.config.data.channels, *[self.config.data.image_size] * 2)
-        draw = torch.Generator().manual_seed(derived_seed(self.config.train.seed, 0, 0, "dmd-pairs"))
-        noise = torch.randn((count, *shape), generator=draw)
-        labels = None
-        if self.null is not None:
-            labels = torch.randint(0, self.null, (count,), generator=draw)
-            drop = torch.rand(count, generator=draw) < self.config.train.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null), labels).to(self.device)
-        noise = noise.to(self.device)
-        grid = timesteps(self.config.diffusion.num_timesteps, self.x.teacher_steps, "trailing")
-        images = []
-        for first in range(0, count, PAIR_BATCH):
-            chunk = slice(first, first + PAIR_BATCH)
-            model = self.teacher
-            if labels is not None:
-                model = classifier_free_guidance(
-                    self.teacher, labels[chunk], self.x.guidance, null_label=self.null, rescale=self.x.guidance_rescale
-                )
-            images.append(sample(model, noise[chunk], self.ab, grid, prediction=self.config.model.prediction))
-        return noise, labels, torch.cat(images)
+def regression_loss(objective: DistributionMatching, net, generator, batch: int) -> torch.Tensor:
+    """DMD Eq. 9: the generator's first call on a batch of the teacher ODE pairs' noises against
+    the teacher's images of them (mean squared error)."""
+    if objective.pairs is None:
+        objective.pairs = teacher_ode_pairs(objective)
+    noise, labels, images = objective.pairs
+    index = torch.randint(0, len(noise), (batch,), device=objective.device, generator=generator)
+    picked = None if labels is None else labels[index]
+    first = objective.times[0].expand(batch)
+    return (consistency_function(objective.x0_model(net, picked), noise[index], first) - images[index]).pow(2).mean()
+
+
+@torch.no_grad()
+def teacher_ode_pairs(objective: DistributionMatching) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``distill.regression_pairs`` noises, their labels (null with ``train.label_dropout``) and the
+    guided teacher's ``distill.teacher_steps``-step DDIM images of them (DMD Eq. 9's pairs), the same
+    on every rank and at every resume."""
+    config, x, device, null = objective.config, objective.x, objective.device, objective.null
+    count, shape = x.regression_pairs, (config.data.channels, *[config.data.image_size] * 2)
+    draw = torch.Generator().manual_seed(derived_seed(config.train.seed, 0, 0, "dmd-pairs"))
+    noise = torch.randn((count, *shape), generator=draw)
+    labels = None
+    if null is not None:
+        labels = torch.randint(0, null, (count,), generator=draw)
+        drop = torch.rand(count, generator=draw) < config.train.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
+    noise = noise.to(device)
+    grid = timesteps(config.diffusion.num_timesteps, x.teacher_steps, "trailing")
+    images = []
+    for first in range(0, count, PAIR_BATCH):
+        chunk = slice(first, first + PAIR_BATCH)
+        model = objective.teacher
+        if labels is not None:
+            model = classifier_free_guidance(
+                model, labels[chunk], x.guidance, null_label=null, rescale=x.guidance_rescale
+            )
+        images.append(sample(model, noise[chunk], objective.ab, grid, prediction=config.model.prediction))
+    return noise, labels, torch.cat(images)
+
+
+def _mean_over_ranks(parameters: list[torch.Tensor], world: int) -> None:
+    """Each gradient averaged over the ranks, as DDP averages the generator's."""
+    if world > 1:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        torch._foreach_div_(grads, world)
+        for grad in grads:
+            dist.all_reduce(grad)
 
 
 @contextlib.contextmanager

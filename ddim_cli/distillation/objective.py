@@ -128,21 +128,22 @@ class Distillation(Objective):
     # --- the end of a round ---------------------------------------------------------------------
     def after_log(self, step: int, log: RunLog) -> None:
         if step % self.x.round_steps == 0:
-            self.keep_student(self.plan[self.round_of(step - 1)], step, log)
+            keep_student(self, self.plan[self.round_of(step - 1)], step, log)
             barrier(self.shard.world)  # the next round's teacher is that file: every rank waits for it
 
-    def keep_student(self, steps: int, step: int, log: RunLog) -> None:
-        """Write the round's student (its EMA weights) and a grid of its samples from fixed seeds."""
-        if not self.shard.main:
-            return
-        student = with_student_steps(self.config, steps)
-        weights = self.ema.state_dict()
-        path = student_path(self.run_dir, steps)
-        try:
-            write_weights(path, step, student, weights, weights)
-        except OSError as error:
-            raise TrainingError(f"could not write {path} ({error.strerror or error})") from None
-        grid = self.run_dir / "samples" / f"S{steps}-step-{step:07d}.png"
-        save_sample_grid(self.ema, student, self.ab, grid, self.device)
-        log.grid(step, grid)
-        log.message(f"wrote the {steps}-step student {path} and its samples {grid}")
+
+def keep_student(objective: Distillation, steps: int, step: int, log: RunLog) -> None:
+    """Write the round's student (its EMA weights) and a grid of its samples from fixed seeds."""
+    if not objective.shard.main:
+        return
+    student = with_student_steps(objective.config, steps)
+    weights = objective.ema.state_dict()
+    path = student_path(objective.run_dir, steps)
+    try:
+        write_weights(path, step, student, weights, weights)
+    except OSError as error:
+        raise TrainingError(f"could not write {path} ({error.strerror or error})") from None
+    grid = objective.run_dir / "samples" / f"S{steps}-step-{step:07d}.png"
+    save_sample_grid(objective.ema, student, objective.ab, grid, objective.device)
+    log.grid(step, grid)
+    log.message(f"wrote the {steps}-step student {path} and its samples {grid}")

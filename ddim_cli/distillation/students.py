@@ -48,8 +48,10 @@ def student_config(
     if method == "consistency":  # one round on a 32-point grid at a lower rate: 2x the quickstart's training time
         config.distill.round_steps, config.distill.lr = 1150, 2e-4
     config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
-    if method == "dmd":  # one round; the generator serves its own steps' grid
-        config.distill.round_steps, config.distill.lr = 300, 1e-4
+    if method == "dmd":  # one round of the best recipe measured within 2x the quickstart's training (BENCHMARKS.md)
+        x = config.distill
+        x.round_steps, x.lr, x.fake_updates, x.regression_weight = 500, 3e-4, 4, 1.0
+        config.train.batch_size = 64
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)
@@ -73,12 +75,6 @@ def student_config(
     else:
         consistency_times(config.diffusion.num_timesteps, config.distill.grid_size, config.distill.steps)
     return with_student_steps(config, config.distill.steps)
-
-
-def default_method(steps: int) -> str:
-    """The method that measured best for a ``steps``-step student on the digits quickstart
-    (BENCHMARKS.md, "Distillation"): DMD for one step, consistency for a few."""
-    return "dmd" if steps == 1 else "consistency"
 
 
 def _power_of_two(count: int) -> int:
