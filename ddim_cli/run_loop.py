@@ -24,11 +24,20 @@ from tqdm import tqdm
 
 from ddim_cli import distributed, stopping
 from ddim_cli.acceleration import describe_device
-from ddim_cli.checkpoint import CheckpointError, list_checkpoints, newest_intact, prune_checkpoints, save_checkpoint
+from ddim_cli.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    newest_intact,
+    prune_checkpoints,
+    remove_partial_writes,
+    save_checkpoint,
+)
 from ddim_cli.config import Config
+from ddim_cli.data import DataError, build_dataset
 from ddim_cli.errors import TrainingError, describe_os_error
-from ddim_cli.monitor import TensorBoardLog, plot_metrics
+from ddim_cli.monitor import TensorBoardLog, plot_metrics, tensorboard_missing
 from ddim_cli.run_log import LossWindow, RunLog
+from ddim_cli.runlock import run_lock
 from ddim_cli.seeding import derived_seed
 from ddim_cli.training_data import data_batches
 
@@ -180,6 +189,41 @@ def after_stop(reason: int, requeue: bool, rank: int, log: RunLog) -> str:
     outcome = stopping.requeue_under_slurm()
     log.message(outcome)
     return f"; {outcome}"
+
+
+def open_run(config: Config, run_dir: Path, *, resume: bool, overwrite: bool, device: str):
+    """What every run checks before it writes anything (its directory, TensorBoard, the batch's
+    split over torchrun's ranks, the dataset); returns its stop flag (``train.time_limit``), shard,
+    device and dataset. Every failure is a TrainingError in one line."""
+    stop = stopping.StopFlag(stopping.deadline(config.train.time_limit, time.time()))
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if config.train.tensorboard and (missing := tensorboard_missing()):
+        raise TrainingError(missing)
+    shard, device_ = setup_distributed(device)
+    if config.train.batch_size % shard.world:
+        raise TrainingError(
+            f"train.batch_size {config.train.batch_size} does not split evenly over {shard.world} processes"
+        )
+    try:
+        dataset = build_dataset(config.data)
+    except DataError as error:
+        raise TrainingError(str(error)) from None
+    return stop, shard, device_, dataset
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, shard, stop: stopping.StopFlag, *folders: str):
+    """The run's lock held and its stop signals installed (from here a signal or the time limit
+    ends the run cleanly at the end of a step); checkpoint writes a killed process left unfinished
+    in ``checkpoints`` and ``folders`` removed."""
+    with stop.installed(), run_lock(run_dir, enabled=shard.main) as note:
+        if note:
+            tqdm.write(f"note: {note}")
+        if shard.main:
+            for folder in ("checkpoints", *folders):
+                for path in remove_partial_writes(run_dir / folder):
+                    tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
+        yield
 
 
 def setup_distributed(device: str) -> tuple[distributed.Shard, torch.device]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ddim_cli import run_loop
 from ddim_cli.acceleration import (
@@ -34,25 +33,19 @@ from ddim_cli.acceleration import (
     use_channels_last,
     use_compile_cache,
 )
-from ddim_cli.checkpoint import remove_partial_writes
 from ddim_cli.config import Config
-from ddim_cli.data import DataError, build_dataset
 from ddim_cli.fid import FeatureExtractor
-from ddim_cli.monitor import TrainingFID, save_sample_grid, tensorboard_missing
+from ddim_cli.monitor import TrainingFID, save_sample_grid
 from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.run_log import RunLog
 from ddim_cli.run_loop import (
     Objective,
     TrainingError,
     TrainingInterrupted,
-    check_run_dir,
     learning_rate,
     make_optimizer,
-    setup_distributed,
 )
-from ddim_cli.runlock import run_lock
 from ddim_cli.seeding import derived_seed
-from ddim_cli.stopping import StopFlag, deadline
 from ddim_cli.unet import UNet
 
 __all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "learning_rate", "train"]
@@ -83,19 +76,10 @@ def train(
     Everything that can fail on the user's input (run directory, dataset) is checked before
     anything in ``run_dir`` is written or removed.
     """
-    stop = StopFlag(deadline(config.train.time_limit, time.time()))
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if config.train.tensorboard and (missing := tensorboard_missing()):
-        raise TrainingError(missing)
-    shard, device_ = setup_distributed(device)
-    rank, world = shard.rank, shard.world
-    cfg = config.train
-    if cfg.batch_size % world:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} does not split evenly over {world} processes")
-    try:
-        dataset = build_dataset(config.data)
-    except DataError as error:
-        raise TrainingError(str(error)) from None
+    stop, shard, device_, dataset = run_loop.open_run(
+        config, run_dir, resume=resume, overwrite=overwrite, device=device
+    )
+    cfg, rank, world = config.train, shard.rank, shard.world
     if len(dataset) < cfg.batch_size:
         raise TrainingError(f"the dataset has {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
     num_classes = config.model.num_classes
@@ -104,14 +88,7 @@ def train(
             f"model.num_classes={num_classes} but the {config.data.dataset} dataset has "
             f"{'no labels' if dataset.num_classes is None else f'{dataset.num_classes} classes'}"
         )
-
-    # From here a stop signal (or the time limit) ends the run cleanly at the end of a step.
-    with stop.installed(), run_lock(run_dir, enabled=rank == 0) as note:
-        if note:
-            tqdm.write(f"note: {note}")
-        if rank == 0:
-            for path in remove_partial_writes(run_dir / "checkpoints"):
-                tqdm.write(f"note: removed {path}, a checkpoint write that a killed process left unfinished")
+    with run_loop.locked(run_dir, shard, stop):
         fid = None
         if cfg.fid_every and rank == 0:
             name = "inception" if fid_extractor is None else getattr(fid_extractor, "__name__", "custom")

@@ -155,7 +155,7 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_from_step
 
 
 def test_a_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, monkeypatch):
-    import ddim_cli.train as train_module
+    import ddim_cli.run_loop as train_module
 
     real = train_module.build_dataset
 
