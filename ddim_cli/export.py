@@ -351,7 +351,6 @@ def scheduler_config(config: Config) -> dict[str, Any]:
             del scheduler[key]
         scheduler |= {
             "_class_name": "LCMScheduler",
-            "clip_sample": False,  # the chain does not clip
             "original_inference_steps": d.num_timesteps,
             "timestep_scaling": BOUNDARY_SCALE,
             "dynamic_thresholding_ratio": 0.995,

@@ -265,7 +265,7 @@ def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedMo
         return loaded
     steps = distilled.steps if steps is None else steps
     if distilled.sampler == "consistency":
-        from ddim_cli.distillation import consistency_times
+        from ddim_cli.distillation.consistency import consistency_times
 
         try:
             consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_size, steps)

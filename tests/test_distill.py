@@ -183,7 +183,7 @@ def test_dmd_distils_a_generator_that_samples_in_its_steps_and_their_halves(teac
     result = distilled(teacher, run, "--method", "dmd", "--steps", 4, "--set", "distill.regression_pairs=16")
     assert "students (4 steps:" in result.output
     log = (run / "train.log").read_text()
-    assert "distribution matching distillation for 4-step sampling, 2 fake-score updates per step" in log
+    assert "distribution matching distillation for 4-step sampling, 4 fake-score updates per step" in log
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1], training_state=True).training_state
     assert {"fake", "fake_optimizer"} <= state.keys()  # the fake score is part of the run's state
     teacher_weights = load_checkpoint(list_checkpoints(teacher / "checkpoints")[-1]).ema
