@@ -119,19 +119,18 @@ def plan(
 ) -> list[_Step]:
     """The per-step coefficients :func:`sample` uses; raises ValueError for invalid options."""
     ab_t, ab_prev = _step_alpha_bars(alpha_bars, timesteps)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to method='ddim' only; method={method!r} got eta={eta}")
     if method == "ddim":
         coefficients = _ddim_coefficients(ab_t, ab_prev, eta)
-    elif method in ("ddpm", "dpm++2m", "consistency"):
-        if eta != 0:
-            raise ValueError(f"eta applies to method='ddim' only; method={method!r} got eta={eta}")
-        if method == "ddpm":
-            coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
-        elif method == "dpm++2m":
-            coefficients = _dpm2m_coefficients(ab_t, ab_prev)
-        else:
-            coefficients = _consistency_coefficients(timesteps, ab_prev)
+    elif method == "ddpm":
+        coefficients = _ddpm_coefficients(ab_t, ab_prev, variance)
+    elif method == "dpm++2m":
+        coefficients = _dpm2m_coefficients(ab_t, ab_prev)
     else:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        coefficients = _consistency_coefficients(timesteps, ab_prev)
     return [
         _Step(int(t), alpha_bar, *coef)
         for t, alpha_bar, coef in zip(timesteps.tolist(), ab_t.tolist(), coefficients, strict=True)

@@ -49,9 +49,7 @@ def student_config(
         config.distill.round_steps, config.distill.lr = 1150, 2e-4
     config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
     if method == "dmd":  # one round of the best recipe measured within 2x the quickstart's training (BENCHMARKS.md)
-        x = config.distill
-        x.round_steps, x.lr, x.fake_updates, x.regression_weight = 500, 3e-4, 4, 1.0
-        config.train.batch_size = 64
+        config.distill.round_steps, config.distill.lr, config.train.batch_size = 500, 3e-4, 64
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)
