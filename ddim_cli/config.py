@@ -356,7 +356,7 @@ def _validate_distill(config: Config, need) -> None:
     need(
         0 <= x.min_level < x.max_level <= 1,
         "distill.min_level",
-        f"and distill.max_level must satisfy 0 <= min_level < max_level <= 1, got {x.min_level} and {x.max_level}",
+        f"must be below distill.max_level ({x.max_level}), both in [0, 1], got {x.min_level}",
     )
     need(x.guidance >= 0, "distill.guidance", f"must be >= 0, got {x.guidance}")
     need(0 <= x.guidance_rescale <= 1, "distill.guidance_rescale", f"must be in [0, 1], got {x.guidance_rescale}")
