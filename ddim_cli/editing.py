@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from ddim_cli.sampling import EXACT_TOL, EpsModel, ExactInversionReport, Generator, invert, sample
+from ddim_cli.inversion_defaults import EXACT_TOL
+from ddim_cli.sampling import EpsModel, ExactInversionReport, Generator, invert, sample
 
 
 def ddib(

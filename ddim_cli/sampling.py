@@ -45,6 +45,7 @@ from itertools import pairwise
 
 import torch
 
+from ddim_cli.inversion_defaults import EXACT_TOL
 from ddim_cli.parameterization import check_prediction, consistency_scalings, x0_and_eps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,7 +138,6 @@ def plan(
     ]
 
 
-EXACT_TOL = 1 / 255  # default promise: reconstruction RMS on [-1, 1] of half a uint8 level (a level is 2/255)
 EXACT_ROUNDS = 4  # inversion passes at most: the first, then tightened ones for images that missed
 EXACT_FIRST_STEP_TOL = 0.5  # the first pass's step tolerance, as a fraction of tol
 _AIM = 0.5

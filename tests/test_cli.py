@@ -66,3 +66,27 @@ def test_the_jobs_a_python_user_needs_import_from_the_package():
 
     modules = {info.name for info in pkgutil.iter_modules(ddim_cli.__path__)}
     assert not modules & set(ddim_cli.__all__)
+
+
+def test_help_version_and_usage_errors_do_not_load_torch():
+    # `ddim --help` must answer at once: torch takes seconds to import. A fresh interpreter builds the
+    # app, renders every command's help, the version and a usage error, then reports what it loaded.
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from typer.testing import CliRunner
+import ddim_cli
+from ddim_cli.cli import app
+from typer.main import get_command
+runner = CliRunner()
+names = list(get_command(app).commands)
+assert len(names) >= 10, names
+for args in [["--help"], ["--version"], ["sample", "--bogus-option"], *[[name, "--help"] for name in names]]:
+    result = runner.invoke(app, args)
+    assert result.exit_code == (2 if "--bogus-option" in args else 0), (args, result.output)
+print(sorted(m for m in ("torch", "numpy", "PIL", "safetensors") if m in sys.modules))
+"""
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -42,8 +42,7 @@ from ddim_cli.commands.options import (
     Variance,
     out_folder_option,
 )
-from ddim_cli.null_text import NULL_TEXT_INNER_STEPS
-from ddim_cli.sampling import EXACT_TOL
+from ddim_cli.inversion_defaults import EXACT_TOL, NULL_TEXT_INNER_STEPS
 
 
 def _summary_of_exact_inversion(report, images: list, steps: int, tol: float, max_iter: int) -> list[str]:

@@ -16,12 +16,13 @@ from ddim_cli.batches import AllRanksProgress, in_batches, pick, step_counter
 from ddim_cli.checkpoint import CheckpointError
 from ddim_cli.distributed import Shard
 from ddim_cli.images import load_latents, load_null_embeddings, save_grid, save_latents, save_null_embeddings
+from ddim_cli.inversion_defaults import EXACT_TOL, NULL_TEXT_INNER_STEPS
 from ddim_cli.jobs.sample import SampleRun, generate, slerp
 from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, check_classes, noise_model
-from ddim_cli.null_text import NULL_TEXT_INNER_STEPS, NullTextInversion, null_text_guidance, null_text_inversion
+from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
 from ddim_cli.outputs import write_text_whole
 from ddim_cli.sample_files import SampleFiles
-from ddim_cli.sampling import EXACT_TOL, ExactInversionReport, invert, sample
+from ddim_cli.sampling import ExactInversionReport, invert, sample
 from ddim_cli.seeding import cycle_classes
 
 
