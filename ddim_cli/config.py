@@ -95,6 +95,7 @@ class TrainConfig:
     # ("" none; SLURM's job end time also counts when the job has one).
     time_limit: str = ""
     requeue: bool = False  # on SIGUSR1 (SLURM's warning before the limit): checkpoint, then scontrol requeue
+    threads: int = 0  # CPU threads (0: every core other processes leave free; OMP_NUM_THREADS also counts)
 
 
 @dataclass
@@ -270,6 +271,7 @@ def validate(config: Config) -> None:
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 disables)")
+    need(t.threads >= 0, "train.threads", f"must be >= 0 (0: auto), got {t.threads}")
     if t.time_limit:
         from ddim_cli.stopping import parse_duration
 

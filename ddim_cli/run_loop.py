@@ -39,6 +39,7 @@ from ddim_cli.monitor import TensorBoardLog, plot_metrics, tensorboard_missing
 from ddim_cli.run_log import LossWindow, RunLog
 from ddim_cli.runlock import run_lock
 from ddim_cli.seeding import derived_seed
+from ddim_cli.threads import set_threads
 from ddim_cli.training_data import data_batches
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "metrics.png")
@@ -200,6 +201,8 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, overwrite: bool, de
     if config.train.tensorboard and (missing := tensorboard_missing()):
         raise TrainingError(missing)
     shard, device_ = setup_distributed(device)
+    if device_.type == "cpu":
+        set_threads(config.train.threads or None)  # training's batches use every free core
     if config.train.batch_size % shard.world:
         raise TrainingError(
             f"train.batch_size {config.train.batch_size} does not split evenly over {shard.world} processes"

@@ -192,9 +192,13 @@ def test_the_deadline_is_the_earlier_of_the_time_limit_and_slurms_end(monkeypatc
 # --- torchrun's ranks ---------------------------------------------------------------------------------
 def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),  # as torchrun sets it: the ranks share the cores
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from ddim_cli import run_loop

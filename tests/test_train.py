@@ -254,9 +254,13 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_
 # --- two gloo processes ---------------------------------------------------------------------------
 def _ddp_worker(rank, world, port, run_dir, out_dir):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),  # as torchrun sets it: the ranks share the cores
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from ddim_cli import run_loop

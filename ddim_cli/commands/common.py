@@ -180,7 +180,9 @@ def rescale_or_config(loaded, option: float | None) -> float:
     return loaded.config.sample.guidance_rescale if option is None else option
 
 
-def command_noise_model(loaded, guidance: float, rescale_option: float | None, precision, compile_model, size=None):
+def command_noise_model(
+    loaded, guidance: float, rescale_option: float | None, precision, compile_model, size=None, threads=None
+):
     """The checkpoint's noise model as the sampling commands run it: guidance w, its rescale
     (--guidance-rescale or the config's), --precision and --compile (``auto`` decided from the
     job's ``size``, an :class:`~ddim_cli.acceleration.JobSize`)."""
@@ -193,6 +195,7 @@ def command_noise_model(loaded, guidance: float, rescale_option: float | None, p
         precision=precision.value,
         compile=auto_switch(compile_model),
         size=size,
+        threads=threads,
     )
 
 

@@ -43,6 +43,7 @@ from ddim_cli.commands.options import (
     SaveStatsOpt,
     SeedOpt,
     SkipOpt,
+    ThreadsOpt,
     UnconditionalOpt,
     out_folder_option,
 )
@@ -92,6 +93,7 @@ def compare(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     precision: PrecisionOpt = Precision.auto,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
@@ -145,20 +147,22 @@ def compare(
         per_row = max(n, fid)
         total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
         size = job_size(per_row, total / per_row, batch_size, guided=bool(w))
-        make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model, size)
+        make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model, size, threads)
         models = None
         if teacher is not None:
             teacher_w = (
                 0.0 if teacher.config.model.num_classes is None or unconditional else teacher.config.sample.guidance
             )
-            teacher_eps = command_noise_model(teacher, teacher_w, guidance_rescale, precision, compile_model, size)
+            teacher_eps = command_noise_model(
+                teacher, teacher_w, guidance_rescale, precision, compile_model, size, threads
+            )
             models = [
                 ("teacher", teacher, teacher_eps)
                 if role == "teacher"
                 else (
                     "student",
                     student := student_for_steps(loaded, spec.steps),
-                    command_noise_model(student, 0.0, None, precision, compile_model, size),
+                    command_noise_model(student, 0.0, None, precision, compile_model, size, threads),
                 )
                 for spec, role in zip(specs, roles, strict=True)
             ]

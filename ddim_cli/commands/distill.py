@@ -14,9 +14,10 @@ from ddim_cli.commands.options import (
     OUTPUT_PANEL,
     Device,
     ResumeIfExistsOpt,
+    ThreadsOpt,
     TimeLimitOpt,
     overrides_option,
-    with_time_limit,
+    with_run_options,
 )
 
 
@@ -63,6 +64,7 @@ def distill(
     ] = False,
     resume_if_exists: ResumeIfExistsOpt = False,
     time_limit: TimeLimitOpt = None,
+    threads: ThreadsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
@@ -92,7 +94,7 @@ def distill(
     from ddim_cli.run_loop import TrainingError, TrainingInterrupted
     from ddim_cli.runlock import RunBusyError
 
-    overrides = with_time_limit(overrides, time_limit)
+    overrides = with_run_options(overrides, time_limit, threads)
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
         existing = source / "config.yaml"
         is_distillation_run = existing.is_file() and "distill:" in existing.read_text()

@@ -33,6 +33,7 @@ from ddim_cli.commands.options import (
     Sampler,
     SkipOpt,
     StepsOpt,
+    ThreadsOpt,
     Variance,
     npz_option,
     out_folder_option,
@@ -87,6 +88,7 @@ def edit(
     npz: npz_option("the edits, in input order") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
 ) -> None:
@@ -144,6 +146,7 @@ def edit(
                 noise=seeded_noise(loaded.image_shape, list(range(seed, seed + count)))[0],
                 exact=exact_inversion,
                 null_text=null_text,
+                threads=threads,
                 batch_size=batch_size,
                 progress=rank_progress(bar, shard),
                 shard=shard,

@@ -38,6 +38,7 @@ from ddim_cli.commands.options import (
     Sampler,
     SkipOpt,
     StepsOpt,
+    ThreadsOpt,
     TolOpt,
     Variance,
     out_folder_option,
@@ -101,6 +102,7 @@ def invert(
     out: out_folder_option("invert") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     precision: InvertPrecisionOpt = Precision.fp32,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
@@ -154,6 +156,7 @@ def invert(
                 interpolate=interpolate,
                 precision=precision.value,
                 compile=auto_switch(compile_model),
+                threads=threads,
                 batch_size=batch_size,
                 progress=bar.update,
             )

@@ -155,6 +155,16 @@ DeviceOpt = Annotated[
     Device,
     typer.Option("--device", help="Where to run; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (default: as many as the job's batches can use, at most the cores other processes "
+        "leave free; OMP_NUM_THREADS also counts).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
+]
 PrecisionOpt = Annotated[
     Precision,
     typer.Option(
@@ -278,6 +288,8 @@ ResumeIfExistsOpt = Annotated[
 ]
 
 
-def with_time_limit(overrides: list[str], time_limit: str | None) -> list[str]:
-    """--time-limit is train.time_limit."""
-    return overrides if time_limit is None else [*overrides, f"train.time_limit={time_limit}"]
+def with_run_options(overrides: list[str], time_limit: str | None, threads: int | None = None) -> list[str]:
+    """--time-limit is train.time_limit, --threads train.threads."""
+    if time_limit is not None:
+        overrides = [*overrides, f"train.time_limit={time_limit}"]
+    return overrides if threads is None else [*overrides, f"train.threads={threads}"]

@@ -38,6 +38,7 @@ from ddim_cli.commands.options import (
     SeedOpt,
     SkipOpt,
     StepsOpt,
+    ThreadsOpt,
     Variance,
     npz_option,
     out_folder_option,
@@ -222,6 +223,7 @@ def restore(
     npz: npz_option("the restorations, in input order", "N x n-samples, H, W, C") = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
 ) -> None:
@@ -268,7 +270,7 @@ def restore(
         calls = model_calls(len(spec.timesteps(loaded.alpha_bars)), jump, resample)
         size = job_size(count * n_samples, calls, batch_size, guided=bool(w))
         rescale = rescale_or_config(loaded, guidance_rescale)
-        make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale, size=size)
+        make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale, size=size, threads=threads)
         desc = f"restore ({method.value}) S={spec.steps}"
         with progress_bar(count * n_samples * calls, progress and shard.main, desc) as bar:
             restored = restore_images(

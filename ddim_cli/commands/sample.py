@@ -42,6 +42,7 @@ from ddim_cli.commands.options import (
     SeedOpt,
     SkipOpt,
     StepsOpt,
+    ThreadsOpt,
     UnconditionalOpt,
     Variance,
     npz_option,
@@ -117,6 +118,7 @@ def sample(
         ),
     ] = True,
     device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     precision: PrecisionOpt = Precision.auto,
     ema: EmaOpt = True,
     progress: ProgressOpt = True,
@@ -171,7 +173,7 @@ def sample(
             )[1]
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with progress_bar(count * steps_run, progress and shard.main, spec.label) as bar:
-            jobs = {"batch_size": batch_size, "progress": bar.update, "shard": shard}
+            jobs = {"batch_size": batch_size, "threads": threads, "progress": bar.update, "shard": shard}
             if null_embeddings is not None:
                 run = null_text_sample_to_files(
                     loaded,

@@ -13,9 +13,10 @@ from ddim_cli.commands.options import (
     OUTPUT_PANEL,
     Device,
     ResumeIfExistsOpt,
+    ThreadsOpt,
     TimeLimitOpt,
     overrides_option,
-    with_time_limit,
+    with_run_options,
 )
 
 
@@ -35,6 +36,7 @@ def train(
     ] = False,
     resume_if_exists: ResumeIfExistsOpt = False,
     time_limit: TimeLimitOpt = None,
+    threads: ThreadsOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     device: Annotated[
         Device, typer.Option(help="Where to train; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL)
@@ -53,7 +55,7 @@ def train(
         fail("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)", code=2)
     if resume_if_exists and resume is not None:
         fail("--resume-if-exists goes with CONFIG (and --run-dir), not with --resume", code=2)
-    overrides = with_time_limit(overrides, time_limit)
+    overrides = with_run_options(overrides, time_limit, threads)
     source = resume / "config.yaml" if resume is not None else config_path
     try:
         config = load_config(source, overrides)

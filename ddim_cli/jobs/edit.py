@@ -15,7 +15,7 @@ from ddim_cli.distributed import Shard
 from ddim_cli.editing import ddib, sdedit, sdedit_timesteps
 from ddim_cli.images import save_grid, save_npz, save_pngs, to_uint8
 from ddim_cli.jobs.invert import invert_null_text, sample_null_text
-from ddim_cli.models import LoadedModel, Progress, SamplerSpec, check_classes, noise_model
+from ddim_cli.models import LoadedModel, Progress, SamplerSpec, check_classes, noise_model, use_cpu_threads
 from ddim_cli.outputs import write_text_whole
 
 EDIT_METHODS = ("ddib", "sdedit")
@@ -35,6 +35,7 @@ def edit_images(
     noise: torch.Tensor | None = None,
     exact: bool = True,
     null_text: bool = False,
+    threads: int | None = None,
     batch_size: int,
     progress: Progress | None = None,
     shard: Shard | None = None,
@@ -46,7 +47,8 @@ def edit_images(
     inversion under ``from_labels`` at guidance ``w``, and the decoding keeps its per-step null
     embeddings (the null-text recipe for editing; it does not rescale). ``sdedit``: diffuse with
     ``noise`` to ``strength * T`` and denoise under the target with guidance ``w`` (clipping as
-    ``spec``). Guided decoding rescales by ``guidance_rescale`` (see :func:`noise_model`).
+    ``spec``). Guided decoding rescales by ``guidance_rescale`` (see :func:`noise_model`). On a CPU
+    with ``threads`` threads (None: as many as the batches can use, see :mod:`ddim_cli.threads`).
     """
     if method not in EDIT_METHODS:
         raise ValueError(f"unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}")
@@ -61,6 +63,7 @@ def edit_images(
     if null_text:
         if method != "ddib" or from_labels is None or not guidance:
             raise CheckpointError("null-text editing needs the ddib method, --from-class J and --guidance W > 0")
+        use_cpu_threads(loaded, threads, 2 * min(batch_size, len(images)))  # guided: two images a call
         fitted = invert_null_text(
             loaded, images, spec, from_labels, guidance=guidance, batch_size=batch_size, exact=exact, shard=shard
         )
@@ -80,7 +83,7 @@ def edit_images(
     # one model (and one compile) for both directions
     per_step = (5 if exact and method == "ddib" else 1) + 1  # invert (exactly: about 5 calls), decode
     size = job_size(len(images), per_step * len(ts), batch_size, guided=bool(guidance))
-    make_eps = noise_model(loaded, guidance_rescale=guidance_rescale, precision="fp32", size=size)
+    make_eps = noise_model(loaded, guidance_rescale=guidance_rescale, precision="fp32", size=size, threads=threads)
 
     def run(index: list[int], batch: torch.Tensor) -> torch.Tensor:
         target = make_eps(to_labels[index], guidance)

@@ -18,7 +18,7 @@ from ddim_cli.distributed import Shard
 from ddim_cli.images import load_latents, load_null_embeddings, save_grid, save_latents, save_null_embeddings
 from ddim_cli.inversion_defaults import EXACT_TOL, NULL_TEXT_INNER_STEPS
 from ddim_cli.jobs.sample import SampleRun, generate, slerp
-from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, check_classes, noise_model
+from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, check_classes, noise_model, use_cpu_threads
 from ddim_cli.null_text import NullTextInversion, null_text_guidance, null_text_inversion
 from ddim_cli.outputs import write_text_whole
 from ddim_cli.sample_files import SampleFiles
@@ -211,6 +211,7 @@ def invert_to_folder(
     interpolate: int = 0,
     precision: Precision = "fp32",
     compile: Switch = "auto",
+    threads: int | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
 ) -> InversionRun:
@@ -228,7 +229,13 @@ def invert_to_folder(
     calls = per_step * len(spec.timesteps(loaded.alpha_bars))
     size = job_size(len(originals), calls, batch_size, guided=bool(guidance))
     make_eps = noise_model(
-        loaded, guidance=guidance, guidance_rescale=guidance_rescale, precision=precision, compile=compile, size=size
+        loaded,
+        guidance=guidance,
+        guidance_rescale=guidance_rescale,
+        precision=precision,
+        compile=compile,
+        size=size,
+        threads=threads,
     )
     report: list[ExactInversionReport] = []
     fixed_point = {"exact": exact, "max_iter": max_iter, "tol": tol, "report": report, "batch_size": batch_size}
@@ -311,6 +318,7 @@ def null_text_sample_to_files(
     out_dir: Path | None = None,
     npz: Path | None = None,
     save_latents: Path | None = None,
+    threads: int | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
     shard: Shard | None = None,
@@ -324,6 +332,7 @@ def null_text_sample_to_files(
     fitted, labels, fitted_guidance = load_fitted_null_text(loaded, spec, null_embeddings, len(given), classes)
     w = fitted_guidance if guidance is None else guidance
     count = len(given)
+    use_cpu_threads(loaded, threads, 2 * min(batch_size, count))  # guided: two images a call
     settings = {"latents": str(latents), "null_embeddings": str(null_embeddings)}  # made at once: never resumed
     outputs = SampleFiles(
         grid,

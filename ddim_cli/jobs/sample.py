@@ -143,6 +143,7 @@ def sample_to_files(
     guidance_rescale: float = 0.0,
     precision: Precision = "auto",
     compile: Switch = "auto",
+    threads: int | None = None,
     resume: bool = True,
     batch_size: int = 64,
     progress: Progress | None = None,
@@ -154,8 +155,9 @@ def sample_to_files(
     ``npz`` and the x_T used (``save_latents``, with the seed and classes beside it).
 
     Classes as :func:`~ddim_cli.models.class_labels` chooses them, guided with ``guidance`` (0 for
-    the null label). Batch by batch, so no output holds every image in memory; with ``out_dir`` or
-    ``npz`` an interrupted run continues where it stopped (``resume``). ``progress`` counts
+    the null label), on a CPU with ``threads`` threads (None: see
+    :func:`~ddim_cli.models.noise_model`). Batch by batch, so no output holds every image in memory;
+    with ``out_dir`` or ``npz`` an interrupted run continues where it stopped (``resume``). ``progress`` counts
     (image x step) units of all ranks; ``notify`` gets notes such as a continued run's.
     """
     shard = shard or Shard()
@@ -171,6 +173,7 @@ def sample_to_files(
         precision=precision,
         compile=compile,
         size=job_size(-(-count // shard.world), steps, batch_size, guided=bool(guidance)),
+        threads=threads,
         notify=notify,
     )
     settings = sample_settings(
