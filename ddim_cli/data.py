@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from ddim_cli.config import DataConfig
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 NO_LABEL = -1
 
@@ -50,6 +53,8 @@ def build_dataset(config: DataConfig) -> ImageDataset:
 def image_transform(image_size: int, channels: int, mode: str = "bicubic") -> transforms.Compose:
     """PIL image -> tensor in [-1, 1]: convert mode, resize the short side (``mode``: nearest,
     bilinear or bicubic), center-crop."""
+    from torchvision import transforms  # importing torchvision takes about 1 s (it loads torch._dynamo)
+
     return transforms.Compose(
         [
             _ConvertMode("L" if channels == 1 else "RGB"),

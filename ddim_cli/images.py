@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
-from torchvision.utils import make_grid
 
 from ddim_cli.data import image_transform
 from ddim_cli.outputs import written_whole
@@ -33,10 +32,30 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = -1.0) -> torch.Tensor:
+    """(N, C, H, W) -> one (C', H', W') image, ``nrow`` images per row, laid out as torchvision's
+    ``make_grid`` lays them (tested against it): ``padding`` pixels around and between them, gray
+    images as RGB, a single image as it is. Ours, because importing torchvision costs a command
+    about 1 s (it loads torch._dynamo)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if len(images) == 1:
+        return images[0]
+    count, channels, height, width = images.shape
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    cell_h, cell_w = height + padding, width + padding
+    grid = images.new_full((channels, rows * cell_h + padding, columns * cell_w + padding), pad_value)
+    for k, image in enumerate(images):
+        y, x = divmod(k, columns)
+        grid[:, y * cell_h + padding : (y + 1) * cell_h, x * cell_w + padding : (x + 1) * cell_w] = image
+    return grid
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
     """Save a grid (2-pixel padding) with ``nrow`` images per row (default: about square)."""
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=-1.0)
+    grid = image_grid(images.detach().float().cpu(), nrow)
     with written_whole(path) as partial:
         _pil(to_uint8(grid[None])[0]).save(partial, format="PNG")
 
@@ -49,7 +68,7 @@ def save_labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path, min_siz
     font = ImageFont.load_default()
     width = max(int(font.getlength(label)) for label, _ in rows) + 12
     strips = [
-        _pil(to_uint8(make_grid(images.float().cpu(), nrow=len(images), padding=2, pad_value=-1.0)[None])[0])
+        _pil(to_uint8(image_grid(images.float().cpu(), nrow=len(images))[None])[0])
         for _, images in rows
     ]
     strip_w, strip_h = strips[0].size

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from ddim_cli.config import Config
 from ddim_cli.fid import FeatureExtractor, FIDError, frechet_distance, load_statistics, save_statistics, statistics
 from ddim_cli.guidance import classifier_free_guidance
-from ddim_cli.images import to_uint8
+from ddim_cli.images import save_grid, to_uint8
 from ddim_cli.sampling import sample
 from ddim_cli.schedule import SPACINGS, timesteps
 from ddim_cli.seeding import draw_classes, seeded_noise
@@ -73,7 +72,7 @@ def save_sample_grid(ema: torch.nn.Module, config: Config, ab: torch.Tensor, pat
     n = config.sample.n
     images = sample_ema(ema, config, ab, list(range(config.sample.seed, config.sample.seed + n)), device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(n))))
+    save_grid(images, path)  # about square
 
 
 class TrainingFID:

@@ -90,3 +90,30 @@ print(sorted(m for m in ("torch", "numpy", "PIL", "safetensors") if m in sys.mod
 """
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_sampling_and_training_do_not_import_torchvision():
+    # Importing torchvision loads torch._dynamo: about 1 s of a small command's 2 s. Only the
+    # datasets and image transforms that need it import it, when they are used.
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import ddim_cli.cli, ddim_cli.jobs.sample, ddim_cli.jobs.invert, ddim_cli.train, ddim_cli.images, ddim_cli.monitor
+print(sorted(m for m in ("torchvision", "torch._dynamo") if m in sys.modules))
+"""
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("count, nrow", [(1, 8), (2, 1), (5, 2), (7, 3), (16, 4), (3, 8)])
+def test_image_grid_lays_images_out_as_torchvision_make_grid(count, nrow, channels):
+    import torch
+    from torchvision.utils import make_grid
+
+    from ddim_cli.images import image_grid
+
+    images = torch.rand(count, channels, 5, 6, generator=torch.Generator().manual_seed(count)) * 2 - 1
+    assert torch.equal(image_grid(images, nrow), make_grid(images, nrow=nrow, padding=2, pad_value=-1.0))
