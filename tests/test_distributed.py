@@ -57,7 +57,7 @@ def two_ranks(*args, module: bool = False) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[:6000]
     return result
 
 
