@@ -199,6 +199,15 @@ def describe_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torc
     return "; ".join(problems) or None
 
 
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``weights`` (read from ``path``) into ``module``, or a one-line :class:`CheckpointError`
+    naming the keys that do not fit the architecture its config builds."""
+    mismatch = describe_mismatch(module.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"the weights in {path} do not fit its config: {mismatch}")
+    module.load_state_dict(weights)
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint weight files in ``directory``, oldest first."""
     if not directory.is_dir():
@@ -216,7 +225,7 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 def load_checkpoint(path: Path, *, training_state: bool = False) -> Checkpoint:
     """Read weights and config, checking their checksums; every problem is a one-line
     :class:`CheckpointError`. ``training_state=True`` also reads and checks what resuming needs
-    (:func:`load_training_state`)."""
+    (the optimizer's and the data's state)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -247,11 +256,6 @@ def load_checkpoint(path: Path, *, training_state: bool = False) -> Checkpoint:
     if training_state:
         checkpoint.training_state = _training_state(path, tensors.get(_STATE_KEY))
     return checkpoint
-
-
-def load_training_state(weights_path: Path) -> dict[str, Any]:
-    """What resuming from ``weights_path`` needs (checked against its checksum)."""
-    return load_checkpoint(weights_path, training_state=True).training_state
 
 
 def _training_state(path: Path, stored: torch.Tensor | None) -> dict[str, Any]:

@@ -149,6 +149,68 @@ def teacher_and_student_specs(
     return specs, roles
 
 
+def plan_comparison(
+    loaded: LoadedModel,
+    steps: list[int],
+    etas: list[float],
+    *,
+    teacher: LoadedModel | None = None,
+    skip: str | None = None,
+    clip_x0: bool | None = None,
+    ddpm_reference: bool = True,
+    dpm_solver: bool = True,
+) -> tuple[list[SamplerSpec], list[str] | None]:
+    """The rows ``ddim compare`` samples, checked against the schedule, and whose each row is (None:
+    all the model's). A model: :func:`comparison_specs` (``skip`` and ``clip_x0`` default to its
+    config's; the DDPM reference over all its training steps). A distilled student with its
+    ``teacher``: :func:`teacher_and_student_specs` at the counts of ``steps`` it serves."""
+    if teacher is not None:
+        counts = student_step_counts(loaded, steps)
+        specs, roles = teacher_and_student_specs(loaded, teacher, counts, dpm_solver=dpm_solver, clip_x0=clip_x0)
+    else:
+        cfg = loaded.config
+        specs, roles = (
+            comparison_specs(
+                steps,
+                etas,
+                skip=cfg.sample.skip if skip is None else skip,
+                clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
+                ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
+                dpm_solver=dpm_solver,
+            ),
+            None,
+        )
+    for spec in specs:
+        spec.check(loaded.alpha_bars)
+    return specs, roles
+
+
+def row_models(
+    student: LoadedModel,
+    teacher: LoadedModel,
+    specs: list[SamplerSpec],
+    roles: list[str],
+    noise_model_of: Callable[[LoadedModel, float], MakeEps],
+    unconditional: bool = False,
+) -> list[tuple[str, LoadedModel, MakeEps]]:
+    """Each row's (name, model, noise model) for :func:`run_comparison` when a student meets its
+    teacher: the teacher guided at its config's guidance (unless ``unconditional``), the student
+    for the row's step count unguided (it learnt its teacher's guidance). ``noise_model_of(model,
+    w)`` builds a noise model as the job runs it."""
+    from ddim_cli.models import student_for_steps
+
+    guided = teacher.config.model.num_classes is not None and not unconditional
+    teacher_eps = noise_model_of(teacher, teacher.config.sample.guidance if guided else 0.0)
+    rows = []
+    for spec, role in zip(specs, roles, strict=True):
+        if role == "teacher":
+            rows.append(("teacher", teacher, teacher_eps))
+        else:
+            model = student_for_steps(student, spec.steps)
+            rows.append(("student", model, noise_model_of(model, 0.0)))
+    return rows
+
+
 def run_comparison(
     loaded: LoadedModel,
     make_eps: MakeEps,

@@ -34,7 +34,6 @@ from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, rename_
 from ddim_cli.parameterization import BOUNDARY_SCALE
 from ddim_cli.unet import UNet
 
-FORMATS = ("diffusers",)
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs, as save_pretrained does (informational)
 # Our spacing -> diffusers' timestep_spacing (ours "uniform" is diffusers' "leading" with steps_offset 0).
 _SPACINGS = {"uniform": "leading", "linspace": "linspace", "trailing": "trailing"}

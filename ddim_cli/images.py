@@ -67,10 +67,7 @@ def save_labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path, min_siz
     rows = [(label, images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)) for label, images in rows]
     font = ImageFont.load_default()
     width = max(int(font.getlength(label)) for label, _ in rows) + 12
-    strips = [
-        _pil(to_uint8(image_grid(images.float().cpu(), nrow=len(images))[None])[0])
-        for _, images in rows
-    ]
+    strips = [_pil(to_uint8(image_grid(images.float().cpu(), nrow=len(images))[None])[0]) for _, images in rows]
     strip_w, strip_h = strips[0].size
     canvas = Image.new("RGB", (width + strip_w, strip_h * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)

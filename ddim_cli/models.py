@@ -26,7 +26,7 @@ from ddim_cli.acceleration import (
     set_fp32_math,
     use_channels_last,
 )
-from ddim_cli.checkpoint import CheckpointError, describe_mismatch, list_checkpoints, newest_intact
+from ddim_cli.checkpoint import CheckpointError, list_checkpoints, load_weights, newest_intact
 from ddim_cli.config import Config
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.sampling import EpsModel, plan
@@ -95,6 +95,10 @@ class LoadedModel:
         return (self.config.data.channels, self.config.data.image_size, self.config.data.image_size)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def run_dir(self) -> Path:
         parent = self.checkpoint.parent
         return parent.parent if parent.name in ("checkpoints", STUDENTS) else parent
@@ -133,21 +137,30 @@ def load_model(path: Path | Sequence[Path], *, use_ema: bool = True, device: tor
     if not weights:
         raise CheckpointError(f"{path} holds no {'EMA' if use_ema else 'model'} weights")
     model = UNet(checkpoint.config.unet_config())
-    mismatch = describe_mismatch(model.state_dict(), weights)
-    if mismatch:
-        raise CheckpointError(f"the weights in {path} do not fit its config: {mismatch}")
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     return LoadedModel(model.to(device).eval(), checkpoint.config, path, checkpoint.step, use_ema)
 
 
-def check_classes(loaded: LoadedModel, classes: list[int] | None) -> None:
-    """Raise a one-line CheckpointError unless the model takes every label in ``classes``."""
+def require_full_model(loaded: LoadedModel, command: str) -> None:
+    """invert, edit and restore follow the teacher's ODE at steps of their own: a distilled student
+    (which only samples on its own steps) is a one-line CheckpointError naming its teacher."""
+    distilled = loaded.config.distill
+    if distilled is not None:
+        raise CheckpointError(
+            f"{command} needs the full model, not a {distilled.steps}-step distilled student (it only samples on its "
+            f"own steps); give its teacher instead: {distilled.teacher}"
+        )
+
+
+def check_classes(loaded: LoadedModel, classes: list[int] | None, option: str = "--class") -> None:
+    """Raise a one-line CheckpointError, naming ``option``, unless the model takes every label in
+    ``classes``."""
     num_classes = loaded.config.model.num_classes
     if classes and num_classes is None:
-        raise CheckpointError("--class needs a class-conditional model; this one is unconditional")
+        raise CheckpointError(f"{option} needs a class-conditional model; this one is unconditional")
     for label in classes or []:
         if not 0 <= label < num_classes:
-            raise CheckpointError(f"--class {label} is out of range; this model has classes 0..{num_classes - 1}")
+            raise CheckpointError(f"{option} {label} is out of range; this model has classes 0..{num_classes - 1}")
 
 
 def class_labels(
@@ -246,7 +259,7 @@ def use_cpu_threads(loaded: LoadedModel, threads: int | None, images_per_call: f
     """On a CPU, run the job with ``threads`` threads, or (None) as many as calls on
     ``images_per_call`` images can use and other processes leave free (None: a job of unknown
     size, all free cores); see :mod:`ddim_cli.threads`. Nothing changes on a GPU."""
-    if next(loaded.model.parameters()).device.type != "cpu":
+    if loaded.device.type != "cpu":
         return
     per_call = None
     if threads is None and images_per_call is not None:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from ddim_cli import distributed, stopping
 from ddim_cli.acceleration import describe_device
 from ddim_cli.checkpoint import (
-    CheckpointError,
     list_checkpoints,
+    load_weights,
     newest_intact,
     prune_checkpoints,
     remove_partial_writes,
@@ -149,11 +149,8 @@ def save_run_checkpoint(
 def restore_run(run_dir: Path, model, ema, optimizer) -> dict:
     """Load the newest intact checkpoint's weights and optimizer; returns its training state."""
     checkpoint = newest_intact(list_checkpoints(run_dir / "checkpoints")[::-1], training_state=True)
-    try:
-        model.load_state_dict(checkpoint.model)
-        ema.load_state_dict(checkpoint.ema)
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint.path} does not fit the config: {str(error).splitlines()[0]}") from None
+    load_weights(model, checkpoint.model, checkpoint.path)
+    load_weights(ema, checkpoint.ema, checkpoint.path)
     state = checkpoint.training_state
     optimizer.load_state_dict(state["optimizer"])
     # Adam's moments must share their parameter's memory layout: the fused kernel walks both in

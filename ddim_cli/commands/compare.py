@@ -7,20 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import (
-    check_outputs,
-    command_noise_model,
-    fail,
-    fid_statistics,
-    labels_and_guidance,
-    load_run,
-    number_list,
-    parse_classes,
-    progress_bar,
-    rank_progress,
-    save_fid_stats,
-    user_errors,
-)
+from ddim_cli.commands.errors import fail, user_errors
 from ddim_cli.commands.options import (
     SAMPLER_PANEL,
     BatchOpt,
@@ -46,6 +33,16 @@ from ddim_cli.commands.options import (
     ThreadsOpt,
     UnconditionalOpt,
     out_folder_option,
+)
+from ddim_cli.commands.progress import fid_statistics, progress_bar, rank_progress, save_fid_stats
+from ddim_cli.commands.running import (
+    auto_switch,
+    check_outputs,
+    job_on_ranks,
+    load_run,
+    number_list,
+    parse_classes,
+    rescale_or_config,
 )
 
 
@@ -108,102 +105,69 @@ def compare(
     """
     from ddim_cli import compare as c
     from ddim_cli.acceleration import job_size
-    from ddim_cli.models import student_for_steps
+    from ddim_cli.conditioning import sample_conditioning
+    from ddim_cli.models import noise_model
     from ddim_cli.seeding import seeded_noise
 
-    step_counts = number_list(steps, int, "--steps")
-    etas = number_list(eta, float, "--eta")
+    step_counts, etas = number_list(steps, int, "--steps"), number_list(eta, float, "--eta")
     if fid and reference is None:
         fail("--fid needs --reference (a folder, an .npz of images or statistics, or cifar10/mnist)", code=2)
-    with user_errors():
-        from ddim_cli import distributed
-
-        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
-        check_outputs([("--save-stats", save_stats)], [("--out", out)], inputs=[checkpoint])
-        loaded = load_run(checkpoint, ema, device, where)
-        check_outputs(directories=[("--out", out or loaded.run_dir / "compare")])
-        cfg = loaded.config
-        teacher = None
-        if cfg.distill is not None:  # the student's rows next to its teacher's, at the counts it serves
-            teacher = load_run(Path(cfg.distill.teacher), ema, device, where)
-            counts = c.student_step_counts(loaded, step_counts)
-            specs, roles = c.teacher_and_student_specs(loaded, teacher, counts, dpm_solver=dpm_solver, clip_x0=clip_x0)
-        else:
-            specs = c.comparison_specs(
-                step_counts,
-                etas,
-                skip=cfg.sample.skip if skip is None else skip,
-                clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
-                ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,
-                dpm_solver=dpm_solver,
-            )
-        for spec in specs:
-            spec.check(loaded.alpha_bars)
-        # Checked on the first images; every row and batch draws its classes the same way.
-        first_seed = cfg.sample.seed if seed is None else seed
-        _, w = labels_and_guidance(
-            loaded, seeded_noise(loaded.image_shape, [first_seed])[1], classes, unconditional, guidance
-        )
-        per_row = max(n, fid)
-        total = per_row * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
-        size = job_size(per_row, total / per_row, batch_size, guided=bool(w))
-        make_eps = command_noise_model(loaded, w, guidance_rescale, precision, compile_model, size, threads)
-        models = None
-        if teacher is not None:
-            teacher_w = (
-                0.0 if teacher.config.model.num_classes is None or unconditional else teacher.config.sample.guidance
-            )
-            teacher_eps = command_noise_model(
-                teacher, teacher_w, guidance_rescale, precision, compile_model, size, threads
-            )
-            models = [
-                ("teacher", teacher, teacher_eps)
-                if role == "teacher"
-                else (
-                    "student",
-                    student := student_for_steps(loaded, spec.steps),
-                    command_noise_model(student, 0.0, None, precision, compile_model, size, threads),
-                )
-                for spec, role in zip(specs, roles, strict=True)
-            ]
+    outputs = {"files": [("--save-stats", save_stats)], "directories": [("--out", out)], "inputs": [checkpoint]}
+    with job_on_ranks(device, checkpoint, ema, **outputs) as (shard, loaded):
         directory = out or loaded.run_dir / "compare"
-        samples_dir = directory / "samples" if fid else None
-        extract = _reference = None
-        if fid:
-            from ddim_cli import fid as f
+        check_outputs(directories=[("--out", directory)])
+        distilled = loaded.config.distill  # a student's rows next to its teacher's, at the counts it serves
+        teacher = None if distilled is None else load_run(Path(distilled.teacher), ema, device, loaded.device)
+        plan = {"skip": skip, "clip_x0": clip_x0, "ddpm_reference": ddpm_reference, "dpm_solver": dpm_solver}
+        specs, roles = c.plan_comparison(loaded, step_counts, etas, teacher=teacher, **plan)
+        # Checked on the first images; every row and batch draws its classes the same way.
+        first_seed = loaded.config.sample.seed if seed is None else seed
+        first = seeded_noise(loaded.image_shape, [first_seed])[1]
+        w = sample_conditioning(loaded, first, parse_classes(classes), unconditional, guidance)[1]
+        total = max(n, fid) * sum(len(spec.timesteps(loaded.alpha_bars)) for spec in specs)
+        size = job_size(max(n, fid), total / max(n, fid), batch_size, guided=bool(w))
 
-            with shard.main_first():  # one download of the reference or the weights
-                opened_reference = f.open_source(reference, batch_size, data_root=data_root, download=download)
-                extract = f.inception_extractor(inception_weights, where)
-            _reference = fid_statistics(
-                f, opened_reference, extract, progress and shard.main, "reference statistics", shard
+        def noise_model_of(model, guided_w: float):
+            rescale = rescale_or_config(model, guidance_rescale)
+            run_as = {"precision": precision.value, "compile": auto_switch(compile_model), "threads": threads}
+            return noise_model(model, guidance=guided_w, guidance_rescale=rescale, size=size, **run_as)
+
+        make_eps = noise_model_of(loaded, w)
+        models = None if teacher is None else c.row_models(loaded, teacher, specs, roles, noise_model_of, unconditional)
+        samples_dir = directory / "samples" if fid else None
+        if fid:  # the reference first: a missing download fails before any sampling
+            source = {"weights": inception_weights, "save_stats": save_stats, "root": data_root, "download": download}
+            reference_stats, extract = _reference_statistics(
+                reference, source, batch_size, progress, shard, loaded.device
             )
-            if shard.main:
-                save_fid_stats(f, _reference, save_stats)
         with progress_bar(total, progress and shard.main, f"compare {len(specs)} samplers") as bar:
+            draws = {"seed": first_seed, "classes": parse_classes(classes), "unconditional": unconditional}
+            run = {"batch_size": batch_size, "samples_dir": samples_dir, "count": fid or None, "shard": shard}
             rows = c.run_comparison(
-                loaded,
-                make_eps,
-                specs,
-                n=n,
-                seed=first_seed,
-                batch_size=batch_size,
-                progress=rank_progress(bar, shard),
-                samples_dir=samples_dir,
-                count=fid or None,
-                classes=parse_classes(classes),
-                unconditional=unconditional,
-                shard=shard,
-                models=models,
+                loaded, make_eps, specs, n=n, models=models, progress=rank_progress(bar, shard), **draws, **run
             )
         if fid:
             with progress_bar(fid * len(rows), progress and shard.main, "sample statistics", unit="img") as bar:
+                progress_of = rank_progress(bar, shard)
                 c.add_fid(
-                    rows, samples_dir, _reference, extract, batch_size, cfg.name, shard, rank_progress(bar, shard)
+                    rows, samples_dir, reference_stats, extract, batch_size, loaded.config.name, shard, progress_of
                 )
-        distributed.finish(shard)
-        if not shard.main:  # rank 0 writes
-            return
-        paths = c.write_comparison(rows, directory)
-    typer.echo(paths["table.md"].read_text(), nl=False)
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    if shard.main:  # rank 0 writes
+        with user_errors():
+            paths = c.write_comparison(rows, directory)
+        typer.echo(paths["table.md"].read_text(), nl=False)
+        typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _reference_statistics(reference, source: dict, batch_size: int, progress: bool, shard, device):
+    """The FID reference's statistics and the feature extractor (one download, on rank 0 first);
+    rank 0 saves the statistics where --save-stats asks."""
+    from ddim_cli import fid as f
+
+    with shard.main_first():
+        opened = f.open_source(reference, batch_size, data_root=source["root"], download=source["download"])
+        extract = f.inception_extractor(source["weights"], device)
+    stats = fid_statistics(f, opened, extract, progress and shard.main, "reference statistics", shard)
+    if shard.main:
+        save_fid_stats(f, stats, source["save_stats"])
+    return stats, extract

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import check_outputs, fail, user_errors
+from ddim_cli.commands.errors import fail, user_errors
 from ddim_cli.commands.options import OUTPUT_PANEL
+from ddim_cli.commands.running import check_outputs
 
 
 class Preset(str, Enum):

@@ -8,17 +8,19 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
+from ddim_cli.commands.errors import run_errors, user_errors
 from ddim_cli.commands.options import (
-    HARDWARE_PANEL,
     OUTPUT_PANEL,
     Device,
+    DeviceOpt,
+    ProgressOpt,
     ResumeIfExistsOpt,
     ThreadsOpt,
     TimeLimitOpt,
     overrides_option,
     with_run_options,
 )
+from ddim_cli.commands.running import check_outputs
 
 
 class DistillMethod(str, Enum):
@@ -69,11 +71,8 @@ def distill(
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    device: Annotated[
-        Device,
-        typer.Option(help="Where to distil; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL),
-    ] = Device.auto,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.", rich_help_panel=OUTPUT_PANEL)] = True,
+    device: DeviceOpt = Device.auto,
+    progress: ProgressOpt = True,
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
@@ -86,13 +85,10 @@ def distill(
     class-conditional student learns the teacher guided at its sample.guidance: one call per step
     gives the guided image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
     """
-    from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import load_config
     from ddim_cli.distillation import distill as run_distillation
     from ddim_cli.distillation import student_config
     from ddim_cli.models import load_model, resolve_checkpoint
-    from ddim_cli.run_loop import TrainingError, TrainingInterrupted
-    from ddim_cli.runlock import RunBusyError
 
     overrides = with_run_options(overrides, time_limit, threads)
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
@@ -115,18 +111,10 @@ def distill(
             typer.echo(config.to_yaml(), nl=False)
             return
         check_outputs(directories=[("the run directory", directory)])
-    try:
+    with run_errors("run again with --set train.compile=false"):
         result = run_distillation(
             config, directory, resume=resume, overwrite=overwrite, device=device.value, progress=progress
         )
-    except TrainingInterrupted as stop:
-        typer.echo(str(stop), err=True)
-        raise typer.Exit(code=stop.status) from None
-    except (TrainingError, CheckpointError, RunBusyError) as error:
-        fail(str(error))
-    except Exception as error:
-        fail_if_compile_error(error, "run again with --set train.compile=false")
-        raise
     if result.rank != 0:  # rank 0 reports
         return
     kept = ", ".join(f"{count} steps: {path}" for count, path in result.students.items())

@@ -7,19 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import (
-    check_outputs,
-    checkpoint_and_images,
-    fail,
-    load_inputs,
-    load_run,
-    progress_bar,
-    rank_progress,
-    refuse_students,
-    rescale_or_config,
-    sampler_spec,
-    user_errors,
-)
+from ddim_cli.commands.errors import fail, user_errors
 from ddim_cli.commands.options import (
     CLASSES_PANEL,
     BatchOpt,
@@ -30,14 +18,14 @@ from ddim_cli.commands.options import (
     GuidanceRescaleOpt,
     ProgressOpt,
     SampleGuidanceOpt,
-    Sampler,
     SkipOpt,
     StepsOpt,
     ThreadsOpt,
-    Variance,
     npz_option,
     out_folder_option,
 )
+from ddim_cli.commands.progress import progress_bar, rank_progress
+from ddim_cli.commands.running import check_outputs, checkpoint_and_images, job_on_ranks, load_inputs, rescale_or_config
 
 
 class EditMethod(str, Enum):
@@ -100,9 +88,10 @@ def edit(
     """
     import torch
 
-    from ddim_cli import distributed
     from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.jobs.edit import edit_images, write_edits
+    from ddim_cli.models import check_classes
+    from ddim_cli.sampler_choice import choose_sampler
     from ddim_cli.seeding import seeded_noise
 
     checkpoint, images_in = checkpoint_and_images(paths, "edit")
@@ -110,26 +99,18 @@ def edit(
         fail(f"--strength must lie in (0, 1], got {strength:g}", code=2)
     if null_text and (method != EditMethod.ddib or from_class is None or guidance == 0):
         fail("--null-text needs --method ddib, --from-class J and --guidance W > 0", code=2)
-    with user_errors():
-        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
-        check_outputs([("--npz", npz)], [("--out", out)], inputs=[checkpoint, *images_in])
-        loaded = load_run(checkpoint, ema, device, where)
-        refuse_students(loaded, "ddim edit")
+    outputs = {"files": [("--npz", npz)], "directories": [("--out", out)], "inputs": [checkpoint, *images_in]}
+    with job_on_ranks(device, checkpoint, ema, **outputs, full_model_for="ddim edit") as (shard, loaded):
         directory = out or loaded.run_dir / "edit"
         check_outputs(directories=[("--out", directory)])
-        if loaded.config.model.num_classes is None:
-            raise CheckpointError("--to-class needs a class-conditional model; this one is unconditional")
-        num_classes = loaded.config.model.num_classes
-        for option, label in (("--to-class", to_class), ("--from-class", from_class)):
-            if label is not None and not 0 <= label < num_classes:
-                raise CheckpointError(f"{option} {label} is out of range; this model has classes 0..{num_classes - 1}")
+        check_classes(loaded, [to_class], "--to-class")
+        check_classes(loaded, None if from_class is None else [from_class], "--from-class")
         w = loaded.config.sample.guidance if guidance is None else guidance
         if null_text and not w:
             raise CheckpointError("--null-text needs --guidance W > 0 (this config's sample.guidance is 0)")
         originals = load_inputs(loaded, images_in)
-        count = len(originals)
-        ddib_spec = method == EditMethod.ddib
-        spec = sampler_spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False if ddib_spec else None)
+        count, ddib = len(originals), method == EditMethod.ddib
+        spec = choose_sampler(loaded, "ddim", steps, 0.0, skip, clip_x0=False if ddib else None)  # DDIB never clips
         to_labels = torch.full((count,), to_class, dtype=torch.long)
         from_labels = None if from_class is None else torch.full((count,), from_class, dtype=torch.long)
         with progress_bar(count, progress and shard.main, f"edit ({method.value}) S={spec.steps}") as bar:
@@ -151,14 +132,12 @@ def edit(
                 progress=rank_progress(bar, shard),
                 shard=shard,
             )
-        distributed.finish(shard)
-        if not shard.main:  # rank 0 writes
-            return
+    if not shard.main:  # rank 0 writes
+        return
+    with user_errors():
         names = [str(path) for path in images_in]
         distances, written = write_edits(directory, originals, edited, names, to_labels, from_labels, npz)
-    how = method.value + (
-        " + null-text" if null_text else " + exact inversion" if ddib_spec and exact_inversion else ""
-    )
+    how = method.value + (" + null-text" if null_text else " + exact inversion" if ddib and exact_inversion else "")
     typer.echo(
         f"edited {count} image(s) to class {to_class} with {how}, {spec.label}, guidance {w:g}"
         + (f", strength {strength:g}" if method == EditMethod.sdedit else "")

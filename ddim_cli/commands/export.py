@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import check_outputs, load_run, user_errors
+from ddim_cli.commands.errors import user_errors
 from ddim_cli.commands.options import OUTPUT_PANEL, CheckpointArg, Device, EmaOpt
+from ddim_cli.commands.running import check_outputs, load_run
 
 
 class ExportFormat(str, Enum):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import check_outputs, fail, fid_statistics, save_fid_stats, torch_device, user_errors
+from ddim_cli.commands.errors import fail, user_errors
 from ddim_cli.commands.options import (
     BatchOpt,
     DataRootOpt,
@@ -18,6 +18,8 @@ from ddim_cli.commands.options import (
     ProgressOpt,
     SaveStatsOpt,
 )
+from ddim_cli.commands.progress import fid_statistics, save_fid_stats
+from ddim_cli.commands.running import check_outputs, torch_device
 
 
 def fid_command(

@@ -6,20 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import (
-    auto_switch,
-    check_outputs,
-    checkpoint_and_images,
-    fail,
-    invert_labels,
-    load_inputs,
-    load_run,
-    progress_bar,
-    refuse_students,
-    rescale_or_config,
-    sampler_spec,
-    user_errors,
-)
+from ddim_cli.commands.errors import fail, user_errors
 from ddim_cli.commands.options import (
     BatchOpt,
     CheckpointAndImagesArg,
@@ -35,13 +22,21 @@ from ddim_cli.commands.options import (
     MaxIterOpt,
     Precision,
     ProgressOpt,
-    Sampler,
     SkipOpt,
     StepsOpt,
     ThreadsOpt,
     TolOpt,
-    Variance,
     out_folder_option,
+)
+from ddim_cli.commands.progress import progress_bar
+from ddim_cli.commands.running import (
+    auto_switch,
+    check_outputs,
+    checkpoint_and_images,
+    load_inputs,
+    load_run,
+    parse_classes,
+    rescale_or_config,
 )
 from ddim_cli.inversion_defaults import EXACT_TOL, NULL_TEXT_INNER_STEPS
 
@@ -62,6 +57,17 @@ def _summary_of_exact_inversion(report, images: list, steps: int, tol: float, ma
         for path, image in missed
     ]
     return lines
+
+
+def _check_options(count: int, interpolate: bool, tol: float, null_text: bool, classes, guidance: float) -> None:
+    if interpolate and count != 2:
+        fail(f"--interpolate needs exactly two images, got {count}", code=2)
+    if not tol > 0:
+        fail(f"--tol must be > 0, got {tol:g}", code=2)
+    if null_text and (classes is None or not guidance):
+        fail("--null-text needs --class K and --guidance W > 0 (unguided inversion is faithful as it is)", code=2)
+    if null_text and interpolate:
+        fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
 
 
 def invert(
@@ -115,26 +121,22 @@ def invert(
     (usable with `ddim sample --latents`), grid.png (originals, reconstructions, latents),
     metrics.csv (per-dimension MSE on [-1, 1] and PSNR) and, with --interpolate, interpolation.png.
     """
+    from ddim_cli.conditioning import cycled_labels
     from ddim_cli.jobs.invert import invert_to_folder
+    from ddim_cli.models import require_full_model
+    from ddim_cli.sampler_choice import choose_sampler
 
     checkpoint, images_in = checkpoint_and_images(paths, "invert")
-    if interpolate and len(images_in) != 2:
-        fail(f"--interpolate needs exactly two images, got {len(images_in)}", code=2)
-    if not tol > 0:
-        fail(f"--tol must be > 0, got {tol:g}", code=2)
-    if null_text and (class_label is None or not guidance):
-        fail("--null-text needs --class K and --guidance W > 0 (unguided inversion is faithful as it is)", code=2)
-    if null_text and interpolate:
-        fail("--interpolate works on plain or --exact latents; drop --null-text", code=2)
+    _check_options(len(images_in), interpolate, tol, null_text, class_label, guidance)
     with user_errors():
         check_outputs([], [("--out", out)], inputs=[checkpoint, *images_in])
         loaded = load_run(checkpoint, ema, device)
-        refuse_students(loaded, "ddim invert")
+        require_full_model(loaded, "ddim invert")
         directory = out or loaded.run_dir / "invert"
         check_outputs(directories=[("--out", directory)])
         originals = load_inputs(loaded, images_in)
         # No clipping either way: clipping x0 while decoding would leave the ODE that inversion follows.
-        spec = sampler_spec(loaded, Sampler.ddim, steps, 0.0, skip, Variance.posterior, False)
+        spec = choose_sampler(loaded, "ddim", steps, 0.0, skip, clip_x0=False)
         steps_run = len(spec.timesteps(loaded.alpha_bars))
         with progress_bar(2 * len(originals) * steps_run, progress, f"invert + reconstruct S={spec.steps}") as bar:
             run = invert_to_folder(
@@ -143,7 +145,7 @@ def invert(
                 [str(path) for path in images_in],
                 spec,
                 directory,
-                labels=invert_labels(loaded, class_label, guidance, len(originals)),
+                labels=cycled_labels(loaded, parse_classes(class_label), guidance, len(originals)),
                 guidance=guidance,
                 guidance_rescale=rescale_or_config(loaded, guidance_rescale),
                 exact=exact,

@@ -7,19 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import (
-    auto_switch,
-    check_outputs,
-    class_summary,
-    fail,
-    labels_and_guidance,
-    load_run,
-    parse_classes,
-    progress_bar,
-    rescale_or_config,
-    sampler_spec,
-    user_errors,
-)
+from ddim_cli.commands.errors import fail
 from ddim_cli.commands.options import (
     CLASSES_PANEL,
     OUTPUT_PANEL,
@@ -47,6 +35,8 @@ from ddim_cli.commands.options import (
     Variance,
     npz_option,
 )
+from ddim_cli.commands.progress import progress_bar
+from ddim_cli.commands.running import auto_switch, check_outputs, job_on_ranks, parse_classes, rescale_or_config
 
 
 def sample(
@@ -135,64 +125,46 @@ def sample(
     command runs again. Under torchrun the ranks share every batch (--batch-size is all ranks'
     batch) and rank 0 writes: `torchrun --nproc_per_node 8 -m ddim_cli -- sample ...`.
     """
-    from ddim_cli import distributed
+    from ddim_cli.conditioning import sample_conditioning
     from ddim_cli.jobs.invert import null_text_sample_to_files
-    from ddim_cli.jobs.sample import sample_to_files
+    from ddim_cli.jobs.sample import default_grid_path, sample_to_files
+    from ddim_cli.sampler_choice import choose_sampler
     from ddim_cli.seeding import seeded_noise
 
     if null_embeddings is not None:
-        if latents is None:
-            fail("--null-embeddings needs --latents (both written by ddim invert --null-text)", code=2)
-        if sampler != Sampler.ddim or eta:
-            fail("--null-embeddings were fitted for deterministic DDIM; drop --sampler / --eta", code=2)
-        if unconditional:
-            fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
+        _check_null_text_options(latents, sampler, eta, unconditional)
         clip_x0 = False if clip_x0 is None else clip_x0
-    with user_errors():
-        shard, where = distributed.setup(device.value)  # one process, or one of torchrun's
-        files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
-        check_outputs(files, [("--out-dir", out_dir)], inputs=[checkpoint, latents, null_embeddings])
-        loaded = load_run(checkpoint, ema, device, where, steps)
+    files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
+    outputs = {
+        "files": files,
+        "directories": [("--out-dir", out_dir)],
+        "inputs": [checkpoint, latents, null_embeddings],
+    }
+    with job_on_ranks(device, checkpoint, ema, steps=steps, **outputs) as (shard, loaded):
         if out is None:
             check_outputs(directories=[("the default --out folder", loaded.run_dir / "samples")])
-        spec = sampler_spec(loaded, sampler, steps, eta, skip, variance, clip_x0)
+        spec = choose_sampler(loaded, sampler.value, steps, eta, skip, variance.value, clip_x0)
         if latents is not None and null_embeddings is None:
             seed, classes, unconditional = _recorded_draws(latents, seed, classes, unconditional, shard.main)
         seed = loaded.config.sample.seed if seed is None else seed
-        name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
-        outputs = {
-            "grid": out or loaded.run_dir / "samples" / f"{name}-seed{seed}.png",
-            "out_dir": out_dir,
-            "npz": npz,
-            "save_latents": save_latents,
-        }
         count = _count(loaded, latents, n)
-        if null_embeddings is None:  # the first image's draws check --class / --guidance before any work
-            w = labels_and_guidance(
-                loaded, seeded_noise(loaded.image_shape, [seed])[1], classes, unconditional, guidance
-            )[1]
-        steps_run = len(spec.timesteps(loaded.alpha_bars))
-        with progress_bar(count * steps_run, progress and shard.main, spec.label) as bar:
-            jobs = {"batch_size": batch_size, "threads": threads, "progress": bar.update, "shard": shard}
+        with progress_bar(count * len(spec.timesteps(loaded.alpha_bars)), progress and shard.main, spec.label) as bar:
+            job = {"classes": parse_classes(classes), "batch_size": batch_size, "threads": threads, "shard": shard}
+            job |= {"grid": out or default_grid_path(loaded, spec, seed), "out_dir": out_dir, "npz": npz}
+            job |= {"save_latents": save_latents, "progress": bar.update}
             if null_embeddings is not None:
                 run = null_text_sample_to_files(
-                    loaded,
-                    spec,
-                    latents=latents,
-                    null_embeddings=null_embeddings,
-                    classes=parse_classes(classes),
-                    guidance=guidance,
-                    **outputs,
-                    **jobs,
+                    loaded, spec, latents=latents, null_embeddings=null_embeddings, guidance=guidance, **job
                 )
-            else:
+            else:  # the first image's draws check --class / --guidance before any work
+                first = seeded_noise(loaded.image_shape, [seed])[1]
+                w = sample_conditioning(loaded, first, job["classes"], unconditional, guidance)[1]
                 run = sample_to_files(
                     loaded,
                     spec,
                     count=count,
                     seed=seed,
                     latents=latents,
-                    classes=parse_classes(classes),
                     unconditional=unconditional,
                     guidance=w,
                     guidance_rescale=rescale_or_config(loaded, guidance_rescale) if w else 0.0,
@@ -200,24 +172,20 @@ def sample(
                     compile=auto_switch(compile_model),
                     resume=resume,
                     notify=lambda note: typer.echo(f"note: {note}", err=True) if shard.main else None,
-                    **outputs,
-                    **jobs,
+                    **job,
                 )
-        distributed.finish(shard)
-    if not shard.main:
-        return
-    if run.labels is None:
-        conditioning = " (null label)" if loaded.config.model.num_classes else ""
-    else:
-        rescaled = f", rescale {run.guidance_rescale:g}" if run.guidance_rescale else ""
-        guided = f"guidance {run.guidance:g}{rescaled}"
-        if loaded.config.distill is not None:
-            guided = f"its teacher's guidance {loaded.config.distill.guidance:g}, learnt by distillation"
-        conditioning = f" (classes {class_summary(run.labels)}, {guided})"
-    made = run.count - run.resumed
-    timing = f" in {run.seconds / made:.4f} s/image" if made else ""
-    typer.echo(f"{run.count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}")
-    typer.echo("wrote " + ", ".join(run.written))
+    if shard.main:
+        typer.echo(run.describe(loaded, spec))
+        typer.echo("wrote " + ", ".join(run.written))
+
+
+def _check_null_text_options(latents: Path | None, sampler: Sampler, eta: float | None, unconditional: bool) -> None:
+    if latents is None:
+        fail("--null-embeddings needs --latents (both written by ddim invert --null-text)", code=2)
+    if sampler != Sampler.ddim or eta:
+        fail("--null-embeddings were fitted for deterministic DDIM; drop --sampler / --eta", code=2)
+    if unconditional:
+        fail("--null-embeddings guide towards a class; drop --unconditional", code=2)
 
 
 def _count(loaded, latents: Path | None, n: int | None) -> int:

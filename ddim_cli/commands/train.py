@@ -7,17 +7,18 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.common import check_outputs, fail, fail_if_compile_error, user_errors
+from ddim_cli.commands.errors import fail, run_errors, user_errors
 from ddim_cli.commands.options import (
-    HARDWARE_PANEL,
-    OUTPUT_PANEL,
     Device,
+    DeviceOpt,
+    ProgressOpt,
     ResumeIfExistsOpt,
     ThreadsOpt,
     TimeLimitOpt,
     overrides_option,
     with_run_options,
 )
+from ddim_cli.commands.running import check_outputs
 
 
 def train(
@@ -38,17 +39,12 @@ def train(
     time_limit: TimeLimitOpt = None,
     threads: ThreadsOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    device: Annotated[
-        Device, typer.Option(help="Where to train; auto picks CUDA when available.", rich_help_panel=HARDWARE_PANEL)
-    ] = Device.auto,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.", rich_help_panel=OUTPUT_PANEL)] = True,
+    device: DeviceOpt = Device.auto,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train a diffusion model from a YAML config (multi-GPU: launch with torchrun)."""
-    from ddim_cli.checkpoint import CheckpointError
     from ddim_cli.config import ConfigError, load_config
     from ddim_cli.run_loop import holds_run
-    from ddim_cli.runlock import RunBusyError
-    from ddim_cli.train import TrainingError, TrainingInterrupted
     from ddim_cli.train import train as run_training
 
     if (config_path is None) == (resume is None):
@@ -72,17 +68,9 @@ def train(
     directory = resume if resume is not None else (run_dir or Path("runs") / config.name)
     with user_errors():
         check_outputs(directories=[("the run directory", directory)])
-    try:
+    again = "" if resume is not None else " --overwrite"  # a failed start left its log there
+    with run_errors(f"run again with --set train.compile=false{again}"):
         result = run_training(
             config, directory, resume=resume is not None, overwrite=overwrite, device=device.value, progress=progress
         )
-    except TrainingInterrupted as stop:
-        typer.echo(str(stop), err=True)
-        raise typer.Exit(code=stop.status) from None
-    except (TrainingError, CheckpointError, RunBusyError) as error:
-        fail(str(error))
-    except Exception as error:
-        again = "" if resume is not None else " --overwrite"  # the failed start left its log there
-        fail_if_compile_error(error, f"run again with --set train.compile=false{again}")
-        raise
     typer.echo(f"trained to step {result.step}; latest checkpoint: {result.checkpoint}")

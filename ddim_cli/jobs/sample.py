@@ -21,6 +21,7 @@ import torch
 
 from ddim_cli.acceleration import Precision, Switch, job_size
 from ddim_cli.batches import AllRanksProgress, in_batches, pick, step_counter
+from ddim_cli.conditioning import class_summary
 from ddim_cli.distributed import Shard
 from ddim_cli.images import load_latents
 from ddim_cli.models import LoadedModel, MakeEps, Progress, SamplerSpec, class_labels, noise_model
@@ -91,6 +92,26 @@ class SampleRun:
     written: list[str]  # the files, as the command lists them
     guidance: float = 0.0  # the guidance w sampled with
     guidance_rescale: float = 0.0
+
+    def describe(self, loaded: LoadedModel, spec: SamplerSpec) -> str:
+        """One line: how many images, how, with which classes and guidance, from which checkpoint."""
+        if self.labels is None:
+            conditioning = " (null label)" if loaded.config.model.num_classes else ""
+        else:
+            rescaled = f", rescale {self.guidance_rescale:g}" if self.guidance_rescale else ""
+            guided = f"guidance {self.guidance:g}{rescaled}"
+            if loaded.config.distill is not None:
+                guided = f"its teacher's guidance {loaded.config.distill.guidance:g}, learnt by distillation"
+            conditioning = f" (classes {class_summary(self.labels)}, {guided})"
+        made = self.count - self.resumed
+        timing = f" in {self.seconds / made:.4f} s/image" if made else ""
+        return f"{self.count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}"
+
+
+def default_grid_path(loaded: LoadedModel, spec: SamplerSpec, seed: int) -> Path:
+    """Where ``ddim sample`` writes its grid unless told: the run's samples/, named by sampler and seed."""
+    name = f"sample-{spec.method}-S{spec.steps}" + (f"-eta{spec.eta:g}" if spec.method == "ddim" else "")
+    return loaded.run_dir / "samples" / f"{name}-seed{seed}.png"
 
 
 def sample_settings(
