@@ -55,16 +55,51 @@ def test_a_figure_of_a_group_that_ran_but_was_not_measured_fails_and_other_group
     assert set(only_sampling) == {"sample.default.S50.confident", "sample.default.S50.pca_fd"}
 
 
-def test_updating_the_baseline_keeps_tolerances_and_gives_new_figures_the_default_ones():
-    updated = eval_all.updated_baseline(BASELINE, {**GOOD, "edit.ddib-null-target.to_target": 0.97}, "test run")
-    assert updated["figures"]["invert.bilinear-exact-s=10.mean_mse"] == {
-        "value": 7e-6,
-        "better": "lower",
-        "factor": 2.0,
-        "limit": 1e-4,
-    }
-    assert updated["figures"]["edit.ddib-null-target.to_target"] == {"value": 0.97, "better": "higher", "slack": 0.05}
-    assert updated["about"] == "test run"
+TRAININGS = [  # three quickstart trainings' figures: seed noise and another CPU's arithmetic
+    {"sample.default.S50.confident": 0.970, "invert.bilinear-exact-s=10.max_mse": 1e-5, "restore.sr4.x.psnr": 18.0},
+    {"sample.default.S50.confident": 0.978, "invert.bilinear-exact-s=10.max_mse": 2e-5, "restore.sr4.x.psnr": 18.1},
+    {"sample.default.S50.confident": 0.962, "invert.bilinear-exact-s=10.max_mse": 4e-5, "restore.sr4.x.psnr": 17.9},
+]
+
+
+def test_a_baseline_from_three_trainings_takes_its_tolerances_from_their_spread_with_floors():
+    baseline = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
+    figures = baseline["figures"]
+    confident = figures["sample.default.S50.confident"]
+    assert confident["value"] == pytest.approx(0.97) and confident["slack"] == 0.03  # 3 sd = 0.024: the floor
+    assert confident["runs"] == [0.970, 0.978, 0.962]
+    max_mse = figures["invert.bilinear-exact-s=10.max_mse"]  # a max over 40 images: it doubles from seed to seed
+    assert max_mse["value"] == pytest.approx(2e-5) and max_mse["factor"] == pytest.approx(8.0)  # exp(3 sd(ln 2))
+    assert max_mse["limit"] == 1e-3
+    assert figures["restore.sr4.x.psnr"]["slack"] == pytest.approx(0.5)  # floor over 3 x 0.1
+    assert baseline["about"] == "three seeds"
+
+
+def test_a_retrain_within_the_seed_noise_passes_and_a_planted_regression_fails():
+    baseline = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
+    groups = ["sampling", "inversion", "restoration"]
+
+    def failed(measured):
+        return [v.name for v in eval_all.judge_figures(baseline, measured, groups) if v.status != "ok"]
+
+    # A fourth seed: each figure a little past the three before it (one run's baseline, 1e-5 x 3, would fail it)
+    retrain = {"sample.default.S50.confident": 0.955, "invert.bilinear-exact-s=10.max_mse": 7e-5}
+    assert failed({**retrain, "restore.sr4.x.psnr": 17.6}) == []
+    assert failed({**retrain, "restore.sr4.x.psnr": 17.4}) == ["restore.sr4.x.psnr"]  # below 18 - 0.5
+    assert failed({**retrain, "restore.sr4.x.psnr": 18, "sample.default.S50.confident": 0.93}) == [
+        "sample.default.S50.confident"
+    ]
+    assert failed({**retrain, "restore.sr4.x.psnr": 18, "invert.bilinear-exact-s=10.max_mse": 2e-4}) == [
+        "invert.bilinear-exact-s=10.max_mse"  # over 8 x 2e-5
+    ]
+
+
+def test_a_baseline_needs_three_complete_runs():
+    with pytest.raises(ValueError, match="at least 3 trainings"):
+        eval_all.baseline_from_runs(TRAININGS[:2], "", {})
+    partial = [TRAININGS[0], TRAININGS[1], {k: v for k, v in TRAININGS[2].items() if "psnr" not in k}]
+    with pytest.raises(ValueError, match="restore.sr4.x.psnr was not measured in every run"):
+        eval_all.baseline_from_runs(partial, "", {})
 
 
 def test_the_committed_baseline_holds_the_issue_goals_as_limits():
