@@ -199,7 +199,7 @@ def open_run(config: Config, run_dir: Path, *, resume: bool, overwrite: bool, de
         raise TrainingError(missing)
     shard, device_ = setup_distributed(device)
     if device_.type == "cpu":
-        set_threads(config.train.threads or None)  # training's batches use every free core
+        set_threads(config.train.threads or None, follow_load=False)  # the same arithmetic at every resume
     if config.train.batch_size % shard.world:
         raise TrainingError(
             f"train.batch_size {config.train.batch_size} does not split evenly over {shard.world} processes"

@@ -7,7 +7,9 @@ it: with both cores of a 2-core machine busy, sampling one digit took 26.6 s wit
 EPYC (AVX-512) the quickstart U-Net's calls of 0.13 GFLOP (2 images) ran at 0.75x the speed on two
 threads, of 0.26 GFLOP as fast as on one, of 0.5 GFLOP or more 1.2-1.8x faster (BENCHMARKS.md, "CPU
 threads"). So ``auto`` gives a job one thread per :data:`GFLOP_PER_THREAD` of work per call, at
-most the cores that are free now. A user's ``--threads N`` (or ``OMP_NUM_THREADS``) is taken as it is.
+most the cores that are free now. Training takes every core (per rank) whatever the load: its
+arithmetic depends on the thread count, and a resumed run must equal an uninterrupted one. A user's
+``--threads N`` (or ``OMP_NUM_THREADS``) is taken as it is.
 """
 
 from __future__ import annotations
@@ -95,13 +97,16 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def set_threads(requested: int | None, gflop_per_call: float | None = None) -> int:
+def set_threads(requested: int | None, gflop_per_call: float | None = None, *, follow_load: bool = True) -> int:
     """Set PyTorch's CPU threads for this job (see :func:`choose_threads`; torchrun's ranks on one
     machine share its cores) and return the count. An ``OMP_NUM_THREADS`` in the environment is the
-    user's choice: it stays."""
+    user's choice: it stays. ``follow_load=False`` ignores other processes: a training run's
+    gradient sums are split by thread, so its thread count must not follow the machine's load of
+    the moment, or a resumed run would not match an uninterrupted one bit for bit."""
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    threads = choose_threads(requested, gflop_per_call, processes=local_processes())
+    busy = None if follow_load else 0.0
+    threads = choose_threads(requested, gflop_per_call, busy=busy, processes=local_processes())
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return threads

@@ -1,7 +1,16 @@
-"""Tiny trained runs shared by the command tests (one per test module, as module-scoped fixtures)."""
+"""Tiny trained runs shared by the command tests (one per test module, as module-scoped fixtures).
 
-import pytest
-from test_commands import make_run
+The suite runs in two pytest-xdist workers (pyproject's addopts): each runs one CPU thread, and so do
+the processes its tests start (they inherit OMP_NUM_THREADS), so that two workers on two cores never
+wait on each other's threads. tests/test_threads.py sets and clears the variable where it matters."""
+
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads
+
+import pytest  # noqa: E402
+from test_commands import make_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

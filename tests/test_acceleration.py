@@ -57,8 +57,11 @@ def small_config(image_size: int) -> dict:
     }
 
 
-def checkpoint(tmp_path, image_size: int):
-    config = config_from_dict(small_config(image_size))
+def checkpoint(tmp_path, image_size: int, smallest: bool = False):
+    raw = small_config(image_size)
+    if smallest:  # one level of one block, attention included: every kind of layer, once
+        raw["model"].update(ch_mult=[1], attn_resolutions=[image_size])
+    config = config_from_dict(raw)
     torch.manual_seed(0)
     weights = UNet(config.unet_config()).state_dict()
     path = tmp_path / f"step-{image_size}.safetensors"
@@ -127,7 +130,8 @@ from ddim_cli.models import load_model, noise_model
 path = sys.argv[1]
 exact = noise_model(load_model(path), precision="fp32", channels_last=False, compile=False)(None)
 fast = noise_model(load_model(path), precision="bf16", channels_last=True, compile=True, notify=print)(None)
-x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 700])
+size = int(sys.argv[2])
+x, t = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 700])
 # CUDA's build: freezing (CPU only: it prepacks weights into the code) bypasses the graph cache.
 with torch.no_grad(), torch._inductor.config.patch(freezing=False):
     a, b = exact(x, t), fast(x, t)
@@ -140,13 +144,11 @@ print("cache hits", counters["inductor"]["fxgraph_cache_hit"])
 def test_the_cuda_fast_path_composes_on_the_cpu_and_its_build_is_cached_across_processes(tmp_path):
     """bf16 autocast + channels_last + torch.compile together, as large CUDA jobs run them; the
     second process loads the first one's build from our cache directory, and each says so."""
-    path = checkpoint(tmp_path, 32)
+    path = checkpoint(tmp_path, 8, smallest=True)  # a build costs seconds per kernel: the fewest layers
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["DDIM_CACHE_DIR"] = str(tmp_path / "cache")
-    runs = [
-        subprocess.run([sys.executable, "-c", COMPILE_TWICE, str(path)], env=env, capture_output=True, text=True)
-        for _ in range(2)
-    ]
+    command = [sys.executable, "-c", COMPILE_TWICE, str(path), "8"]
+    runs = [subprocess.run(command, env=env, capture_output=True, text=True) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr
         assert "dtype torch.float32 contiguous True" in run.stdout

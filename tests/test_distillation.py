@@ -233,4 +233,4 @@ def test_dmd_loss_has_dmds_gradient_and_matches_a_gaussian_generator_to_the_data
         optimizer.zero_grad()
         distribution_matching_loss(sample, real_x0(noised, t), fake_x0(noised, t)).backward()
         optimizer.step()
-    assert abs(float(b) - 0.3) < 0.02 and abs(abs(float(a)) - 0.5) < 0.02
+    assert abs(b.item() - 0.3) < 0.02 and abs(abs(a.item()) - 0.5) < 0.02

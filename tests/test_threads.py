@@ -106,3 +106,24 @@ def test_train_threads_is_a_config_key():
     assert tiny_config(train={"threads": 1}).train.threads == 1
     with pytest.raises(ConfigError, match="train.threads"):
         tiny_config(train={"threads": -1})
+
+
+def test_training_takes_every_core_whatever_the_load_so_a_resume_repeats_its_arithmetic(
+    monkeypatch, keep_torch_threads, tmp_path
+):
+    # Gradient sums are split by thread: a run resumed on a busier machine with fewer threads would
+    # not match an uninterrupted one bit for bit (tests/test_stops.py, test_distill.py check that).
+    from test_train import tiny_config
+
+    from ddim_cli.train import train
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda *a: pytest.fail("training measured the load"))
+    torch.set_num_threads(1)
+    train(tiny_config(train={"steps": 1, "sample_every": 0}), tmp_path / "run", device="cpu", progress=False)
+    assert torch.get_num_threads() == 2
+    train(
+        tiny_config(train={"steps": 1, "sample_every": 0, "threads": 1}), tmp_path / "one", device="cpu", progress=False
+    )
+    assert torch.get_num_threads() == 1

@@ -15,7 +15,7 @@ from ddim_cli.commands.options import (
     DeviceOpt,
     ProgressOpt,
     ResumeIfExistsOpt,
-    ThreadsOpt,
+    RunThreadsOpt,
     TimeLimitOpt,
     overrides_option,
     with_run_options,
@@ -66,7 +66,7 @@ def distill(
     ] = False,
     resume_if_exists: ResumeIfExistsOpt = False,
     time_limit: TimeLimitOpt = None,
-    threads: ThreadsOpt = None,
+    threads: RunThreadsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,

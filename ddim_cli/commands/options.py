@@ -165,6 +165,16 @@ ThreadsOpt = Annotated[
         rich_help_panel=HARDWARE_PANEL,
     ),
 ]
+RunThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (train.threads; default: every core, however busy, so that a resume repeats the "
+        "run's arithmetic; OMP_NUM_THREADS also counts).",
+        rich_help_panel=HARDWARE_PANEL,
+    ),
+]
 PrecisionOpt = Annotated[
     Precision,
     typer.Option(
