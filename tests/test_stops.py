@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import tiny_config
+from test_train import set_rank_environment, tiny_config
 from typer.testing import CliRunner
 
 from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
@@ -191,14 +191,7 @@ def test_the_deadline_is_the_earlier_of_the_time_limit_and_slurms_end(monkeypatc
 
 # --- torchrun's ranks ---------------------------------------------------------------------------------
 def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),  # as torchrun sets it: the ranks share the cores
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_rank_environment(rank, world, port)
     import torch.distributed as dist
 
     from ddim_cli import run_loop

@@ -252,15 +252,14 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_
 
 
 # --- two gloo processes ---------------------------------------------------------------------------
+def set_rank_environment(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a rank on this machine (LOCAL_WORLD_SIZE: the ranks share the cores)."""
+    local = {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **local)
+
+
 def _ddp_worker(rank, world, port, run_dir, out_dir):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),  # as torchrun sets it: the ranks share the cores
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_rank_environment(rank, world, port)
     import torch.distributed as dist
 
     from ddim_cli import run_loop
