@@ -228,7 +228,7 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
     time.sleep(rng.uniform(0, 0.3))
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run([*command[:4], str(run_dir), "--resume", "--no-progress"], capture_output=True, text=True)
+    resumed = subprocess.run([*command[:4], "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     kept = sorted(p.name for p in (tmp_path / "reference" / "students").iterdir())
     assert sorted(p.name for p in (run_dir / "students").iterdir()) == kept
@@ -262,6 +262,11 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
     line = one_line_error(ddim("distill", eps, "--run-dir", run), 2)
     assert "needs a v- or x0-prediction teacher" in line and "--set model.prediction=v" in line
     line = one_line_error(ddim("distill", tmp_path / "nothing-here", "--run-dir", run), 1)
+    for args in [(), (teacher, "--resume", run), ("--resume", run, "--resume-if-exists")]:  # as ddim train
+        line = one_line_error(ddim("distill", *args), 2)
+        assert "SOURCE" in line and "--resume" in line
+    line = one_line_error(ddim("distill", "--resume", tmp_path / "nothing-here"), 2)
+    assert "nothing-here" in line
     assert not run.exists()
 
 
@@ -279,7 +284,7 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_distillation_and_re
     err, step = stop_group(process, run_dir, sig, random.Random(seed))
     assert f"Resume with: ddim distill --resume {run_dir}" in err
 
-    resumed = start(["distill", run_dir, "--resume", "--set", f"distill.round_steps={step + 2}"])
+    resumed = start(["distill", "--resume", run_dir, "--set", f"distill.round_steps={step + 2}"])
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     fresh = [*args[:-4], "--set", f"distill.round_steps={step + 2}", *args[-4:]]

@@ -8,13 +8,14 @@ from typing import Annotated
 
 import typer
 
-from ddim_cli.commands.errors import run_errors, user_errors
+from ddim_cli.commands.errors import fail, run_errors, user_errors
 from ddim_cli.commands.options import (
     OUTPUT_PANEL,
     Device,
     DeviceOpt,
     ProgressOpt,
     ResumeIfExistsOpt,
+    ResumeOpt,
     RunThreadsOpt,
     TimeLimitOpt,
     overrides_option,
@@ -31,14 +32,13 @@ class DistillMethod(str, Enum):
 
 def distill(
     source: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             metavar="SOURCE",
-            help="The teacher: a run directory or a checkpoint (v or x0 prediction). With --resume, the "
-            "distillation run itself may be given instead.",
+            help="The teacher: a run directory or a checkpoint (v or x0 prediction). Not needed with --resume.",
             show_default=False,
         ),
-    ],
+    ] = None,
     method: Annotated[
         DistillMethod,
         typer.Option(
@@ -61,9 +61,7 @@ def distill(
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the distillation run from its latest checkpoint.")
-    ] = False,
+    resume: ResumeOpt = None,
     resume_if_exists: ResumeIfExistsOpt = False,
     time_limit: TimeLimitOpt = None,
     threads: RunThreadsOpt = None,
@@ -90,33 +88,39 @@ def distill(
     from ddim_cli.distillation import student_config
     from ddim_cli.models import load_model, resolve_checkpoint
 
+    if (source is None) == (resume is None):
+        fail("give the teacher SOURCE to start a distillation, or --resume RUN_DIR to continue one (not both)", code=2)
+    if resume_if_exists and resume is not None:
+        fail("--resume-if-exists goes with SOURCE (and --run-dir), not with --resume", code=2)
     overrides = with_run_options(overrides, time_limit, threads)
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
-        existing = source / "config.yaml"
-        is_distillation_run = existing.is_file() and "distill:" in existing.read_text()
-        resume = resume or (resume_if_exists and is_distillation_run)
-        if resume and is_distillation_run:
-            directory = run_dir or source  # the distillation run itself
+        if resume is not None or (resume_if_exists and _is_distillation_run(source)):
+            directory = resume if resume is not None else run_dir or source  # the distillation run itself
             config = load_config(directory / "config.yaml", overrides)
+            resume = directory
         else:
             teacher = load_model(resolve_checkpoint(source)[0])
             config = student_config(
                 teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
             )
             directory = run_dir or Path("runs") / config.name
-            resume = resume or (resume_if_exists and (directory / "config.yaml").is_file())
-            if resume and (directory / "config.yaml").is_file():
-                config = load_config(directory / "config.yaml", overrides)
+            if resume_if_exists and (directory / "config.yaml").is_file():
+                config, resume = load_config(directory / "config.yaml", overrides), directory
         if dry_run:
             typer.echo(config.to_yaml(), nl=False)
             return
         check_outputs(directories=[("the run directory", directory)])
     with run_errors("run again with --set train.compile=false"):
         result = run_distillation(
-            config, directory, resume=resume, overwrite=overwrite, device=device.value, progress=progress
+            config, directory, resume=resume is not None, overwrite=overwrite, device=device.value, progress=progress
         )
     if result.rank != 0:  # rank 0 reports
         return
     kept = ", ".join(f"{count} steps: {path}" for count, path in result.students.items())
     typer.echo(f"distilled to step {result.step}; students ({kept})")
     typer.echo(f"sample with: ddim sample {directory}")
+
+
+def _is_distillation_run(path: Path) -> bool:
+    config = path / "config.yaml"
+    return config.is_file() and "distill:" in config.read_text()

@@ -288,6 +288,14 @@ TimeLimitOpt = Annotated[
         "(train.time_limit; SLURM's job end time counts too).",
     ),
 ]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        metavar="RUN_DIR",
+        help="Continue the run in RUN_DIR from its latest checkpoint (with its own config and these --set).",
+    ),
+]
 ResumeIfExistsOpt = Annotated[
     bool,
     typer.Option(

@@ -13,6 +13,7 @@ from ddim_cli.commands.options import (
     DeviceOpt,
     ProgressOpt,
     ResumeIfExistsOpt,
+    ResumeOpt,
     RunThreadsOpt,
     TimeLimitOpt,
     overrides_option,
@@ -29,9 +30,7 @@ def train(
     run_dir: Annotated[
         Path | None, typer.Option(help="Where checkpoints, samples and logs go (default: runs/<config name>).")
     ] = None,
-    resume: Annotated[
-        Path | None, typer.Option(metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest checkpoint.")
-    ] = None,
+    resume: ResumeOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh in an existing run directory, replacing its run.")
     ] = False,
