@@ -117,7 +117,7 @@ def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
     from ddim_cli.models import load_model, resolve_checkpoint
 
     loaded = load_model(resolve_checkpoint(run)[0])
-    judge = DigitJudge()
+    judge = DigitJudge.cached()
     figures: dict[str, float] = {}
     for group in groups:
         start = time.perf_counter()

@@ -56,6 +56,29 @@ class DigitJudge:
         self.held_out_index = held
         self.held_out, self.held_out_labels = x[held], digits.target[held]
 
+    @classmethod
+    def cached(cls, seed: int = 0) -> DigitJudge:
+        """The judge for ``seed``, fitted once per scikit-learn version and kept in ddim-cli's cache
+        directory (the fit takes about 5 s; the quality gate's processes would each repeat it)."""
+        import os
+        import pickle
+
+        import sklearn
+
+        from ddim_cli.acceleration import compile_cache_dir
+
+        path = compile_cache_dir() / "eval" / f"digit-judge-sklearn{sklearn.__version__}-seed{seed}.pkl"
+        if path.is_file():
+            with open(path, "rb") as handle:
+                return pickle.load(handle)
+        judge = cls(seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")  # two processes may fit it at once
+        with open(partial, "wb") as handle:
+            pickle.dump(judge, handle)
+        os.replace(partial, path)
+        return judge
+
     def _gaussian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         features = self.pca.transform(x)
         return features.mean(0), np.cov(features, rowvar=False)
