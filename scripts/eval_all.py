@@ -8,7 +8,8 @@ baseline (scripts/gate_baseline.json: each figure's value, which way is better, 
 for the goals issues set, a hard limit), prints a table and exits 1 if any figure regressed.
 
 It takes 3 minutes on 2 idle cores of an AMD EPYC with AVX-512 (177-201 s with its groups in two
-processes, 236 s in one; 2026-12-05), and took 583 s on 2 AVX2 cores before the thread choice and
+processes, 236 s in one; 2026-12-05), 280-291 s on 2 cores of an Intel Xeon with AVX-512
+(2026-12-05), and took 583 s on 2 AVX2 cores before the thread choice and
 the two processes (issue 37; not measured there since): too slow for CI. Run it after any change to
 training, the U-Net, a sampler, a default or a config, on a freshly trained `bash
 scripts/quickstart.sh`, and put what it printed in your note. The quickstart figures of README,
