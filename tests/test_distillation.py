@@ -213,8 +213,11 @@ def test_dmd_loss_has_dmds_gradient_and_matches_a_gaussian_generator_to_the_data
     scale = (x - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
     assert torch.allclose(x.grad, (fake - real) / scale / x.numel())  # DMD Eq. 7 and 8, over the mean's numel
 
-    # G(z) = a z + b against data N(0.3, 0.5^2), with both scores exact (the fake one of G's own
-    # current distribution, as a perfectly trained fake score would be): G converges to the data.
+    # G(z) = a z + b against data N(0.3, 0.5^2) in 16 independent coordinates, with both scores exact
+    # (the fake one of G's own current distribution, as a perfectly trained fake score would be): G
+    # converges to the data, where the two scores agree and the gradient vanishes. Each sample has 16
+    # coordinates because DMD's weight 1 / mean|x - real| has no finite mean for a single coordinate:
+    # one-number samples gave a heavy-tailed gradient whose end point depended on the CPU's noise stream.
     generator = torch.Generator().manual_seed(0)
     a, b = (
         torch.tensor(1.0, dtype=torch.float64, requires_grad=True),
@@ -222,15 +225,16 @@ def test_dmd_loss_has_dmds_gradient_and_matches_a_gaussian_generator_to_the_data
     )
     optimizer = torch.optim.Adam([a, b], lr=0.01)
     real_x0 = gaussian_x0(0.3, 0.25, AB)
-    for _ in range(1500):
-        z = torch.randn(256, 1, dtype=torch.float64, generator=generator)
+    for _ in range(400):
+        z = torch.randn(256, 16, dtype=torch.float64, generator=generator)
         sample = a * z + b
         t = torch.randint(20, 980, (256,), generator=generator)
         noised = AB[t].sqrt().view(-1, 1) * sample.detach() + (1 - AB[t]).sqrt().view(-1, 1) * torch.randn(
-            256, 1, dtype=torch.float64, generator=generator
+            256, 16, dtype=torch.float64, generator=generator
         )
         fake_x0 = gaussian_x0(b.item(), a.item() ** 2, AB)
         optimizer.zero_grad()
         distribution_matching_loss(sample, real_x0(noised, t), fake_x0(noised, t)).backward()
         optimizer.step()
-    assert abs(b.item() - 0.3) < 0.02 and abs(abs(a.item()) - 0.5) < 0.02
+    # Seeds 0-7 end within 1e-8 of the data; swapping real and fake sends G away (a > 10).
+    assert abs(b.item() - 0.3) < 1e-4 and abs(abs(a.item()) - 0.5) < 1e-4
