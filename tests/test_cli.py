@@ -117,3 +117,19 @@ def test_image_grid_lays_images_out_as_torchvision_make_grid(count, nrow, channe
 
     images = torch.rand(count, channels, 5, 6, generator=torch.Generator().manual_seed(count)) * 2 - 1
     assert torch.equal(image_grid(images, nrow), make_grid(images, nrow=nrow, padding=2, pad_value=-1.0))
+
+
+def test_no_help_text_holds_what_markdown_help_would_drop():
+    # The app renders help as Markdown, which drops anything shaped like an HTML tag: distill's
+    # "runs/<teacher>-<method>-S<steps>" once showed as "runs/--S".
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        texts = [command.help or ""] + [getattr(param, "help", None) or "" for param in command.params]
+        for text in texts:
+            assert not re.search(r"<[A-Za-z/][^>]*>", text), f"ddim {name}: {text}"
+    rendered = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
+    assert "runs/TEACHER-METHOD-SSTEPS" in rendered

@@ -57,7 +57,7 @@ def distill(
         Path | None,
         typer.Option(
             "--run-dir",
-            help="Where the student run goes (default: runs/<teacher>-<method>-S<steps>).",
+            help="Where the student run goes (default: runs/TEACHER-METHOD-SSTEPS, e.g. runs/digits-dmd-S1).",
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = None,

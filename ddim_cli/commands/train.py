@@ -28,7 +28,10 @@ def train(
     ] = None,
     overrides: overrides_option("--set train.batch_size=64") = [],  # noqa: B006 (Typer reads, never mutates it)
     run_dir: Annotated[
-        Path | None, typer.Option(help="Where checkpoints, samples and logs go (default: runs/<config name>).")
+        Path | None,
+        typer.Option(
+            help="Where checkpoints, samples and logs go (default: runs/NAME, the config's name or file stem)."
+        ),
     ] = None,
     resume: ResumeOpt = None,
     overwrite: Annotated[
