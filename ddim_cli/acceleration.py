@@ -228,7 +228,8 @@ def describe_device(device: torch.device) -> str:
     2-4x faster with AVX-512) and the threads it uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _cpu_model() -> str:

@@ -225,3 +225,18 @@ def test_the_compile_cache_is_ours_unless_the_user_named_one(tmp_path, monkeypat
     monkeypatch.delenv("DDIM_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache_dir() == tmp_path / "xdg" / "ddim-cli"
+
+
+def test_the_device_line_counts_its_threads_in_words():
+    import torch
+
+    from ddim_cli.acceleration import describe_device
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert describe_device(torch.device("cpu")).endswith(", 1 thread")
+        torch.set_num_threads(2)
+        assert describe_device(torch.device("cpu")).endswith(", 2 threads")
+    finally:
+        torch.set_num_threads(before)

@@ -72,7 +72,8 @@ def test_a_run_writes_config_metrics_checkpoints_and_grids(tmp_path):
     state = checkpoint.training_state  # one file holds weights and training state
     assert state["step"] == 6 and "optimizer" in state
     log = (tmp_path / "run" / "train.log").read_text()  # timings name the CPU's vector instructions
-    capability = f", {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads]"
+    threads = torch.get_num_threads()
+    capability = f", {torch.backends.cpu.get_cpu_capability()}, {threads} thread{'s' if threads > 1 else ''}]"
     assert capability in log.splitlines()[0]
     last = log.splitlines()[-1]
     assert "finished at step 6: 6 steps in" in last and "images/s on " in last and last.endswith(capability[2:-1])
