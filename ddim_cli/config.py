@@ -118,9 +118,9 @@ class DistillConfig:
         "consistency"  # Salimans & Ho 2022, Song et al. 2023, Yin et al. 2024
     )
     teacher: str = ""  # the teacher's checkpoint file
-    teacher_steps: int = (
-        16  # progressive: the first teacher's DDIM steps (trailing grid from t = T-1); dmd: the regression pairs' steps
-    )
+    # progressive: the first teacher's DDIM steps (trailing grid from t = T-1); dmd: the regression pairs'
+    # DPM-Solver++(2M) steps
+    teacher_steps: int = 16
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
     round_steps: int = 600  # optimizer steps per halving round (consistency, dmd: in all)
     lr: float = 5e-4  # peak learning rate, constant after warmup (consistency: 2e-4 by default)
@@ -135,7 +135,7 @@ class DistillConfig:
     fake_updates: int = 4  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
     regression_weight: float = 1.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
-    regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its teacher_steps DDIM image), drawn once
+    regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its ODE solution), drawn once
     gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
     min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T
     max_level: float = 0.98

@@ -22,8 +22,10 @@ Each step:
    Eq. 8). It reaches ``G`` through the surrogate ``0.5 ||x - stopgrad(x - grad)||^2``, whose
    gradient in ``x`` is ``grad`` (scaled by the mean's 1/numel);
 3. plus ``distill.regression_weight`` times the regression loss on ``distill.regression_pairs``
-   teacher ODE pairs (DMD Eq. 9: noise and the teacher's deterministic DDIM image of it, with
-   ``distill.teacher_steps`` steps; a mean squared error here where DMD uses LPIPS).
+   teacher ODE pairs (DMD Eq. 9: noise and the teacher's ODE solution from it, here by
+   DPM-Solver++(2M) in ``distill.teacher_steps`` log-SNR steps; a mean squared error here where DMD
+   uses LPIPS). The student learns the pairs' images, so they should be good ones: on the quickstart
+   teacher 16 DDIM steps score PCA-FD 18.1, 16 DPM-Solver++ steps 13.9 (50 DDIM steps 14.9).
 
 4. plus ``distill.gan_weight`` times DMD2's GAN term (Section 4.3): a small classifier head on the
    fake score's bottleneck (its middle block's output) tells the training images, noised, from
@@ -224,7 +226,7 @@ def regression_loss(objective: DistributionMatching, net, generator, batch: int)
 @torch.no_grad()
 def teacher_ode_pairs(objective: DistributionMatching) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``distill.regression_pairs`` noises, their labels (null with ``train.label_dropout``) and the
-    guided teacher's ``distill.teacher_steps``-step DDIM images of them (DMD Eq. 9's pairs), the same
+    guided teacher's ``distill.teacher_steps``-step DPM-Solver++(2M) images of them (DMD Eq. 9's pairs), the same
     on every rank and at every resume."""
     config, x, device, null = objective.config, objective.x, objective.device, objective.null
     count, shape = x.regression_pairs, (config.data.channels, *[config.data.image_size] * 2)
@@ -236,7 +238,7 @@ def teacher_ode_pairs(objective: DistributionMatching) -> tuple[torch.Tensor, to
         drop = torch.rand(count, generator=draw) < config.train.label_dropout
         labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
     noise = noise.to(device)
-    grid = timesteps(config.diffusion.num_timesteps, x.teacher_steps, "trailing")
+    grid = timesteps(config.diffusion.num_timesteps, x.teacher_steps, "logsnr", objective.ab)
     images = []
     for first in range(0, count, PAIR_BATCH):
         chunk = slice(first, first + PAIR_BATCH)
@@ -245,7 +247,9 @@ def teacher_ode_pairs(objective: DistributionMatching) -> tuple[torch.Tensor, to
             model = classifier_free_guidance(
                 model, labels[chunk], x.guidance, null_label=null, rescale=x.guidance_rescale
             )
-        images.append(sample(model, noise[chunk], objective.ab, grid, prediction=config.model.prediction))
+        images.append(
+            sample(model, noise[chunk], objective.ab, grid, method="dpm++2m", prediction=config.model.prediction)
+        )
     return noise, labels, torch.cat(images)
 
 
