@@ -31,7 +31,7 @@ def teacher(tmp_path_factory):
 
 
 SMALL = [
-    "--method",  # the default is consistency; these tests mostly distil progressively (a later --method wins)
+    "--method",  # the default depends on --steps; these tests mostly distil progressively (a later --method wins)
     "progressive",
     "--set",
     "distill.teacher_steps=8",
@@ -176,6 +176,15 @@ def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path
     assert "consistency S=1" in ok("sample", run, "--n", 3, "--steps", 1, "--out", tmp_path / "b.png").output
     line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
     assert "samples with 1, 2, 4, 8 steps, not 3" in line
+
+
+def test_without_method_distill_picks_the_method_measured_best_for_the_step_count(teacher):
+    # BENCHMARKS.md: distribution matching gave the best 1-step student, consistency the best at 2-8.
+    for steps, method in ((1, "dmd"), (2, "consistency"), (4, "consistency"), (8, "consistency")):
+        result = ok("distill", teacher, "--steps", steps, "--dry-run")
+        assert yaml.safe_load(result.output)["distill"]["method"] == method
+    result = ok("distill", teacher, "--steps", 1, "--method", "consistency", "--dry-run")
+    assert yaml.safe_load(result.output)["distill"]["method"] == "consistency"
 
 
 def test_dmd_distils_a_generator_that_samples_in_its_steps_and_their_halves(teacher, tmp_path):

@@ -40,15 +40,16 @@ def distill(
         ),
     ] = None,
     method: Annotated[
-        DistillMethod,
+        DistillMethod | None,
         typer.Option(
             "--method",
-            help="consistency (the default: the best student measured at 1 to 8 steps): one student that "
-            "samples in 1 step or a few (Song et al. 2023); dmd: a generator whose samples match the "
-            "teacher's distribution (Yin et al. 2023/2024); progressive: rounds that halve the step count "
-            "(Salimans & Ho 2022), every round's student kept.",
+            help="Default: the best student measured for --steps, dmd for 1 step and consistency for more. "
+            "dmd: a generator whose samples match the teacher's distribution (Yin et al. 2023/2024); "
+            "consistency: one student that samples in 1 step or a few (Song et al. 2023); progressive: "
+            "rounds that halve the step count (Salimans & Ho 2022), every round's student kept.",
+            show_default=False,
         ),
-    ] = DistillMethod.consistency,
+    ] = None,
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="The student's sampling steps (progressive: the last round's).")
     ] = 4,
@@ -74,9 +75,10 @@ def distill(
 ) -> None:
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
-    Consistency distillation (the default) trains one student that samples in --steps network calls,
-    or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`). --method dmd trains a generator whose
-    samples match the teacher's distribution (1 step, or --steps N by backward simulation).
+    Without --method, the student that measured best for --steps: distribution matching (dmd) for
+    one step, a generator whose samples match the teacher's distribution (--method dmd --steps N:
+    N steps, by backward simulation); consistency distillation for more, one student that samples
+    in --steps network calls, or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`).
     Progressive distillation (--method progressive) halves the teacher's 16 DDIM steps round by
     round down to --steps, keeping every round's student in RUN_DIR/students/ (S8, S4, ...);
     `ddim sample RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A
@@ -101,7 +103,7 @@ def distill(
         else:
             teacher = load_model(resolve_checkpoint(source)[0])
             config = student_config(
-                teacher.config, teacher.checkpoint, method=method.value, steps=steps, overrides=overrides
+                teacher.config, teacher.checkpoint, method=method and method.value, steps=steps, overrides=overrides
             )
             directory = run_dir or Path("runs") / config.name
             if resume_if_exists and (directory / "config.yaml").is_file():

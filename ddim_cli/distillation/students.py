@@ -17,12 +17,20 @@ from ddim_cli.models import STUDENTS
 from ddim_cli.schedule import timesteps
 
 
+def best_method(steps: int) -> str:
+    """The method whose students measured best at ``steps`` steps on the digits (BENCHMARKS.md,
+    "Distribution matching distillation"): DMD for one step, consistency for two or more."""
+    return "dmd" if steps == 1 else "consistency"
+
+
 def student_config(
-    teacher: Config, teacher_path: Path, *, method: str = "consistency", steps: int = 4, overrides=()
+    teacher: Config, teacher_path: Path, *, method: str | None = None, steps: int = 4, overrides=()
 ) -> Config:
     """The run's config: the teacher's network and data, a ``distill:`` section, and a ``sample:``
     section that samples the student as it was trained (its steps, trailing spacing, no extra
-    guidance). Raises ConfigError for what cannot be distilled, in one line."""
+    guidance). ``method`` None: :func:`best_method` for ``steps``. Raises ConfigError for what
+    cannot be distilled, in one line."""
+    method = method or best_method(steps)
     if teacher.distill is not None:
         raise ConfigError(
             f"{teacher_path} is already a distilled student; distil its teacher ({teacher.distill.teacher})"
@@ -48,8 +56,9 @@ def student_config(
     if method == "consistency":  # one round on a 32-point grid at a lower rate: 2x the quickstart's training time
         config.distill.round_steps, config.distill.lr = 1150, 2e-4
     config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
-    if method == "dmd":  # one round of the best recipe measured within 2x the quickstart's training (BENCHMARKS.md)
-        config.distill.round_steps, config.distill.lr, config.train.batch_size = 500, 3e-4, 64
+    if method == "dmd":  # the best 1-step recipe measured (3.2x the quickstart teacher's training; BENCHMARKS.md)
+        config.distill.round_steps, config.distill.lr, config.train.batch_size = 1000, 3e-4, 32
+        config.distill.regression_weight = 2.0
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)
