@@ -118,7 +118,7 @@ def distill(
         )
     if result.rank != 0:  # rank 0 reports
         return
-    kept = ", ".join(f"{count} steps: {path}" for count, path in result.students.items())
+    kept = ", ".join(f"{count} step{'s' if count > 1 else ''}: {path}" for count, path in result.students.items())
     typer.echo(f"distilled to step {result.step}; students ({kept})")
     typer.echo(f"sample with: ddim sample {directory}")
 
