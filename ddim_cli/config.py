@@ -134,7 +134,7 @@ class DistillConfig:
     target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
     fake_updates: int = 4  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
-    regression_weight: float = 1.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
+    regression_weight: float = 2.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
     regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its ODE solution), drawn once
     gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
     min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T

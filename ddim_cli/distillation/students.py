@@ -58,7 +58,6 @@ def student_config(
     config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
     if method == "dmd":  # the best 1-step recipe measured (3.2x the quickstart teacher's training; BENCHMARKS.md)
         config.distill.round_steps, config.distill.lr, config.train.batch_size = 1000, 3e-4, 32
-        config.distill.regression_weight = 2.0
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)
