@@ -190,7 +190,9 @@ def test_the_deadline_is_the_earlier_of_the_time_limit_and_slurms_end(monkeypatc
 
 
 # --- torchrun's ranks ---------------------------------------------------------------------------------
-def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
+def _stopped_rank(rank, world, port, runs, stop_after):
+    """Train each ``(run_dir, steps)`` of ``runs`` in turn on this rank (resuming where a run has
+    checkpoints); with ``stop_after``, rank 1 signals itself after that many steps of the first."""
     set_rank_environment(rank, world, port)
     import torch.distributed as dist
 
@@ -208,28 +210,31 @@ def _stopped_rank(rank, world, port, run_dir, steps, stop_after):
                 os.kill(os.getpid(), signal.SIGTERM)
 
         run_loop.update_ema = ema_then_signal
-    config = tiny_config(train={"steps": steps, "checkpoint_every": 100_000, "sample_every": 0, "log_every": 2})
-    try:
-        train(config, Path(run_dir), resume=(Path(run_dir) / "checkpoints").exists(), device="cpu", progress=False)
-    except TrainingInterrupted as stop:
-        Path(run_dir, f"rank{rank}.stopped").write_text(f"{stop.step} {stop.status}")
+    for run_dir, steps in runs:
+        config = tiny_config(train={"steps": steps, "checkpoint_every": 100_000, "sample_every": 0, "log_every": 2})
+        resume = (Path(run_dir) / "checkpoints").exists()
+        try:
+            train(config, Path(run_dir), resume=resume, device="cpu", progress=False)
+        except TrainingInterrupted as stop:
+            Path(run_dir, f"rank{rank}.stopped").write_text(f"{stop.step} {stop.status}")
     dist.destroy_process_group()
 
 
-def _spawn(run_dir, steps, stop_after=None):
+def _spawn(runs, stop_after=None):
+    """Two ranks (one spawn: each pays torch's import once) training ``runs`` in turn."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_stopped_rank, args=(2, port, str(run_dir), steps, stop_after), nprocs=2, join=True)
+    runs = [(str(run_dir), steps) for run_dir, steps in runs]
+    mp.spawn(_stopped_rank, args=(2, port, runs, stop_after), nprocs=2, join=True)
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_resume_matches(tmp_path):
-    _spawn(tmp_path / "run", steps=100, stop_after=3)
+    _spawn([(tmp_path / "run", 100)], stop_after=3)
     # The ranks agree at the next logging step (every 2 here): both stop after step 4, rank 0 writes.
     assert [(tmp_path / "run" / f"rank{r}.stopped").read_text() for r in (0, 1)] == ["4 143", "4 143"]
     assert [load_checkpoint(p).step for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4]
-    _spawn(tmp_path / "run", steps=6)
-    _spawn(tmp_path / "reference", steps=6)
+    _spawn([(tmp_path / "run", 6), (tmp_path / "reference", 6)])  # the resume, then a run never stopped
     assert_same_weights(
         list_checkpoints(tmp_path / "run" / "checkpoints")[-1],
         list_checkpoints(tmp_path / "reference" / "checkpoints")[-1],
