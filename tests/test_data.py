@@ -24,6 +24,26 @@ def test_digits_are_the_real_offline_set_in_range():
     assert build_dataset(DataConfig(dataset="digits", image_size=8, channels=3))[5][0].shape == (3, 8, 8)
 
 
+def test_the_digits_read_without_scikit_learn_are_load_digits_exactly(monkeypatch):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ddim_cli.data import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert labels.dtype == reference.target.dtype and np.array_equal(labels, reference.target)
+    probe = "import sys; from ddim_cli.data import load_digits_arrays as f; f(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no table to read: load_digits
+    images, labels = load_digits_arrays()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+
+
 def test_nearest_upscaling_of_the_digits_is_lossless_and_bilinear_blurs():
     from sklearn.datasets import load_digits
 
