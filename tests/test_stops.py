@@ -63,12 +63,21 @@ def stop_group(process: subprocess.Popen, run_dir: Path, sig: int, rng: random.R
     assert process.returncode == 128 + sig, err
     assert f"stopped by {signal.Signals(sig).name} at step" in err and "Resume with:" in err, err
     assert "error:" not in err and "Traceback" not in err, err
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):  # the workers went with their parent: nothing is left behind
-        os.killpg(process.pid, 0)
+    gone_by = time.monotonic() + 0.5  # the workers go with their parent: nothing is left behind
+    while _group_alive(process.pid):
+        assert time.monotonic() < gone_by, "the stopped job's DataLoader workers outlived it"
+        time.sleep(0.01)
     stopped_at = int(err.split("at step ")[1].split(";")[0])
     assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]).step == stopped_at
     return err, stopped_at
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def assert_same_weights(path_a: Path, path_b: Path) -> None:
@@ -84,7 +93,7 @@ def assert_matches_a_straight_run(run_dir: Path, tmp_path: Path, steps: int) -> 
     assert_same_weights(list_checkpoints(run_dir / "checkpoints")[-1], reference.checkpoint)
 
 
-@pytest.mark.parametrize(("sig", "seed"), [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGUSR1, 3)])
+@pytest.mark.parametrize(("sig", "seed"), [(signal.SIGTERM, 1), (signal.SIGUSR1, 3)])
 def test_a_stop_signal_to_the_whole_group_with_workers_stops_cleanly_and_resumes_bit_identically(tmp_path, sig, seed):
     run_dir = tmp_path / "stopped"
     process = start(["train", config_file(tmp_path), "--run-dir", run_dir])
