@@ -85,7 +85,8 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     import importlib.util
 
     spec = importlib.util.find_spec("sklearn")
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+    roots = spec.submodule_search_locations if spec is not None else None
+    for root in roots or []:
         table_file = Path(root) / "datasets" / "data" / "digits.csv.gz"
         if table_file.is_file():
             table = np.loadtxt(table_file, delimiter=",")  # 64 pixel columns, then the label

@@ -19,7 +19,7 @@ from ddim_cli.schedule import timesteps
 
 def best_method(steps: int) -> str:
     """The method whose students measured best at ``steps`` steps on the digits (BENCHMARKS.md,
-    "Distribution matching distillation"): DMD for one step, consistency for two or more."""
+    "Distillation: the three methods side by side"): DMD for one step, consistency for two or more."""
     return "dmd" if steps == 1 else "consistency"
 
 
