@@ -311,3 +311,12 @@ def test_resume_if_exists_starts_a_distillation_then_continues_it(teacher, tmp_p
     distilled(teacher, tmp_path / "run", *args[:2], *args[-1:], "--set", "distill.round_steps=4")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "starting step 0 of 2" in log and "resuming at step 2 of 4" in log
+
+
+def test_a_one_step_students_refusal_says_step_not_steps():
+    from ddim_cli.distillation import consistency_times
+
+    with pytest.raises(ValueError, match=r"a student of a 1-point grid samples with 1 step, not 2$"):
+        consistency_times(1000, 1, 2)
+    with pytest.raises(ValueError, match=r"samples with 1, 2 steps, not 4$"):
+        consistency_times(1000, 2, 4)

@@ -42,7 +42,8 @@ def consistency_times(num_timesteps: int, points: int, steps: int) -> torch.Tens
     if not fits(steps):
         served = [count for count in range(1, points + 1) if fits(count)]
         raise ValueError(
-            f"a student of a {points}-point grid samples with {', '.join(map(str, served))} steps, not {steps}"
+            f"a student of a {points}-point grid samples with {', '.join(map(str, served))} "
+            f"step{'' if served == [1] else 's'}, not {steps}"
         )
     return timesteps(num_timesteps, steps, "lcm")
 
