@@ -10,6 +10,8 @@ line lets rank 0 alone write files and show progress.
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,15 +20,25 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+# torch.distributed.nn.functional binds ``group.WORLD`` as its functions' default argument when
+# first imported, which importing torchvision does (through torch._dynamo). Imported after
+# setup() made the group, it would hold the group past destroy_process_group, and gloo's threads
+# would run on into interpreter shutdown, where a rank aborted now and then ("terminate called
+# without an active exception"). Imported here, before any group exists, its defaults hold None.
+import torch.distributed.nn  # noqa: F401
+
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place among ``world`` processes (``rank`` 0 writes the outputs)."""
+    """This process's place among ``world`` processes (``rank`` 0 writes the outputs);
+    ``owns_group``: :func:`setup` joined the process group, so :func:`finish` leaves it (a group
+    the caller made is the caller's)."""
 
     rank: int = 0
     world: int = 1
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -103,19 +115,32 @@ def setup(device: str) -> tuple[Shard, torch.device]:
         raise ValueError("--device cuda was asked for, but CUDA is not available")
     if world == 1:
         return Shard(), torch.device("cuda" if use_cuda else "cpu")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    shard = Shard(dist.get_rank(), dist.get_world_size())
+    shard = Shard(dist.get_rank(), dist.get_world_size(), owns_group)
     return shard, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def finish(shard: Shard) -> None:
-    """Leave the process group (all ranks), after the last collective. The barrier first: a rank
-    that tore gloo down while its peer was still closing the connection aborted ("terminate called
-    without an active exception") in about one two-rank command in ten."""
-    if shard.world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Every rank past its last collective (a barrier); then a group :func:`setup` joined is left,
+    with a warning if anything still holds it: its backend's threads would run on into interpreter
+    shutdown, where they can abort the rank (see :func:`setup`). The two-rank tests fail on the
+    warning."""
+    if shard.world == 1 or not dist.is_initialized():
+        return
+    dist.barrier()
+    if not shard.owns_group:
+        return
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    if group() is not None:
+        warnings.warn(
+            "the process group outlived destroy_process_group (something still holds it); "
+            "its threads may abort this process at exit",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -370,11 +370,13 @@ def run(
                     plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
             if stop_reason is not None:
                 bar.close()
-                barrier(world)
+                del net  # DDP holds the process group, which the ranks leave now
+                distributed.finish(shard)
                 note = after_stop(stop_reason, cfg.requeue, rank, log)
                 raise TrainingInterrupted(step, run_dir, stop_reason, objective.command, note)
     bar.close()
-    barrier(world)
+    del net
+    distributed.finish(shard)
     seconds = time.perf_counter() - run_start
     log.message(
         f"finished at step {step}: {step - start} steps in {seconds:.0f} s, "
