@@ -237,8 +237,7 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
     time.sleep(rng.uniform(0, 0.3))
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run([*command[:4], "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    ok("distill", "--resume", run_dir)  # in this process: one start fewer
     kept = sorted(p.name for p in (tmp_path / "reference" / "students").iterdir())
     assert sorted(p.name for p in (run_dir / "students").iterdir()) == kept
     for name in kept:
@@ -293,9 +292,7 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_distillation_and_re
     err, step = stop_group(process, run_dir, sig, random.Random(seed))
     assert f"Resume with: ddim distill --resume {run_dir}" in err
 
-    resumed = start(["distill", "--resume", run_dir, "--set", f"distill.round_steps={step + 2}"])
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
+    ok("distill", "--resume", run_dir, "--set", f"distill.round_steps={step + 2}")  # in this process
     fresh = [*args[:-4], "--set", f"distill.round_steps={step + 2}", *args[-4:]]
     distilled(teacher, tmp_path / "reference", *fresh[2:])
     last = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])

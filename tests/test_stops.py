@@ -45,6 +45,12 @@ def start(command: list, env: dict | None = None) -> subprocess.Popen:
     )
 
 
+def in_process(command: list):
+    """``ddim COMMAND`` in this process, as :func:`start` runs it (a resume needs no process of its
+    own, and a start costs seconds of imports)."""
+    return CliRunner().invoke(app, [*map(str, command), "--no-progress"])
+
+
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -99,9 +105,8 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_cleanly_and_resumes
     process = start(["train", config_file(tmp_path), "--run-dir", run_dir])
     _, step = stop_group(process, run_dir, sig, random.Random(seed))
 
-    resumed = start(["train", "--resume", run_dir, "--set", f"train.steps={step + 2}"])
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
+    resumed = in_process(["train", "--resume", run_dir, "--set", f"train.steps={step + 2}"])
+    assert resumed.exit_code == 0, resumed.output
     assert_matches_a_straight_run(run_dir, tmp_path, step + 2)
 
 
@@ -153,9 +158,8 @@ def test_a_time_limit_checkpoints_before_the_wall_and_the_same_line_resumes(tmp_
     assert step >= 1 and time.monotonic() - began < 60
 
     # A requeued job runs the same line (the run keeps its time limit: this one grants the next job more).
-    again = start([*command, "--time-limit", "1h", "--set", f"train.steps={step + 2}"])
-    _, err = again.communicate(timeout=120)
-    assert again.returncode == 0, err
+    again = in_process([*command, "--time-limit", "1h", "--set", f"train.steps={step + 2}"])
+    assert again.exit_code == 0, again.output
     assert f"resuming at step {step}" in (run_dir / "train.log").read_text()
     assert_matches_a_straight_run(run_dir, tmp_path, step + 2)
 
@@ -239,11 +243,11 @@ def _spawn(runs, stop_after=None):
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_resume_matches(tmp_path):
-    _spawn([(tmp_path / "run", 100)], stop_after=3)
+    # In one spawn (each pays torch's import once): the stopped run, its resume, a run never stopped.
+    _spawn([(tmp_path / "run", 100), (tmp_path / "run", 6), (tmp_path / "reference", 6)], stop_after=3)
     # The ranks agree at the next logging step (every 2 here): both stop after step 4, rank 0 writes.
     assert [(tmp_path / "run" / f"rank{r}.stopped").read_text() for r in (0, 1)] == ["4 143", "4 143"]
-    assert [load_checkpoint(p).step for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4]
-    _spawn([(tmp_path / "run", 6), (tmp_path / "reference", 6)])  # the resume, then a run never stopped
+    assert [load_checkpoint(p).step for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4, 6]
     assert_same_weights(
         list_checkpoints(tmp_path / "run" / "checkpoints")[-1],
         list_checkpoints(tmp_path / "reference" / "checkpoints")[-1],

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from typer.testing import CliRunner
 
 from ddim_cli.checkpoint import list_checkpoints, load_checkpoint
+from ddim_cli.cli import app
 from ddim_cli.config import config_from_dict
 from ddim_cli.run_loop import LossWindow
 from ddim_cli.train import TrainingError, train
@@ -228,26 +230,10 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_
     step = load_checkpoint(checkpoint).step
     assert step >= 1 and metrics(run_dir)[-1]["step"] == step
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddim_cli",
-            "train",
-            "--resume",
-            str(run_dir),
-            "--set",
-            f"train.steps={step + 2}",
-            "--device",
-            "cpu",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    resumed = CliRunner().invoke(  # in this process: a resume needs no process of its own
+        app, ["train", "--resume", str(run_dir), "--set", f"train.steps={step + 2}", "--device", "cpu", "--no-progress"]
     )
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.exit_code == 0, resumed.output
     assert f"trained to step {step + 2}" in resumed.stdout
     assert [m["step"] for m in metrics(run_dir)][-3:] == [step, step + 1, step + 2]
 
