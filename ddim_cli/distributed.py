@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 # torch.distributed.nn.functional binds ``group.WORLD`` as its functions' default argument when
-# first imported, which importing torchvision does (through torch._dynamo). Imported after
-# setup() made the group, it would hold the group past destroy_process_group, and gloo's threads
-# would run on into interpreter shutdown, where a rank aborted now and then ("terminate called
-# without an active exception"). Imported here, before any group exists, its defaults hold None.
+# first imported, which importing torch._dynamo does (torchvision, torch.compile and the first
+# torch.optim optimizer import it). Imported after setup() made the group, it would hold the group
+# past destroy_process_group, and gloo's threads would run on into interpreter shutdown, where a
+# rank aborted now and then ("terminate called without an active exception"). Imported here,
+# before any group exists, its defaults hold None.
 import torch.distributed.nn  # noqa: F401
 
 T = TypeVar("T")

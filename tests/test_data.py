@@ -1,5 +1,7 @@
 import itertools
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -9,7 +11,7 @@ from PIL import Image
 
 from ddim_cli import training_data
 from ddim_cli.config import Config, DataConfig, config_from_dict
-from ddim_cli.data import NO_LABEL, DataError, build_dataset
+from ddim_cli.data import NO_LABEL, DataError, build_dataset, image_transform
 from ddim_cli.run_loop import TrainingError
 from ddim_cli.training_data import DeviceImages, _loader_batches, _on_device_batches, data_batches, holds_on_device
 
@@ -81,6 +83,44 @@ def test_folder_images_are_resized_center_cropped_and_converted(tmp_path):
         assert -1 <= image.min() and image.max() <= 1
     gray = build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "imgs"), image_size=4, channels=1))
     assert gray[0][0].shape == (1, 4, 4)
+
+
+def test_the_image_transform_gives_torchvisions_floats_without_importing_torchvision():
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    sources = [  # (width, height, mode): tall, wide, square, already the size; modes to convert
+        (5, 7, "L"),
+        (7, 5, "RGB"),
+        (13, 9, "RGBA"),
+        (8, 8, "L"),
+        (8, 8, "RGB"),
+        (31, 20, "P"),
+        (16, 33, "LA"),
+        (9, 12, "1"),
+        (40, 40, "RGB"),
+        (3, 4, "L"),
+    ]
+    for (width, height, mode), size, channels, resize in itertools.product(
+        sources, (8, 11), (1, 3), ("nearest", "bilinear", "bicubic")
+    ):
+        pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        theirs = transforms.Compose(
+            [
+                transforms.Resize(size, interpolation=transforms.InterpolationMode(resize), antialias=True),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5] * channels, [0.5] * channels),
+            ]
+        )(image.convert("L" if channels == 1 else "RGB"))
+        ours = image_transform(size, channels, resize)
+        assert torch.equal(ours(image), theirs), (width, height, mode, size, channels, resize)
+    assert torch.equal(pickle.loads(pickle.dumps(ours))(image), theirs)  # DataLoader workers pickle it
+    # ... and a command that reads images does not pay for torchvision's import
+    check = "from PIL import Image; from ddim_cli.data import image_transform; import sys; "
+    check += "image_transform(8, 3)(Image.new('L', (5, 7))); print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout == "False\n"
 
 
 def test_folder_skips_unreadable_files_with_one_warning_naming_them(tmp_path):
