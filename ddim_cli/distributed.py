@@ -25,8 +25,9 @@ import torch.distributed as dist
 # torch.optim optimizer import it). Imported after setup() made the group, it would hold the group
 # past destroy_process_group, and gloo's threads would run on into interpreter shutdown, where a
 # rank aborted now and then ("terminate called without an active exception"). Imported here,
-# before any group exists, its defaults hold None.
-import torch.distributed.nn  # noqa: F401
+# before any group exists, its defaults hold None (where torch was built with distributed support).
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 T = TypeVar("T")
 
