@@ -65,9 +65,11 @@ SPREAD = 3.0  # standard deviations of the trainings' values a figure may move
 MIN_RUNS = 3
 
 
-# Each group's share of the gate's work (seconds on a 2-core AMD EPYC, AVX-512, 2026-12-05), to
-# split the groups evenly over parallel processes.
-GROUP_SECONDS = {"sampling": 88, "inversion": 64, "edits": 34, "restoration": 41}
+# Each group's share of the gate's work, to split the groups evenly over parallel processes:
+# seconds in a lane of the two-process gate on a 2-core AMD EPYC (AVX2), 2026-12-06 (on a 2-core
+# Xeon: 229, 205, 123, 113). Times from one process alone (88, 64, 34, 41 on an AVX-512 EPYC)
+# paired sampling with edits, the longer pair when the lanes run side by side.
+GROUP_SECONDS = {"sampling": 312, "inversion": 248, "edits": 168, "restoration": 138}
 
 
 def lanes(groups: list[str], jobs: int) -> list[list[str]]:
