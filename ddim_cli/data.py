@@ -60,11 +60,14 @@ class ImageTransform:
     equal) without importing torchvision, which costs a command 1.6 s (it loads torch._dynamo).
     Picklable, for DataLoader workers."""
 
-    FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+    FILTERS = {
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+    }
 
     def __init__(self, image_size: int, channels: int, mode: str = "bicubic"):
-        self.size, self.channels, self.mode = image_size, channels, mode
-        self.resample = self.FILTERS.get(mode, Image.Resampling.BICUBIC)
+        self.size, self.channels, self.resample = image_size, channels, self.FILTERS[mode]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("L" if self.channels == 1 else "RGB")
