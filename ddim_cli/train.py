@@ -56,6 +56,7 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path
+    rank: int = 0  # under torchrun, this process's rank (only rank 0 writes and reports)
 
 
 def train(
@@ -106,7 +107,7 @@ def train(
             progress=progress,
             stop=stop,
         )
-        return TrainResult(run_dir, step, checkpoint)
+        return TrainResult(run_dir, step, checkpoint, rank)
 
 
 class DenoisingObjective(Objective):

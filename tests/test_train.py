@@ -261,8 +261,9 @@ def _ddp_worker(rank, world, port, run_dir, out_dir):
         return real_ddp(model)
 
     run_loop.DistributedDataParallel = capture
-    train(config, Path(run_dir), device="cpu", progress=False)
+    result = train(config, Path(run_dir), device="cpu", progress=False)
     torch.save(captured["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    Path(out_dir, f"rank{rank}.result").write_text(str(result.rank))
     dist.destroy_process_group()
 
 
@@ -276,6 +277,7 @@ def test_two_gloo_ranks_stay_identical_and_only_rank_0_writes(tmp_path):
     checkpoint = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert all(torch.equal(checkpoint.model[k], rank0[k]) for k in rank0)
     assert [m["step"] for m in metrics(tmp_path / "run")] == [2, 4]  # one writer, one line per log step
+    assert [(tmp_path / f"rank{r}.result").read_text() for r in (0, 1)] == ["0", "1"]  # rank 0 alone reports
 
 
 def test_cosine_learning_rate_warms_up_then_decays_to_zero():

@@ -75,4 +75,5 @@ def train(
         result = run_training(
             config, directory, resume=resume is not None, overwrite=overwrite, device=device.value, progress=progress
         )
-    typer.echo(f"trained to step {result.step}; latest checkpoint: {result.checkpoint}")
+    if result.rank == 0:  # under torchrun, rank 0 reports
+        typer.echo(f"trained to step {result.step}; latest checkpoint: {result.checkpoint}")
