@@ -7,10 +7,11 @@ super-resolution, denoising) on a trained quickstart run, compares every figure 
 baseline (scripts/gate_baseline.json: each figure's value, which way is better, its tolerance and,
 for the goals issues set, a hard limit), prints a table and exits 1 if any figure regressed.
 
-It takes 3 minutes on 2 idle cores of an AMD EPYC with AVX-512 (177-201 s with its groups in two
-processes, 236 s in one; 2026-12-05), 280-291 s on 2 cores of an Intel Xeon with AVX-512
-(2026-12-05), and took 583 s on 2 AVX2 cores before the thread choice and
-the two processes (issue 37; not measured there since): too slow for CI. Run it after any change to
+It takes 253 s on 2 idle cores of an AMD EPYC with AVX2, the slowest CPU it has met (2026-12-06, in
+its two processes; 440 s before the expensive settings measured fewer images: 200-step sampling
+100 samples, null-text inversion 10 and 20 digits, null-text edits 40, RePaint 50), and took 177-201
+s on an AMD EPYC and 280-291 s on an Intel Xeon, both with AVX-512, with that larger work
+(2026-12-05): too slow for CI. Run it after any change to
 training, the U-Net, a sampler, a default or a config, on a freshly trained `bash
 scripts/quickstart.sh`, and put what it printed in your note. The quickstart figures of README,
 docs/ and BENCHMARKS.md come from its runs.
@@ -21,6 +22,8 @@ Usage:
   python scripts/eval_all.py runs/digits --json figures.json    # also write the measured figures
   python scripts/eval_all.py --baseline-from a.json b.json c.json --about "why"
       # the baseline from the figures of >= 3 quickstart trainings (different seeds, other CPUs)
+  python scripts/eval_all.py --baseline-from a.json b.json c.json --keep-runs-except 'S200|null-text' --about ..
+      # the same, counting the current baseline's trainings too for the figures measured as before
 
 A baseline figure is the mean of its trainings' values (geometric for ratio figures) and its
 tolerance is 3 standard deviations of them (of their logarithms for ratio figures), at least the
@@ -65,23 +68,53 @@ SPREAD = 3.0  # standard deviations of the trainings' values a figure may move
 MIN_RUNS = 3
 
 
-# Each group's share of the gate's work, to split the groups evenly over parallel processes:
-# seconds in a lane of the two-process gate on a 2-core AMD EPYC (AVX2), 2026-12-06 (on a 2-core
-# Xeon: 229, 205, 123, 113). Times from one process alone (88, 64, 34, 41 on an AVX-512 EPYC)
-# paired sampling with edits, the longer pair when the lanes run side by side.
-GROUP_SECONDS = {"sampling": 312, "inversion": 248, "edits": 168, "restoration": 138}
+# The sampling group's settings: (mode, steps, samples). 500 samples for the 50-step figures README
+# promises; the 20- and 200-step figures are a check that more or fewer steps still work, and 200
+# steps of 300 samples were half of the group's work.
+SAMPLING = [
+    ("default", 50, 500),
+    ("unconditional", 50, 500),
+    ("per-class", 50, 500),
+    ("default", 20, 300),
+    ("default", 200, 100),
+]
+
+# Each part's share of the gate's work, to split the parts evenly over parallel processes: seconds
+# in a lane of the two-process gate (one thread each) on a 2-core AMD EPYC (AVX2), 2026-12-06.
+PART_SECONDS = {
+    "sampling/default/S50": 57,
+    "sampling/unconditional/S50": 29,
+    "sampling/per-class/S50": 56,
+    "sampling/default/S20": 14,
+    "sampling/default/S200": 46,
+    "inversion/nearest": 65,
+    "inversion/bilinear": 47,
+    "edits": 75,
+    "restoration": 101,
+}
+
+
+def parts_of(groups: list[str]) -> list[str]:
+    """The gate's units of work for these groups: each sampling setting, inversion's two kinds of
+    digits, and each other group whole."""
+    subparts = {
+        "sampling": [f"sampling/{mode}/S{steps}" for mode, steps, _ in SAMPLING],
+        "inversion": ["inversion/nearest", "inversion/bilinear"],
+    }
+    return [part for group in groups for part in subparts.get(group, [group])]
 
 
 def lanes(groups: list[str], jobs: int) -> list[list[str]]:
-    """The groups split over ``jobs`` processes, longest first onto the least loaded."""
-    split: list[list[str]] = [[] for _ in range(min(jobs, len(groups)))]
-    for group in sorted(groups, key=lambda g: -GROUP_SECONDS.get(g, 0)):
-        min(split, key=lambda lane: sum(GROUP_SECONDS.get(g, 0) for g in lane)).append(group)
+    """The groups' parts split over ``jobs`` processes, longest first onto the least loaded."""
+    parts = parts_of(groups)
+    split: list[list[str]] = [[] for _ in range(min(jobs, len(parts)))]
+    for part in sorted(parts, key=lambda p: -PART_SECONDS.get(p, 0)):
+        min(split, key=lambda lane: sum(PART_SECONDS.get(p, 0) for p in lane)).append(part)
     return split
 
 
 def measure_in_parallel(run: Path, groups: list[str], jobs: int) -> dict[str, float]:
-    """:func:`measure` with the groups shared among ``jobs`` processes that split the cores evenly
+    """:func:`measure` with the parts shared among ``jobs`` processes that split the cores evenly
     (each set before torch loads, so that none waits on another's threads)."""
     import multiprocessing
     import os
@@ -91,11 +124,11 @@ def measure_in_parallel(run: Path, groups: list[str], jobs: int) -> dict[str, fl
     threads = max(1, cores // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_use_threads, initargs=(threads,)) as pool:
-        parts = [pool.submit(measure, run, lane) for lane in lanes(groups, jobs)]
+        futures = [pool.submit(measure_parts, run, lane) for lane in lanes(groups, jobs)]
         figures = {}
-        for part in parts:
-            figures.update(part.result())
-    return {name: figures[name] for name in sorted(figures, key=lambda n: GROUPS.index(_group_of(n)))}
+        for future in futures:
+            figures.update(future.result())
+    return {name: figures[name] for name in sorted(figures, key=_figure_order)}
 
 
 def _use_threads(threads: int) -> None:
@@ -110,8 +143,22 @@ def _group_of(figure: str) -> str:
     ]
 
 
+def _figure_order(figure: str) -> tuple[int, int]:
+    """Groups in GROUPS' order, sampling settings in SAMPLING's."""
+    settings = [f"sample.{mode}.S{steps}." for mode, steps, _ in SAMPLING]
+    setting = next((i for i, prefix in enumerate(settings) if figure.startswith(prefix)), 0)
+    return GROUPS.index(_group_of(figure)), setting
+
+
 def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
     """Every figure of the chosen groups, by name (e.g. ``sample.default.S50.confident``)."""
+    if unknown := [g for g in groups if g not in GROUPS]:
+        raise ValueError(f"unknown group {unknown[0]!r}; choose from {', '.join(GROUPS)}")
+    return measure_parts(run, parts_of(groups), echo)
+
+
+def measure_parts(run: Path, parts: list[str], echo=print) -> dict[str, float]:
+    """The figures of these parts (see :func:`parts_of`)."""
     from eval_digits import DigitJudge, sample_checkpoint, to_digit_scale
     from eval_edits import METHODS, edit_scores
     from eval_inversion import inversion_scores
@@ -121,34 +168,28 @@ def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
 
     loaded = load_model(resolve_checkpoint(run)[0])
     judge = DigitJudge.cached()
+    samples = {f"sampling/{mode}/S{steps}": (mode, steps, n) for mode, steps, n in SAMPLING}
     figures: dict[str, float] = {}
-    for group in groups:
+    for part in parts:
         start = time.perf_counter()
-        if group == "sampling":
-            for mode, steps, n in [
-                ("default", 50, 500),
-                ("unconditional", 50, 500),
-                ("per-class", 50, 500),
-                ("default", 20, 300),
-                ("default", 200, 300),
-            ]:
-                images, asked = sample_checkpoint(run, mode, steps, n, 0, None)
-                scores = judge.score(to_digit_scale(images), asked)
-                for key in ("confident", "pca_fd", "balance_tv", "in_class"):
-                    if key in scores and not (mode == "per-class" and key == "balance_tv"):
-                        figures[f"sample.{mode}.S{steps}.{key}"] = scores[key]
-        elif group == "inversion":
-            for row in inversion_scores(loaded, judge):
+        if part in samples:
+            mode, steps, n = samples[part]
+            images, asked = sample_checkpoint(run, mode, steps, n, 0, None)
+            scores = judge.score(to_digit_scale(images), asked)
+            for key in ("confident", "pca_fd", "balance_tv", "in_class"):
+                if key in scores and not (mode == "per-class" and key == "balance_tv"):
+                    figures[f"sample.{mode}.S{steps}.{key}"] = scores[key]
+        elif part.startswith("inversion/"):
+            for row in inversion_scores(loaded, judge, kinds=[part.split("/")[1]]):
                 for key in ("mean_mse", "max_mse", "calls_per_step", "missed"):
                     if key in row:
                         figures[f"invert.{_slug(row['name'])}.{key}"] = row[key]
-        elif group == "edits":
+        elif part == "edits":
             methods = [m for m in METHODS if "plain inversion" not in m]
-            for row in edit_scores(loaded, judge, 100, 20, [loaded.config.sample.guidance], methods):
-                if not row["name"].startswith("fresh"):
-                    for key in ("to_target", "mse_source"):
-                        figures[f"edit.{_slug(row['name'].rsplit(', w=', 1)[0])}.{key}"] = row[key]
-        elif group == "restoration":
+            for row in edit_scores(loaded, judge, 100, 20, [loaded.config.sample.guidance], methods, yardstick=False):
+                for key in ("to_target", "mse_source"):
+                    figures[f"edit.{_slug(row['name'].rsplit(', w=', 1)[0])}.{key}"] = row[key]
+        elif part == "restoration":
             for row in restore_scores(loaded, judge, 100, 50, ["inpaint", "sr4", "denoise0.3"], SETTINGS):
                 if row["setting"].startswith(("ddnm", "repaint")):
                     noisy = row["task"].startswith("denoise")  # its observation error is the noise, by design
@@ -156,8 +197,8 @@ def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
                         if row[key] is not None:
                             figures[f"restore.{row['task']}.{_slug(row['setting'])}.{key}"] = row[key]
         else:
-            raise ValueError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
-        echo(f"measured {group} in {time.perf_counter() - start:.0f} s", flush=True)
+            raise ValueError(f"unknown part {part!r}; the parts are {', '.join(parts_of(list(GROUPS)))}")
+        echo(f"measured {part} in {time.perf_counter() - start:.0f} s", flush=True)
     return figures
 
 
@@ -208,9 +249,12 @@ def allowed_value(spec: dict) -> float:
     return allowed
 
 
-def baseline_from_runs(runs: list[dict[str, float]], about: str, limits: dict[str, float]) -> dict:
+def baseline_from_runs(
+    runs: list[dict[str, float]], about: str, limits: dict[str, float], earlier: dict[str, list[float]] | None = None
+) -> dict:
     """The baseline from the figures of several trainings (see the module's docstring); ``limits``:
-    the issues' hard limits, by figure."""
+    the issues' hard limits, by figure; ``earlier``: values of earlier trainings to count too, by
+    figure (those of a figure whose measurement has not changed since)."""
     if len(runs) < MIN_RUNS:
         raise ValueError(f"a baseline needs the figures of at least {MIN_RUNS} trainings, got {len(runs)}")
     names = sorted(set().union(*runs))
@@ -218,7 +262,7 @@ def baseline_from_runs(runs: list[dict[str, float]], about: str, limits: dict[st
         raise ValueError(f"{missing[0]} was not measured in every run; measure every group on each training")
     figures = {}
     for name in names:
-        values = [float(run[name]) for run in runs]
+        values = [float(v) for v in (earlier or {}).get(name, [])] + [float(run[name]) for run in runs]
         better, kind, floor = FLOORS[name.rsplit(".", 1)[1]]
         if kind == "factor":  # ratios: spread of the logarithms, geometric mean
             logs = [math.log(max(v, 1e-30)) for v in values]
@@ -253,17 +297,28 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-from", type=Path, nargs="+", metavar="JSON", help="write --baseline from these runs' --json files"
     )
     parser.add_argument("--about", default="", help="with --baseline-from: what the runs were")
+    parser.add_argument(
+        "--keep-runs-except",
+        metavar="REGEX",
+        help="with --baseline-from: count the current baseline's runs too, for each figure whose name does not "
+        "match REGEX (the figures whose measurement changed; '$^' keeps them all)",
+    )
     args = parser.parse_args(argv)
     baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else {"figures": {}}
     if args.baseline_from:
         limits = {n: spec["limit"] for n, spec in baseline["figures"].items() if "limit" in spec}
         runs = [json.loads(path.read_text()) for path in args.baseline_from]
+        earlier = {}
+        if args.keep_runs_except is not None:
+            changed = re.compile(args.keep_runs_except)
+            earlier = {n: spec["runs"] for n, spec in baseline["figures"].items() if not changed.search(n)}
         try:
-            new = baseline_from_runs(runs, args.about, limits)
+            new = baseline_from_runs(runs, args.about, limits, earlier)
         except ValueError as error:
             parser.error(str(error))
         args.baseline.write_text(json.dumps(new, indent=1) + "\n")
-        print(f"wrote {args.baseline}: {len(new['figures'])} figures from {len(runs)} runs")
+        kept = f" and the earlier runs of {len(set(earlier) & set(new['figures']))} figures" if earlier else ""
+        print(f"wrote {args.baseline}: {len(new['figures'])} figures from {len(runs)} runs{kept}")
         return 0
     if args.run is None:
         parser.error("give a trained run to measure (or --baseline-from)")

@@ -114,3 +114,43 @@ def test_the_committed_baseline_holds_the_issue_goals_as_limits():
     for name, spec in figures.items():
         allowed = eval_all.allowed_value(spec)
         assert allowed <= spec["value"] if spec["better"] == "higher" else allowed >= spec["value"], name
+
+
+def test_a_new_baseline_counts_the_earlier_runs_of_the_figures_measured_as_before(tmp_path):
+    import json
+
+    earlier = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
+    (tmp_path / "baseline.json").write_text(json.dumps(earlier))
+    retrains = []
+    for i, confident in enumerate((0.95, 0.96, 0.94)):
+        retrains.append(tmp_path / f"run{i}.json")
+        retrains[-1].write_text(
+            json.dumps(
+                {
+                    "sample.default.S50.confident": confident,
+                    "invert.bilinear-exact-s=10.max_mse": 3e-5,
+                    "restore.sr4.x.psnr": 20.0 + i,  # measured differently now: its earlier runs must not count
+                }
+            )
+        )
+    argv = ["--baseline", str(tmp_path / "baseline.json"), "--baseline-from", *map(str, retrains), "--about", "six"]
+    assert eval_all.main([*argv, "--keep-runs-except", r"\.psnr$"]) == 0
+    figures = json.loads((tmp_path / "baseline.json").read_text())["figures"]
+    assert figures["sample.default.S50.confident"]["runs"] == [0.970, 0.978, 0.962, 0.95, 0.96, 0.94]
+    assert figures["sample.default.S50.confident"]["value"] == pytest.approx(0.96)
+    assert figures["restore.sr4.x.psnr"]["runs"] == [20.0, 21.0, 22.0]
+    assert figures["restore.sr4.x.psnr"]["slack"] == pytest.approx(3.0)  # 3 sd of 20, 21, 22
+    assert figures["invert.bilinear-exact-s=10.max_mse"]["limit"] == 1e-3  # the goal is kept
+    assert len(figures["invert.bilinear-exact-s=10.max_mse"]["runs"]) == 6
+
+
+def test_the_gate_parts_cover_every_group_once_and_split_evenly_over_two_processes():
+    parts = eval_all.parts_of(list(eval_all.GROUPS))
+    assert set(parts) == set(eval_all.PART_SECONDS) and len(parts) == len(set(parts))
+    split = eval_all.lanes(list(eval_all.GROUPS), 2)
+    assert sorted(p for lane in split for p in lane) == sorted(parts)
+    seconds = [sum(eval_all.PART_SECONDS[p] for p in lane) for lane in split]
+    assert max(seconds) - min(seconds) <= min(eval_all.PART_SECONDS.values())  # no better greedy move
+    assert eval_all.lanes(["edits"], 2) == [["edits"]]
+    with pytest.raises(ValueError, match="unknown group 'sample'"):
+        eval_all.measure(Path("nowhere"), ["sample"])
