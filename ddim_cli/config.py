@@ -134,6 +134,9 @@ class DistillConfig:
     target_ema: float = 0.95  # consistency: EMA decay of the target network (mu of Song et al. 2023)
     fake_updates: int = 4  # dmd: fake-score updates per generator update (DMD2's two time-scale rule)
     fake_lr: float = 0.0  # dmd: the fake score's learning rate (0: distill.lr)
+    # dmd: generator samples per fake-score update (at most the batch), cut at random from one batch drawn
+    # per step (0: each update draws its own batch)
+    fake_batch: int = 0
     regression_weight: float = 2.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
     regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its ODE solution), drawn once
     gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
@@ -353,6 +356,7 @@ def _validate_distill(config: Config, need) -> None:
         need(0 <= getattr(x, key) < 1, f"distill.{key}", f"must be in [0, 1), got {getattr(x, key)}")
     need(x.fake_updates >= 1, "distill.fake_updates", f"must be >= 1, got {x.fake_updates}")
     need(x.regression_pairs >= 1, "distill.regression_pairs", f"must be >= 1, got {x.regression_pairs}")
+    need(x.fake_batch >= 0, "distill.fake_batch", f"must be >= 0, got {x.fake_batch}")
     for key in ("fake_lr", "regression_weight", "gan_weight"):
         need(getattr(x, key) >= 0, f"distill.{key}", f"must be >= 0, got {getattr(x, key)}")
     need(

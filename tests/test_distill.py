@@ -317,3 +317,41 @@ def test_a_one_step_students_refusal_says_step_not_steps():
         consistency_times(1000, 1, 2)
     with pytest.raises(ValueError, match=r"samples with 1, 2 steps, not 4$"):
         consistency_times(1000, 2, 4)
+
+
+def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypatch):
+    from ddim_cli.distillation.dmd import DistributionMatching
+
+    draws, updates = [], []
+    generate, update_fake = DistributionMatching.generate, DistributionMatching.update_fake
+
+    def recording_generate(self, net, labels, generator, batch, draw):
+        images = generate(self, net, labels, generator, batch, draw)
+        draws.append((draw, images.detach().clone(), labels.clone()))
+        return images
+
+    def recording_update(self, samples, labels, generator, lr, real):
+        updates.append((samples.clone(), labels.clone(), len(real)))
+        return update_fake(self, samples, labels, generator, lr, real)
+
+    monkeypatch.setattr(DistributionMatching, "generate", recording_generate)
+    monkeypatch.setattr(DistributionMatching, "update_fake", recording_update)
+    args = ["--method", "dmd", "--steps", 1, "--set", "distill.regression_pairs=16", "--set", "distill.round_steps=2"]
+    result = distilled(teacher, tmp_path / "shared", *args, "--set", "distill.fake_batch=3")
+    assert "4 fake-score updates per step on 3 of one batch" in (tmp_path / "shared" / "train.log").read_text()
+    assert [d for d, *_ in draws] == ["dmd-chain-fake", "dmd-chain"] * 2, result.output  # one draw a step for all 4
+    assert len(updates) == 8
+    for i, (samples, labels, real) in enumerate(updates):
+        _, drawn, drawn_labels = draws[2 * (i // 4)]
+        rows = [next(j for j in range(len(drawn)) if torch.equal(drawn[j], sample)) for sample in samples]
+        assert len(samples) == real == 3 and len(set(rows)) == 3  # three different samples of the step's draw
+        assert torch.equal(labels, drawn_labels[rows])  # each with its own label
+    assert len({tuple(s.flatten()[:4].tolist()) for s, *_ in updates[:4]}) > 1  # the parts differ
+    draws.clear(), updates.clear()
+    distilled(teacher, tmp_path / "fresh", *args, "--set", "distill.fake_batch=0")  # DMD2's way: a draw per update
+    assert [d for d, *_ in draws] == ["dmd-chain-0", "dmd-chain-1", "dmd-chain-2", "dmd-chain-3", "dmd-chain"] * 2
+    assert [len(samples) for samples, *_ in updates] == [8] * 8
+    line = one_line_error(ddim("distill", teacher, *args, "--set", "distill.fake_batch=-1"), 2)
+    assert "distill.fake_batch: must be >= 0, got -1" in line
+    result = ok("distill", teacher, "--steps", 1, "--dry-run")  # the measured recipe's default
+    assert yaml.safe_load(result.output)["distill"]["fake_batch"] == 16

@@ -14,7 +14,9 @@ Each step:
 
 1. ``distill.fake_updates`` updates of the *fake score* ``mu_fake`` (a second copy of the teacher)
    with the denoising loss on the generator's current samples (DMD Eq. 6; several updates per
-   generator update: DMD2's two time-scale rule, Section 4.2);
+   generator update: DMD2's two time-scale rule, Section 4.2); with ``distill.fake_batch`` each
+   update takes that many samples at random from one batch the generator draws once per step (its
+   weights do not change between the updates, so the batch is as good a draw for each);
 2. the generator's loss: with ``x = G(z)``, ``t ~ U[min_level T, max_level T]`` and ``x_t`` its
    noised version, the KL gradient is ``(mu_fake(x_t, t) - mu_real(x_t, t))`` (DMD Eq. 7, in data
    predictions), where ``mu_real`` is the teacher guided at ``distill.guidance`` and rescaled by
@@ -110,11 +112,13 @@ class DistributionMatching(Distillation):
                 self.head = Discriminator(self.config.model.ch * self.config.model.ch_mult[-1]).to(self.device)
         self.fake_optimizer = self.make_fake_optimizer()
         self.pairs, self.step = None, 0
+        self.fake_batch = min(self.x.fake_batch, self.config.train.batch_size)  # 0: a draw per update
 
     def describe(self) -> str:
         return (
             f"distribution matching distillation for {self.x.steps}-step sampling, {self.x.fake_updates} fake-score "
-            f"updates per step, regression weight {self.x.regression_weight:g}, of {self.x.teacher}; "
+            f"updates per step{f' on {self.fake_batch} of one batch' if self.fake_batch else ''}, "
+            f"regression weight {self.x.regression_weight:g}, of {self.x.teacher}; "
             f"guidance {self.x.guidance:g}"
         )
 
@@ -145,7 +149,13 @@ class DistributionMatching(Distillation):
         labels = self.labels(labels, generator)
         fake_lr = (self.x.fake_lr or self.x.lr) * self.learning_rate(step) / self.x.lr
         self.step = step
-        for update in range(self.x.fake_updates):
+        if self.fake_batch:  # one batch of the generator's samples, a random part of it per update
+            with torch.no_grad():
+                drawn = self.generate(self.model, labels, generator, len(x0), "dmd-chain-fake")
+            for _ in range(self.x.fake_updates):
+                part = torch.randperm(len(x0), device=self.device, generator=generator)[: self.fake_batch]
+                self.update_fake(drawn[part], None if labels is None else labels[part], generator, fake_lr, x0[part])
+        for update in range(self.x.fake_updates * (not self.fake_batch)):
             with torch.no_grad():
                 samples = self.generate(self.model, labels, generator, len(x0), f"dmd-chain-{update}")
             self.update_fake(samples, labels, generator, fake_lr, x0)
