@@ -78,6 +78,7 @@ SAMPLING = [
     ("default", 20, 300),
     ("default", 200, 100),
 ]
+SAMPLING_PARTS = {f"sampling/{mode}/S{steps}": (mode, steps, n) for mode, steps, n in SAMPLING}
 
 # Each part's share of the gate's work, to split the parts evenly over parallel processes: seconds
 # in a lane of the two-process gate (one thread each) on a 2-core AMD EPYC (AVX2), 2026-12-06.
@@ -98,7 +99,7 @@ def parts_of(groups: list[str]) -> list[str]:
     """The gate's units of work for these groups: each sampling setting, inversion's two kinds of
     digits, and each other group whole."""
     subparts = {
-        "sampling": [f"sampling/{mode}/S{steps}" for mode, steps, _ in SAMPLING],
+        "sampling": list(SAMPLING_PARTS),
         "inversion": ["inversion/nearest", "inversion/bilinear"],
     }
     return [part for group in groups for part in subparts.get(group, [group])]
@@ -168,12 +169,11 @@ def measure_parts(run: Path, parts: list[str], echo=print) -> dict[str, float]:
 
     loaded = load_model(resolve_checkpoint(run)[0])
     judge = DigitJudge.cached()
-    samples = {f"sampling/{mode}/S{steps}": (mode, steps, n) for mode, steps, n in SAMPLING}
     figures: dict[str, float] = {}
     for part in parts:
         start = time.perf_counter()
-        if part in samples:
-            mode, steps, n = samples[part]
+        if part in SAMPLING_PARTS:
+            mode, steps, n = SAMPLING_PARTS[part]
             images, asked = sample_checkpoint(run, mode, steps, n, 0, None)
             scores = judge.score(to_digit_scale(images), asked)
             for key in ("confident", "pca_fd", "balance_tv", "in_class"):

@@ -155,10 +155,11 @@ class DistributionMatching(Distillation):
             for _ in range(self.x.fake_updates):
                 part = torch.randperm(len(x0), device=self.device, generator=generator)[: self.fake_batch]
                 self.update_fake(drawn[part], None if labels is None else labels[part], generator, fake_lr, x0[part])
-        for update in range(self.x.fake_updates * (not self.fake_batch)):
-            with torch.no_grad():
-                samples = self.generate(self.model, labels, generator, len(x0), f"dmd-chain-{update}")
-            self.update_fake(samples, labels, generator, fake_lr, x0)
+        else:  # DMD2: each update on a batch of its own
+            for update in range(self.x.fake_updates):
+                with torch.no_grad():
+                    samples = self.generate(self.model, labels, generator, len(x0), f"dmd-chain-{update}")
+                self.update_fake(samples, labels, generator, fake_lr, x0)
         images = self.generate(net, labels, generator, len(x0), "dmd-chain")
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         noise = torch.randn(images.shape, device=self.device, generator=generator)
