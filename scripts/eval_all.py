@@ -307,10 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else {"figures": {}}
     if args.baseline_from:
         limits = {n: spec["limit"] for n, spec in baseline["figures"].items() if "limit" in spec}
-        runs = [json.loads(path.read_text()) for path in args.baseline_from]
+        runs = []
+        for path in args.baseline_from:
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as error:
+                parser.error(f"--baseline-from {path}: {error}")
         earlier = {}
         if args.keep_runs_except is not None:
-            changed = re.compile(args.keep_runs_except)
+            try:
+                changed = re.compile(args.keep_runs_except)
+            except re.error as error:
+                parser.error(f"--keep-runs-except: not a regular expression ({error})")
             earlier = {n: spec["runs"] for n, spec in baseline["figures"].items() if not changed.search(n)}
         try:
             new = baseline_from_runs(runs, args.about, limits, earlier)

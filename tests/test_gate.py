@@ -142,6 +142,10 @@ def test_a_new_baseline_counts_the_earlier_runs_of_the_figures_measured_as_befor
     assert figures["restore.sr4.x.psnr"]["slack"] == pytest.approx(3.0)  # 3 sd of 20, 21, 22
     assert figures["invert.bilinear-exact-s=10.max_mse"]["limit"] == 1e-3  # the goal is kept
     assert len(figures["invert.bilinear-exact-s=10.max_mse"]["runs"]) == 6
+    with pytest.raises(SystemExit) as refused:  # a bad pattern is a usage error, and the baseline stays
+        eval_all.main([*argv, "--keep-runs-except", "psnr("])
+    assert refused.value.code == 2
+    assert json.loads((tmp_path / "baseline.json").read_text())["figures"] == figures
 
 
 def test_the_gate_parts_cover_every_group_once_and_split_evenly_over_two_processes():
