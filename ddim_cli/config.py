@@ -123,8 +123,9 @@ class DistillConfig:
     teacher_steps: int = 16
     steps: int = 4  # the student's sampling steps (progressive: the last round's)
     round_steps: int = 600  # optimizer steps per halving round (consistency, dmd: in all)
-    lr: float = 5e-4  # peak learning rate, constant after warmup (consistency: 2e-4 by default)
+    lr: float = 5e-4  # peak learning rate after warmup (consistency: 2e-4 by default)
     warmup: int = 20  # linear learning-rate warmup steps of each round
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine to 0 at the round end
     ema_decay: float = 0.99  # EMA of the student's weights, the weights kept (and the next round's teacher)
     weighting: Literal["truncated_snr", "none"] = "truncated_snr"  # progressive: max(SNR, 1), or plain x-MSE
     guidance: float = 0.0  # the teacher's classifier-free guidance the student learns (one call per step)

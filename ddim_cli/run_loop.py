@@ -90,14 +90,19 @@ def clear_run(run_dir: Path) -> None:
 
 
 def learning_rate(cfg, step: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warmup over ``cfg.warmup``
-    steps, then constant or a cosine decay that reaches 0 after ``cfg.steps``."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Training's learning rate of optimizer step ``step`` (0-based), by :func:`scheduled_lr`."""
+    return scheduled_lr(cfg.lr, cfg.warmup, cfg.lr_schedule, cfg.steps, step)
+
+
+def scheduled_lr(peak: float, warmup: int, schedule: str, steps: int, step: int) -> float:
+    """The rate of step ``step`` (0-based) of ``steps``: linear warmup over ``warmup`` steps, then
+    ``peak`` constant or a cosine decay that reaches 0 after ``steps``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:

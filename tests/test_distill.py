@@ -148,6 +148,16 @@ def test_the_student_samples_what_its_grid_and_weights_say(teacher, tmp_path):
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], to_uint8(images))
 
 
+def test_a_cosine_learning_rate_warms_up_and_decays_to_zero_in_each_round(teacher, tmp_path):
+    run = tmp_path / "cosine"
+    distilled(teacher, run, "--set", "distill.lr_schedule=cosine", "--set", "distill.warmup=1")
+    logged = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # rounds of 3 steps: warmup to 5e-4, then cos over the 2 left (5e-4 * (1 + cos(pi / 2)) / 2), per round
+    assert logged == pytest.approx([5e-4, 5e-4, 2.5e-4] * 2)
+    line = one_line_error(ddim("distill", teacher, "--set", "distill.lr_schedule=linear", "--run-dir", tmp_path), 2)
+    assert "distill.lr_schedule" in line and "cosine" in line
+
+
 def test_tensorboard_logs_every_rounds_metrics_and_grids(teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

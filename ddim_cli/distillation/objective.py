@@ -25,7 +25,7 @@ from ddim_cli.distillation.students import rounds, student_path, with_student_st
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.monitor import save_sample_grid
 from ddim_cli.run_log import RunLog
-from ddim_cli.run_loop import Objective, TrainingError, barrier, make_optimizer
+from ddim_cli.run_loop import Objective, TrainingError, barrier, make_optimizer, scheduled_lr
 from ddim_cli.unet import UNet
 
 
@@ -88,8 +88,7 @@ class Distillation(Objective):
         return {"student_steps": self.plan[self.round_of(step - 1)]}
 
     def learning_rate(self, step: int) -> float:
-        in_round = step % self.x.round_steps
-        return self.x.lr * min(1.0, (in_round + 1) / self.x.warmup) if self.x.warmup else self.x.lr
+        return scheduled_lr(self.x.lr, self.x.warmup, self.x.lr_schedule, self.x.round_steps, step % self.x.round_steps)
 
     # --- the pieces of a loss -------------------------------------------------------------------
     def labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
