@@ -364,4 +364,5 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
     line = one_line_error(ddim("distill", teacher, *args, "--set", "distill.fake_batch=-1"), 2)
     assert "distill.fake_batch: must be >= 0, got -1" in line
     result = ok("distill", teacher, "--steps", 1, "--dry-run")  # the measured recipe's default
-    assert yaml.safe_load(result.output)["distill"]["fake_batch"] == 16
+    distill = yaml.safe_load(result.output)["distill"]
+    assert (distill["fake_batch"], distill["lr_schedule"]) == (16, "cosine")
