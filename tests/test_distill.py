@@ -365,4 +365,6 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
     assert "distill.fake_batch: must be >= 0, got -1" in line
     result = ok("distill", teacher, "--steps", 1, "--dry-run")  # the measured recipe's default
     distill = yaml.safe_load(result.output)["distill"]
-    assert (distill["fake_batch"], distill["lr_schedule"]) == (16, "cosine")
+    assert (distill["fake_batch"], distill["lr_schedule"], distill["gan_weight"]) == (16, "cosine", 0)
+    result = ok("distill", teacher, "--method", "dmd", "--steps", 4, "--dry-run")  # few steps: with the GAN term
+    assert yaml.safe_load(result.output)["distill"]["gan_weight"] == 0.003
