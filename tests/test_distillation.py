@@ -249,21 +249,49 @@ def test_dmd_regression_pairs_are_the_teachers_ode_solutions_and_repeat():
     from ddim_cli.config import Config, DistillConfig
     from ddim_cli.distillation.dmd import teacher_ode_pairs
 
-    config = Config()
-    config.data.channels, config.data.image_size, config.model.prediction = 1, 4, "eps"
-    config.distill = DistillConfig(method="dmd", steps=1, teacher_steps=16, regression_pairs=64)
-    table = config.alpha_bars()
-    objective = SimpleNamespace(
-        config=config,
-        x=config.distill,
-        device=torch.device("cpu"),
-        null=None,
-        teacher=gaussian_model(0.3, 0.5, table),
-        ab=table,
-    )
-    noise, labels, images = teacher_ode_pairs(objective)
-    assert labels is None and noise.shape == images.shape == (64, 1, 4, 4)
+    def pairs(steps):
+        config = Config()
+        config.data.channels, config.data.image_size, config.model.prediction = 1, 4, "eps"
+        config.distill = DistillConfig(method="dmd", steps=steps, teacher_steps=16, regression_pairs=64)
+        table = config.alpha_bars()
+        objective = SimpleNamespace(
+            config=config,
+            x=config.distill,
+            device=torch.device("cpu"),
+            null=None,
+            teacher=gaussian_model(0.3, 0.5, table),
+            ab=table,
+        )
+        return table, teacher_ode_pairs(objective)
+
+    table, (starts, labels, images) = pairs(1)
+    noise = starts[:, 0]
+    assert labels is None and starts.shape == (64, 1, 1, 4, 4) and images.shape == (64, 1, 4, 4)
     exact = ode_solution(noise.double(), table[-1].item(), 0.3, 0.5)
     assert (images.double() - exact).abs().max() < 0.04
-    again = teacher_ode_pairs(objective)
-    assert torch.equal(again[0], noise) and torch.equal(again[2], images)
+    again = pairs(1)[1]
+    assert torch.equal(again[0], starts) and torch.equal(again[2], images)
+    # Four steps (times 999, 749, 499, 249): the same noise, and at each later time the trajectory's
+    # own point, which the exact ODE carries to the same end as the noise (a point kept one solver
+    # step off ends 0.13 away).
+    table, (starts4, _, images4) = pairs(4)
+    assert starts4.shape == (64, 4, 1, 4, 4) and torch.equal(starts4[:, 0], noise)
+    for k, t in enumerate((749, 499, 249), start=1):
+        from_point = ode_solution(starts4[:, k].double(), table[t].item(), 0.3, 0.5)
+        assert (from_point - exact).abs().max() < 0.04, (k, (from_point - exact).abs().max())
+    assert (images4.double() - exact).abs().max() < 0.04
+
+
+@pytest.mark.parametrize("schedule, zero_terminal", [("linear", False), ("cosine", False), ("cosine", True)])
+def test_dmd_trajectory_grid_passes_every_step_time_and_is_the_logsnr_grid_for_one(schedule, zero_terminal):
+    from ddim_cli.config import Config
+    from ddim_cli.distillation.dmd import trajectory_grid
+    from ddim_cli.schedule import timesteps
+
+    config = Config()
+    config.diffusion.schedule, config.diffusion.rescale_zero_terminal_snr = schedule, zero_terminal
+    table = config.alpha_bars()
+    assert torch.equal(trajectory_grid(table, [999], 16), timesteps(1000, 16, "logsnr", table))
+    grid = trajectory_grid(table, [999, 749, 499, 249], 16).tolist()
+    assert grid == sorted(set(grid), reverse=True) and grid[0] == 999 and grid[-1] == 0
+    assert {749, 499, 249} <= set(grid) and 12 <= len(grid) <= 17
