@@ -43,7 +43,7 @@ def distill(
         DistillMethod | None,
         typer.Option(
             "--method",
-            help="Default: the best student measured for --steps, dmd for 1 step and consistency for more. "
+            help="Default: the best student measured for --steps, dmd for 1 to 4 steps and consistency for more. "
             "dmd: a generator whose samples match the teacher's distribution (Yin et al. 2023/2024); "
             "consistency: one student that samples in 1 step or a few (Song et al. 2023); progressive: "
             "rounds that halve the step count (Salimans & Ho 2022), every round's student kept.",
@@ -76,9 +76,10 @@ def distill(
     """Distil a trained model into a few-step student, as a run directory like `ddim train`'s.
 
     Without --method, the student that measured best for --steps: distribution matching (dmd) for
-    one step, a generator whose samples match the teacher's distribution (--method dmd --steps N:
-    N steps, by backward simulation); consistency distillation for more, one student that samples
-    in --steps network calls, or in 1, 2, ... of them (`ddim sample RUN_DIR --steps 1`).
+    1 to 4 steps, a generator whose samples match the teacher's distribution (trained at each of
+    its --steps times by backward simulation); consistency distillation for more. Either samples
+    in --steps network calls or in fewer whose times lie on its grid (`ddim sample RUN_DIR --steps
+    1`).
     Progressive distillation (--method progressive) halves the teacher's 16 DDIM steps round by
     round down to --steps, keeping every round's student in RUN_DIR/students/ (S8, S4, ...);
     `ddim sample RUN_DIR` then samples with --steps and `--steps 8` with the 8-step student. A
