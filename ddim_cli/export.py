@@ -129,7 +129,8 @@ def check_with_diffusers(folder: Path, config: Config, weights: dict[str, torch.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            theirs = UNet2DModel.from_pretrained(folder / "unet").eval()
+            # low_cpu_mem_usage needs accelerate; without it diffusers logs a paragraph saying so
+            theirs = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval()
             getattr(diffusers, scheduler_class(config)).from_pretrained(folder / "scheduler")
     except Exception as error:  # whatever diffusers raises: its first line says what
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -1,6 +1,7 @@
 """`ddim export --format diffusers`: diffusers loads the export and computes what we compute."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -52,8 +53,16 @@ def ddim_sample_of(run, latents, tmp_path, *options):
 
 
 def test_diffusers_reproduces_ddim_sample_from_the_same_latents(run_dir, tmp_path):
-    result = cli_ok("export", run_dir, "--out", tmp_path / "pipe")
+    logged = []  # the read-back check is quiet: diffusers logs a paragraph for low_cpu_mem_usage without
+    handler = logging.Handler()  # accelerate installed (the test environment has none)
+    handler.emit = logged.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        result = cli_ok("export", run_dir, "--out", tmp_path / "pipe")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
     assert "DDIMPipeline.from_pretrained" in result.output
+    assert not [record.getMessage() for record in logged if "accelerate" in record.getMessage()]
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = ddim_sample_of(run_dir, latents, tmp_path, "--steps", 5, "--eta", 0)
 
