@@ -141,16 +141,29 @@ def timesteps(
     else:  # logsnr
         if alpha_bars is None or len(alpha_bars) != T:
             raise ValueError(f"spacing 'logsnr' needs the schedule's alpha_bars (T={T})")
-        ab = alpha_bars.detach().to("cpu", torch.float64)
-        log_snr = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t; -inf at a zero-SNR last step
-        zero_terminal = T > 1 and bool(ab[-1] == 0)
-        last = float(log_snr[-2] if zero_terminal else log_snr[-1])
-        targets = torch.linspace(float(log_snr[0]), last, S, dtype=torch.float64)
-        nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)  # non-decreasing in t
-        kept = _make_distinct(nearest.tolist(), T)
-        if zero_terminal:  # lambda = -inf cannot be spaced evenly: start from pure noise itself
+        log_snr = spaceable_log_snr(alpha_bars)
+        targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), S, dtype=torch.float64)
+        kept = _make_distinct(nearest_timesteps(log_snr, targets), T)
+        if T > 1 and bool(alpha_bars[-1] == 0):  # zero terminal SNR: start from pure noise itself
             kept[-1] = T - 1
     return torch.tensor(sorted(kept, reverse=True), dtype=torch.long)
+
+
+def spaceable_log_snr(alpha_bars: torch.Tensor) -> torch.Tensor:
+    """``lambda = log(sqrt(alpha_bar / (1 - alpha_bar)))`` per timestep, float64, decreasing in t; a
+    zero-SNR last step's -inf, which cannot be spaced evenly, takes the step before's value (so the
+    nearest timestep to it is that step, the first of the tie)."""
+    ab = alpha_bars.detach().to("cpu", torch.float64)
+    log_snr = 0.5 * torch.log(ab / (1 - ab))
+    if len(ab) > 1 and ab[-1] == 0:
+        log_snr[-1] = log_snr[-2]
+    return log_snr
+
+
+def nearest_timesteps(log_snr: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """The timestep whose ``log_snr`` is nearest to each target (non-decreasing in t for decreasing
+    targets; the first on a tie)."""
+    return (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
 
 
 def _make_distinct(ascending: list[int], T: int) -> list[int]:

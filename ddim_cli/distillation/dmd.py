@@ -54,7 +54,7 @@ from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.parameterization import loss_weights, training_target
 from ddim_cli.run_loop import make_optimizer
 from ddim_cli.sampling import sample
-from ddim_cli.schedule import timesteps
+from ddim_cli.schedule import nearest_timesteps, spaceable_log_snr, timesteps
 from ddim_cli.seeding import derived_seed
 
 PAIR_BATCH = 256  # teacher ODE pairs are drawn in batches of this many
@@ -302,17 +302,14 @@ def trajectory_grid(alpha_bars: torch.Tensor, stops: list[int], steps: int) -> t
     steps; this way 0.046)."""
     if len(stops) == 1:
         return timesteps(len(alpha_bars), steps, "logsnr", alpha_bars)
-    ab = alpha_bars.detach().to("cpu", torch.float64)
-    log_snr = 0.5 * torch.log(ab / (1 - ab))
-    if ab[-1] == 0:  # zero terminal SNR: lambda = -inf cannot be spaced; space from the step before
-        log_snr[-1] = log_snr[-2]
+    log_snr = spaceable_log_snr(alpha_bars)
     ends = [*stops, 0] if stops[-1] != 0 else stops
     span = float(log_snr[0] - log_snr[stops[0]])
     kept = {0, *stops}
     for start, end in itertools.pairwise(ends):
         share = max(1, round((steps - 1) * float(log_snr[end] - log_snr[start]) / span))
         targets = torch.linspace(float(log_snr[start]), float(log_snr[end]), share + 1, dtype=torch.float64)[1:-1]
-        kept.update((log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).tolist())
+        kept.update(nearest_timesteps(log_snr, targets))
     return torch.tensor(sorted(kept, reverse=True), dtype=torch.long)
 
 
