@@ -140,6 +140,9 @@ class DistillConfig:
     fake_batch: int = 0
     regression_weight: float = 2.0  # dmd: weight of the regression loss on teacher ODE pairs (0: off)
     regression_pairs: int = 1024  # dmd: teacher ODE pairs (noise -> its ODE solution), drawn once
+    # dmd: the regression weight over the run: constant, or a cosine decay to 0 at the run's end (the
+    # distribution-matching gradient alone at the end, as DMD2 trains throughout)
+    regression_schedule: Literal["constant", "cosine"] = "constant"
     gan_weight: float = 0.0  # dmd: weight of DMD2's GAN term on real images (0: off)
     min_level: float = 0.02  # dmd: the distribution-matching timesteps are uniform in [min, max] of T
     max_level: float = 0.98

@@ -295,3 +295,20 @@ def test_dmd_trajectory_grid_passes_every_step_time_and_is_the_logsnr_grid_for_o
     grid = trajectory_grid(table, [999, 749, 499, 249], 16).tolist()
     assert grid == sorted(set(grid), reverse=True) and grid[0] == 999 and grid[-1] == 0
     assert {749, 499, 249} <= set(grid) and 12 <= len(grid) <= 17
+
+
+def test_dmd_regression_weight_is_constant_or_decays_by_a_cosine_to_zero_at_the_runs_end():
+    from types import SimpleNamespace
+
+    from ddim_cli.config import DistillConfig
+    from ddim_cli.distillation.dmd import DistributionMatching
+
+    def weights(schedule):
+        x = DistillConfig(method="dmd", steps=1, round_steps=1000, warmup=20, regression_weight=2.0)
+        x.regression_schedule = schedule
+        return [DistributionMatching.regression_weight_at(SimpleNamespace(x=x), step) for step in (0, 250, 500, 999)]
+
+    assert weights("constant") == [2.0] * 4
+    # 1 + cos(pi * s / 1000) over 2 at full weight 2: no warmup (the lr's 20 steps are the lr's)
+    assert weights("cosine") == pytest.approx([2.0, 1 + math.cos(math.pi / 4), 1.0, 1 + math.cos(math.pi * 0.999)])
+    assert weights("cosine")[-1] < 1e-5

@@ -27,7 +27,10 @@ Each step:
    teacher ODE pairs (DMD Eq. 9: noise and the teacher's ODE solution from it, here by
    DPM-Solver++(2M) in ``distill.teacher_steps`` log-SNR steps; a mean squared error here where DMD
    uses LPIPS); with several steps, each call at a step time ``tau`` learns the trajectories' points
-   at ``tau`` against their ends (CausVid's ODE initialisation, Yin et al. 2025). The student
+   at ``tau`` against their ends (CausVid's ODE initialisation, Yin et al. 2025). With
+   ``distill.regression_schedule: cosine`` the weight decays to 0 over the run: the pairs anchor
+   the start, the distribution-matching gradient alone shapes the end (DMD2, Section 4.1, drops
+   them altogether: they tie the student to the teacher's sampling paths). The student
    learns the pairs' images, so they should be good ones: on the quickstart teacher 16 DDIM steps
    score PCA-FD 18.1, 16 DPM-Solver++ steps 13.9 (50 DDIM steps 14.9).
 
@@ -52,7 +55,7 @@ from ddim_cli.distillation.consistency import consistency_function
 from ddim_cli.distillation.objective import Distillation
 from ddim_cli.guidance import classifier_free_guidance
 from ddim_cli.parameterization import loss_weights, training_target
-from ddim_cli.run_loop import make_optimizer
+from ddim_cli.run_loop import make_optimizer, scheduled_lr
 from ddim_cli.sampling import sample
 from ddim_cli.schedule import nearest_timesteps, spaceable_log_snr, timesteps
 from ddim_cli.seeding import derived_seed
@@ -121,7 +124,8 @@ class DistributionMatching(Distillation):
         return (
             f"distribution matching distillation for {self.x.steps}-step sampling, {self.x.fake_updates} fake-score "
             f"updates per step{f' on {self.fake_batch} of one batch' if self.fake_batch else ''}, "
-            f"regression weight {self.x.regression_weight:g}, of {self.x.teacher}; "
+            f"regression weight {self.x.regression_weight:g}"
+            f"{' (cosine to 0)' if self.x.regression_schedule == 'cosine' else ''}, of {self.x.teacher}; "
             f"guidance {self.x.guidance:g}"
         )
 
@@ -171,12 +175,17 @@ class DistributionMatching(Distillation):
             real, fake = self.teacher_x0(labels)(z, t), self.x0_model(self.fake, labels)(z, t)
         loss = distribution_matching_loss(images, real, fake)
         if self.x.regression_weight:
-            loss = loss + self.x.regression_weight * regression_loss(self, net, generator, len(x0))
+            loss = loss + self.regression_weight_at(step) * regression_loss(self, net, generator, len(x0))
         if self.head is not None:
             with _frozen(self.fake):  # the generator's step trains the generator only
                 logits = self.classify(images, labels, generator)
             loss = loss + self.x.gan_weight * F.softplus(-logits).mean()
         return loss
+
+    def regression_weight_at(self, step: int) -> float:
+        """``distill.regression_weight`` at step ``step`` (0-based): constant, or decayed by a cosine
+        to 0 at the run's end, so that the last steps follow the distribution-matching gradient alone."""
+        return scheduled_lr(self.x.regression_weight, 0, self.x.regression_schedule, self.x.round_steps, step)
 
     def generate(self, net, labels, generator, batch: int, draw: str) -> torch.Tensor:
         """The generator's samples of one batch: from pure noise, ``k`` steps of its own chain
