@@ -231,7 +231,13 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
         "train.checkpoint_every=1",
         "--method",
         method,
-        *(["--set", "distill.regression_pairs=16", "--set", "distill.gan_weight=0.01"] if method == "dmd" else []),
+        # dmd with every step-dependent weight on: the GAN term and a regression weight fading with the step
+        *(
+            ["--set", "distill.regression_pairs=16", "--set", "distill.gan_weight=0.01"]
+            + ["--set", "distill.regression_schedule=cosine"]
+            if method == "dmd"
+            else []
+        ),
     ]
     distilled(teacher, tmp_path / "reference", *args[2:])
     command = [sys.executable, "-m", "ddim_cli", "distill", str(teacher), *map(str, args), "--no-progress"]
