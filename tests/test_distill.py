@@ -233,8 +233,10 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
         method,
         # dmd with every step-dependent weight on: the GAN term and a regression weight fading with the step
         *(
-            ["--set", "distill.regression_pairs=16", "--set", "distill.gan_weight=0.01"]
-            + ["--set", "distill.regression_schedule=cosine"]
+            [
+                *("--set", "distill.regression_pairs=16", "--set", "distill.gan_weight=0.01"),
+                *("--set", "distill.regression_schedule=cosine"),
+            ]
             if method == "dmd"
             else []
         ),

@@ -304,11 +304,13 @@ def test_dmd_regression_weight_is_constant_or_decays_by_a_cosine_to_zero_at_the_
     from ddim_cli.distillation.dmd import DistributionMatching
 
     def weights(schedule):
-        x = DistillConfig(method="dmd", steps=1, round_steps=1000, warmup=20, regression_weight=2.0)
-        x.regression_schedule = schedule
+        x = DistillConfig(
+            method="dmd", steps=1, round_steps=1000, warmup=20, regression_weight=2.0, regression_schedule=schedule
+        )
         return [DistributionMatching.regression_weight_at(SimpleNamespace(x=x), step) for step in (0, 250, 500, 999)]
 
     assert weights("constant") == [2.0] * 4
     # 1 + cos(pi * s / 1000) over 2 at full weight 2: no warmup (the lr's 20 steps are the lr's)
-    assert weights("cosine") == pytest.approx([2.0, 1 + math.cos(math.pi / 4), 1.0, 1 + math.cos(math.pi * 0.999)])
-    assert weights("cosine")[-1] < 1e-5
+    cosine = weights("cosine")
+    assert cosine == pytest.approx([2.0, 1 + math.cos(math.pi / 4), 1.0, 1 + math.cos(math.pi * 0.999)])
+    assert cosine[-1] < 1e-5

@@ -61,7 +61,7 @@ def student_config(
         config.distill.round_steps, config.distill.lr, config.train.batch_size = 1000, 3e-4, 32
         config.distill.fake_batch = 16  # the fake score's updates on halves of one draw: as good, in 0.7x the time
         config.distill.lr_schedule = "cosine"  # a generator that settles: PCA-FD gap to the teacher 1.0 -> 0.2
-        if steps > 1:  # every call regressed: 850 steps beat the teacher's 50 at 4 steps, in 1.64x its time
+        if steps > 1:  # every call regressed: 850 steps beat the teacher's 50 at 4 steps, in 1.64-1.95x its time
             config.distill.round_steps = 850
         else:  # the regression's weight fading to 0: 1500-sample PCA-FD 9.9 -> 9.3, means of three seeds
             config.distill.regression_schedule = "cosine"  # (at 2 or 4 steps it cost 2-6: later calls need it)
