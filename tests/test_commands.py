@@ -70,6 +70,7 @@ def test_sample_writes_grid_pngs_and_npz(run_dir, tmp_path):
         tmp_path / "s.npz",
     )
     assert "4 images with ddim S=5 eta=0" in result.output and "s/image" in result.output
+    assert "student" not in result.output  # only a distilled model's line names its method
     assert Image.open(tmp_path / "grid.png").size == (22, 22)  # 2 x 2 images of 8 px with 2 px padding
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     arr = npz(tmp_path / "s.npz")

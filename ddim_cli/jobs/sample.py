@@ -105,7 +105,9 @@ class SampleRun:
             conditioning = f" (classes {class_summary(self.labels)}, {guided})"
         made = self.count - self.resumed
         timing = f" in {self.seconds / made:.4f} s/image" if made else ""
-        return f"{self.count} images with {spec.label}{conditioning} from {loaded.checkpoint}{timing}"
+        # a DMD student samples with the consistency chain: name the method so the label does not mislead
+        student = f" of a {loaded.config.distill.method} student" if loaded.config.distill is not None else ""
+        return f"{self.count} images with {spec.label}{student}{conditioning} from {loaded.checkpoint}{timing}"
 
 
 def default_grid_path(loaded: LoadedModel, spec: SamplerSpec, seed: int) -> Path:
