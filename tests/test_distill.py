@@ -79,7 +79,7 @@ def test_progressive_distillation_writes_a_run_with_every_rounds_student(teacher
 
     # Students are models: their own steps by default, another kept round with --steps, the rest refused.
     made = ok("sample", run, "--n", 3, "--out", tmp_path / "a.png")
-    assert "ddim S=2 eta=0" in made.output and "S2.safetensors" in made.output
+    assert "ddim S=2 eta=0 of a progressive student" in made.output and "S2.safetensors" in made.output
     assert "learnt by distillation" in made.output
     assert "S4.safetensors" in ok("sample", run, "--n", 3, "--steps", 4, "--out", tmp_path / "b.png").output
     ok("sample", run, "--n", 3, "--class", 7, "--npz", tmp_path / "c.npz", "--out", tmp_path / "c.png")
@@ -182,7 +182,7 @@ def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1], training_state=True).training_state
     assert "target" in state  # the EMA target network is part of the run's state
-    assert "consistency S=2" in ok("sample", run, "--n", 3, "--out", tmp_path / "a.png").output
+    assert "consistency S=2 of a consistency student" in ok("sample", run, "--n", 3, "--out", tmp_path / "a.png").output
     assert "consistency S=1" in ok("sample", run, "--n", 3, "--steps", 1, "--out", tmp_path / "b.png").output
     line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
     assert "samples with 1, 2, 4, 8 steps, not 3" in line
@@ -210,7 +210,7 @@ def test_dmd_distils_a_generator_that_samples_in_its_steps_and_their_halves(teac
     assert any(not torch.equal(state["fake"][k], teacher_weights[k]) for k in teacher_weights)  # it was trained
     for steps in (4, 2, 1):
         assert (
-            f"consistency S={steps}"
+            f"consistency S={steps} of a dmd student"
             in ok("sample", run, "--n", 3, "--steps", steps, "--out", tmp_path / "a.png").output
         )
     line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
@@ -339,22 +339,22 @@ def test_a_one_step_students_refusal_says_step_not_steps():
 
 
 def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypatch):
-    from ddim_cli.distillation.dmd import DistributionMatching
+    from ddim_cli.distillation import dmd
 
     draws, updates = [], []
-    generate, update_fake = DistributionMatching.generate, DistributionMatching.update_fake
+    generate, update_fake = dmd.generate, dmd.update_fake_score
 
-    def recording_generate(self, net, labels, generator, batch, draw):
-        images = generate(self, net, labels, generator, batch, draw)
+    def recording_generate(objective, net, labels, generator, batch, draw):
+        images = generate(objective, net, labels, generator, batch, draw)
         draws.append((draw, images.detach().clone(), labels.clone()))
         return images
 
-    def recording_update(self, samples, labels, generator, lr, real):
+    def recording_update(objective, samples, labels, generator, lr, real):
         updates.append((samples.clone(), labels.clone(), len(real)))
-        return update_fake(self, samples, labels, generator, lr, real)
+        return update_fake(objective, samples, labels, generator, lr, real)
 
-    monkeypatch.setattr(DistributionMatching, "generate", recording_generate)
-    monkeypatch.setattr(DistributionMatching, "update_fake", recording_update)
+    monkeypatch.setattr(dmd, "generate", recording_generate)
+    monkeypatch.setattr(dmd, "update_fake_score", recording_update)
     args = ["--method", "dmd", "--steps", 1, "--set", "distill.regression_pairs=16", "--set", "distill.round_steps=2"]
     result = distilled(teacher, tmp_path / "shared", *args, "--set", "distill.fake_batch=3")
     assert "4 fake-score updates per step on 3 of one batch" in (tmp_path / "shared" / "train.log").read_text()

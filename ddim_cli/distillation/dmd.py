@@ -158,16 +158,18 @@ class DistributionMatching(Distillation):
         self.step = step
         if self.fake_batch:  # one batch of the generator's samples, a random part of it per update
             with torch.no_grad():
-                drawn = self.generate(self.model, labels, generator, len(x0), "dmd-chain-fake")
+                drawn = generate(self, self.model, labels, generator, len(x0), "dmd-chain-fake")
             for _ in range(self.x.fake_updates):
                 part = torch.randperm(len(x0), device=self.device, generator=generator)[: self.fake_batch]
-                self.update_fake(drawn[part], None if labels is None else labels[part], generator, fake_lr, x0[part])
+                update_fake_score(
+                    self, drawn[part], None if labels is None else labels[part], generator, fake_lr, x0[part]
+                )
         else:  # DMD2: each update on a batch of its own
             for update in range(self.x.fake_updates):
                 with torch.no_grad():
-                    samples = self.generate(self.model, labels, generator, len(x0), f"dmd-chain-{update}")
-                self.update_fake(samples, labels, generator, fake_lr, x0)
-        images = self.generate(net, labels, generator, len(x0), "dmd-chain")
+                    samples = generate(self, self.model, labels, generator, len(x0), f"dmd-chain-{update}")
+                update_fake_score(self, samples, labels, generator, fake_lr, x0)
+        images = generate(self, net, labels, generator, len(x0), "dmd-chain")
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         noise = torch.randn(images.shape, device=self.device, generator=generator)
         with torch.no_grad():
@@ -187,51 +189,59 @@ class DistributionMatching(Distillation):
         to 0 at the run's end, so that the last steps follow the distribution-matching gradient alone."""
         return scheduled_lr(self.x.regression_weight, 0, self.x.regression_schedule, self.x.round_steps, step)
 
-    def generate(self, net, labels, generator, batch: int, draw: str) -> torch.Tensor:
-        """The generator's samples of one batch: from pure noise, ``k`` steps of its own chain
-        without gradient, then one call (DMD2's backward simulation). ``k`` is uniform over its
-        steps, drawn on the host from ``draw`` (a name unique in the step), so no device sync."""
-        shape = (batch, self.config.data.channels, self.config.data.image_size, self.config.data.image_size)
-        x = torch.randn(shape, device=self.device, generator=generator)
-        k = derived_seed(self.config.train.seed, self.step, self.shard.rank, draw) % len(self.times)
-        student = self.x0_model(self.model, labels)
-        for i in range(k):
-            with torch.no_grad():
-                x = consistency_function(student, x, self.times[i].expand(batch))
-                level = self.ab_device[self.times[i + 1]]
-                x = level.sqrt() * x + (1 - level).sqrt() * torch.randn(shape, device=self.device, generator=generator)
-        return consistency_function(self.x0_model(net, labels), x, self.times[k].expand(batch))
-
-    def update_fake(self, samples: torch.Tensor, labels, generator, lr: float, real: torch.Tensor) -> None:
-        """One step of the fake score's denoising loss on ``samples`` (DMD Eq. 6), weighted as the
-        teacher was trained, and with the GAN term, its head's loss on ``real`` against ``samples``."""
-        t = torch.randint(0, len(self.ab_device), (len(samples),), device=self.device, generator=generator)
-        noise = torch.randn(samples.shape, device=self.device, generator=generator)
-        z = self.noised(samples, noise, t)
-        prediction, cfg = self.config.model.prediction, self.config.train
-        with autocast(self.precision, self.device):
-            output = self.fake(z, t) if labels is None else self.fake(z, t, labels)
-        ab_t = self.ab_device[t].view(-1, *([1] * (samples.dim() - 1)))
-        per_example = (output.float() - training_target(samples, noise, ab_t, prediction)).pow(2).flatten(1).mean(1)
-        loss = (loss_weights(ab_t.flatten(), prediction, cfg.loss_weighting, cfg.min_snr_gamma) * per_example).mean()
-        if self.head is not None:
-            fake_logits, real_logits = self.classify(samples, labels, generator), self.classify(real, labels, generator)
-            loss = loss + self.x.gan_weight * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
-        for group in self.fake_optimizer.param_groups:
-            group["lr"] = lr
-        self.fake_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parameters = [p for group in self.fake_optimizer.param_groups for p in group["params"]]
-        _mean_over_ranks(parameters, self.shard.world)
-        torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip or float("inf"))
-        self.fake_optimizer.step()
-
     def classify(self, images: torch.Tensor, labels, generator) -> torch.Tensor:
         """The GAN head's logits for ``images`` noised to a random level (real: high)."""
         t = torch.randint(self.levels[0], self.levels[1] + 1, (len(images),), device=self.device, generator=generator)
         z = self.noised(images, torch.randn(images.shape, device=self.device, generator=generator), t)
         with autocast(self.precision, self.device):
             return self.head.judge(self.fake, z, t, labels)
+
+
+def generate(objective: DistributionMatching, net, labels, generator, batch: int, draw: str) -> torch.Tensor:
+    """The generator's samples of one batch: from pure noise, ``k`` steps of its own chain
+    without gradient, then one call (DMD2's backward simulation). ``k`` is uniform over its
+    steps, drawn on the host from ``draw`` (a name unique in the step), so no device sync."""
+    config = objective.config
+    shape = (batch, config.data.channels, *[config.data.image_size] * 2)
+    x = torch.randn(shape, device=objective.device, generator=generator)
+    k = derived_seed(config.train.seed, objective.step, objective.shard.rank, draw) % len(objective.times)
+    student = objective.x0_model(objective.model, labels)
+    for i in range(k):
+        with torch.no_grad():
+            x = consistency_function(student, x, objective.times[i].expand(batch))
+            level = objective.ab_device[objective.times[i + 1]]
+            x = level.sqrt() * x + (1 - level).sqrt() * torch.randn(shape, device=objective.device, generator=generator)
+    return consistency_function(objective.x0_model(net, labels), x, objective.times[k].expand(batch))
+
+
+def update_fake_score(
+    objective: DistributionMatching, samples: torch.Tensor, labels, generator, lr: float, real: torch.Tensor
+) -> None:
+    """One step of the fake score's denoising loss on ``samples`` (DMD Eq. 6), weighted as the
+    teacher was trained, and with the GAN term, its head's loss on ``real`` against ``samples``."""
+    t = torch.randint(0, len(objective.ab_device), (len(samples),), device=objective.device, generator=generator)
+    noise = torch.randn(samples.shape, device=objective.device, generator=generator)
+    z = objective.noised(samples, noise, t)
+    prediction, cfg = objective.config.model.prediction, objective.config.train
+    with autocast(objective.precision, objective.device):
+        output = objective.fake(z, t) if labels is None else objective.fake(z, t, labels)
+    ab_t = objective.ab_device[t].view(-1, *([1] * (samples.dim() - 1)))
+    per_example = (output.float() - training_target(samples, noise, ab_t, prediction)).pow(2).flatten(1).mean(1)
+    loss = (loss_weights(ab_t.flatten(), prediction, cfg.loss_weighting, cfg.min_snr_gamma) * per_example).mean()
+    if objective.head is not None:
+        fake_logits, real_logits = (
+            objective.classify(samples, labels, generator),
+            objective.classify(real, labels, generator),
+        )
+        loss = loss + objective.x.gan_weight * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
+    for group in objective.fake_optimizer.param_groups:
+        group["lr"] = lr
+    objective.fake_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parameters = [p for group in objective.fake_optimizer.param_groups for p in group["params"]]
+    _mean_over_ranks(parameters, objective.shard.world)
+    torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip or float("inf"))
+    objective.fake_optimizer.step()
 
 
 def regression_loss(objective: DistributionMatching, net, generator, batch: int) -> torch.Tensor:
