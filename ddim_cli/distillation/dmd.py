@@ -229,10 +229,8 @@ def update_fake_score(
     per_example = (output.float() - training_target(samples, noise, ab_t, prediction)).pow(2).flatten(1).mean(1)
     loss = (loss_weights(ab_t.flatten(), prediction, cfg.loss_weighting, cfg.min_snr_gamma) * per_example).mean()
     if objective.head is not None:
-        fake_logits, real_logits = (
-            objective.classify(samples, labels, generator),
-            objective.classify(real, labels, generator),
-        )
+        fake_logits = objective.classify(samples, labels, generator)
+        real_logits = objective.classify(real, labels, generator)
         loss = loss + objective.x.gan_weight * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
     for group in objective.fake_optimizer.param_groups:
         group["lr"] = lr
