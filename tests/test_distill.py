@@ -231,17 +231,21 @@ def test_kill_9_then_resume_gives_bit_identical_students(teacher, tmp_path, meth
         "train.checkpoint_every=1",
         "--method",
         method,
-        # dmd with every step-dependent weight on: the GAN term and a regression weight fading with the step
+        # dmd with every step-dependent weight on: the GAN term, a regression weight fading with the step
+        # and the fake score's own (scheduled) rate
         *(
             [
                 *("--set", "distill.regression_pairs=16", "--set", "distill.gan_weight=0.01"),
-                *("--set", "distill.regression_schedule=cosine"),
+                *("--set", "distill.regression_schedule=cosine", "--set", "distill.fake_lr=0.001"),
             ]
             if method == "dmd"
             else []
         ),
     ]
     distilled(teacher, tmp_path / "reference", *args[2:])
+    if method == "dmd":  # the start line names every term that is on
+        started = (tmp_path / "reference" / "train.log").read_text()
+        assert "of one batch at lr 0.001, regression weight 2 (cosine to 0), GAN term 0.01, of " in started
     command = [sys.executable, "-m", "ddim_cli", "distill", str(teacher), *map(str, args), "--no-progress"]
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(

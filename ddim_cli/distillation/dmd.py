@@ -123,9 +123,11 @@ class DistributionMatching(Distillation):
     def describe(self) -> str:
         return (
             f"distribution matching distillation for {self.x.steps}-step sampling, {self.x.fake_updates} fake-score "
-            f"updates per step{f' on {self.fake_batch} of one batch' if self.fake_batch else ''}, "
+            f"updates per step{f' on {self.fake_batch} of one batch' if self.fake_batch else ''}"
+            f"{f' at lr {self.x.fake_lr:g}' if self.x.fake_lr else ''}, "
             f"regression weight {self.x.regression_weight:g}"
-            f"{' (cosine to 0)' if self.x.regression_schedule == 'cosine' else ''}, of {self.x.teacher}; "
+            f"{' (cosine to 0)' if self.x.regression_schedule == 'cosine' else ''}"
+            f"{f', GAN term {self.x.gan_weight:g}' if self.x.gan_weight else ''}, of {self.x.teacher}; "
             f"guidance {self.x.guidance:g}"
         )
 
