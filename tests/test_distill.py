@@ -376,8 +376,13 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
     assert [len(samples) for samples, *_ in updates] == [8] * 8
     line = one_line_error(ddim("distill", teacher, *args, "--set", "distill.fake_batch=-1"), 2)
     assert "distill.fake_batch: must be >= 0, got -1" in line
-    keys = ("method", "round_steps", "fake_batch", "lr_schedule", "gan_weight", "regression_schedule")
-    # the measured recipes: few steps shorter and their later calls always anchored, no GAN term
-    for steps, round_steps, regression in ((1, 1000, "cosine"), (2, 850, "constant"), (4, 850, "constant")):
+    keys = ("method", "round_steps", "fake_batch", "lr_schedule", "gan_weight", "regression_schedule", "fake_lr")
+    # the measured recipes: few steps shorter and their later calls always anchored, no GAN term; one step
+    # with the fake score at twice the generator's rate
+    for steps, round_steps, regression, fake_lr in (
+        (1, 1000, "cosine", 6e-4),
+        (2, 850, "constant", 0),
+        (4, 850, "constant", 0),
+    ):
         distill = yaml.safe_load(ok("distill", teacher, "--steps", steps, "--dry-run").output)["distill"]
-        assert [distill[key] for key in keys] == ["dmd", round_steps, 16, "cosine", 0, regression]
+        assert [distill[key] for key in keys] == ["dmd", round_steps, 16, "cosine", 0, regression, fake_lr]
