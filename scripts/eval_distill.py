@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         x = to_digit_scale(images)
         per_set = set_scores(judge, x, args.n)
         fds = [s["pca_fd"] for s in per_set]
-        scores = {"confident": float(np.mean([s["confident"] for s in per_set])), "pca_fd": float(np.mean(fds))}
+        # every figure the judge gives, as the mean over the sets (one set: its own scores)
+        scores = {key: float(np.mean([s[key] for s in per_set])) for key in per_set[0] if key != "n"}
+        scores["n"] = args.n
         if args.sets > 1:
             if reference is None:  # the first row: the teacher's 50 steps
                 reference = fds
