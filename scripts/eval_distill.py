@@ -62,11 +62,16 @@ def set_scores(judge, x: np.ndarray, size: int) -> list[dict]:
     return [judge.score(x[start : start + size]) for start in range(0, len(x) - size + 1, size)]
 
 
+def mean_and_error(values) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (sample standard deviation over sqrt(n))."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def paired_gap(scores, reference) -> tuple[float, float]:
     """Mean and standard error of ``scores - reference``, set by set, where both were scored on the
     same seeds' sets."""
-    gap = np.asarray(scores, dtype=float) - np.asarray(reference, dtype=float)
-    return float(gap.mean()), float(gap.std(ddof=1) / np.sqrt(len(gap)))
+    return mean_and_error(np.asarray(scores, dtype=float) - np.asarray(reference, dtype=float))
 
 
 def rows_for(teacher, students: list, steps: int) -> list[tuple[str, object, object, float, float, int]]:
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             gap, gap_se = paired_gap(fds, reference)
             scores |= {
                 "pca_fd_sets": fds,
-                "pca_fd_se": float(np.std(fds, ddof=1) / np.sqrt(len(fds))),
+                "pca_fd_se": mean_and_error(fds)[1],
                 "gap_to_reference": gap,
                 "gap_se": gap_se,
                 "pca_fd_pooled": judge.score(x)["pca_fd"],
