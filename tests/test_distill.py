@@ -360,6 +360,7 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
     monkeypatch.setattr(dmd, "generate", recording_generate)
     monkeypatch.setattr(dmd, "update_fake_score", recording_update)
     args = ["--method", "dmd", "--steps", 1, "--set", "distill.regression_pairs=16", "--set", "distill.round_steps=2"]
+    args += ["--set", "distill.fake_updates=4"]
     result = distilled(teacher, tmp_path / "shared", *args, "--set", "distill.fake_batch=3")
     assert "4 fake-score updates per step on 3 of one batch" in (tmp_path / "shared" / "train.log").read_text()
     assert [d for d, *_ in draws] == ["dmd-chain-fake", "dmd-chain"] * 2, result.output  # one draw a step for all 4
@@ -376,13 +377,14 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
     assert [len(samples) for samples, *_ in updates] == [8] * 8
     line = one_line_error(ddim("distill", teacher, *args, "--set", "distill.fake_batch=-1"), 2)
     assert "distill.fake_batch: must be >= 0, got -1" in line
-    keys = ("method", "round_steps", "fake_batch", "lr_schedule", "gan_weight", "regression_schedule", "fake_lr")
+    keys = ("method", "round_steps", "fake_batch", "lr_schedule", "gan_weight", "regression_schedule")
     # the measured recipes: few steps shorter and their later calls always anchored, no GAN term; one step
-    # with the fake score at twice the generator's rate
-    for steps, round_steps, regression, fake_lr in (
-        (1, 1000, "cosine", 6e-4),
-        (2, 850, "constant", 0),
-        (4, 850, "constant", 0),
+    # with three fake-score updates at three times the generator's rate
+    for steps, round_steps, regression, fake_updates, fake_lr in (
+        (1, 1000, "cosine", 3, 9e-4),
+        (2, 850, "constant", 4, 0),
+        (4, 850, "constant", 4, 0),
     ):
         distill = yaml.safe_load(ok("distill", teacher, "--steps", steps, "--dry-run").output)["distill"]
-        assert [distill[key] for key in keys] == ["dmd", round_steps, 16, "cosine", 0, regression, fake_lr]
+        assert [distill[key] for key in keys] == ["dmd", round_steps, 16, "cosine", 0, regression]
+        assert (distill["fake_updates"], distill["fake_lr"]) == (fake_updates, pytest.approx(fake_lr))
