@@ -65,9 +65,10 @@ def student_config(
             config.distill.round_steps = 850
         else:  # the regression's weight fading to 0: 1500-sample PCA-FD 9.9 -> 9.3, means of three seeds
             config.distill.regression_schedule = "cosine"  # (at 2 or 4 steps it cost 2-6: later calls need it)
-            # a fake score that keeps up with the generator (the two time-scale rule by rate as well as by
-            # count): 3 updates at 3x its rate, against 4 at 2x PCA-FD -1.0, +0.1 and -0.3 on ten sets of
-            # 500 from three seeds, in 0.9x the time; 4 at 3x and 2 at 4x measured worse (BENCHMARKS.md)
+        if steps <= 2:  # a fake score that keeps up with the generator (the two time-scale rule by rate as
+            # well as by count): 3 updates at 3x its rate, on ten sets of 500 at 1 step against 4 at 2x
+            # PCA-FD -1.0, +0.1, -0.3 from three seeds, at 2 steps against 4 at 1x -0.4, -0.4 from two,
+            # in 0.9x the time; at 4 steps +0.6, worse; 4 at 3x and 2 at 4x worse at 1 (BENCHMARKS.md)
             config.distill.fake_updates, config.distill.fake_lr = 3, 9e-4  # 3x the 3e-4 above
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
