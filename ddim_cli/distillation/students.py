@@ -57,7 +57,7 @@ def student_config(
     if method == "consistency":  # one round on a 32-point grid at a lower rate: 2x the quickstart's training time
         config.distill.round_steps, config.distill.lr = 1150, 2e-4
     config.distill.grid_points = min(32, _power_of_two(teacher.diffusion.num_timesteps))
-    if method == "dmd":  # the best recipes measured (1.5-2.2x the teacher's training by machine; BENCHMARKS.md)
+    if method == "dmd":  # the best recipes measured (1.5-2.0x the teacher's training; BENCHMARKS.md)
         config.distill.round_steps, config.distill.lr, config.train.batch_size = 1000, 3e-4, 32
         config.distill.fake_batch = 16  # the fake score's updates on halves of one draw: as good, in 0.7x the time
         config.distill.lr_schedule = "cosine"  # a generator that settles: PCA-FD gap to the teacher 1.0 -> 0.2
