@@ -3,9 +3,11 @@
 Runs the judges of eval_digits.py (sampling at 20/50/200 steps, --unconditional, --class k),
 eval_inversion.py (plain, exact and null-text inversion of in-distribution and bilinear-upscaled
 digits), eval_edits.py (DDIB, null-text and SDEdit edits) and eval_restore.py (inpainting, x4
-super-resolution, denoising) on a trained quickstart run, compares every figure with the committed
-baseline (scripts/gate_baseline.json: each figure's value, which way is better, its tolerance and,
-for the goals issues set, a hard limit), prints a table and exits 1 if any figure regressed.
+super-resolution, denoising) on a trained quickstart run and, given `--students`, its distilled
+students (each at its own step count, on the seeds of the teacher's 50-step figures), compares
+every figure with the committed baseline (scripts/gate_baseline.json: each figure's value, which
+way is better, its tolerance and, for the goals issues set, a hard limit), prints a table and
+exits 1 if any figure regressed.
 
 It takes 253 s on 2 idle cores of an AMD EPYC with AVX2, the slowest CPU it has met (2026-12-06, in
 its two processes; 440 s before the expensive settings measured fewer images: 200-step sampling
@@ -20,6 +22,9 @@ Usage:
   python scripts/eval_all.py runs/digits                        # all groups; exit 1 on a regression
   python scripts/eval_all.py runs/digits --groups inversion     # some of: sampling,inversion,edits,restoration
   python scripts/eval_all.py runs/digits --json figures.json    # also write the measured figures
+  python scripts/eval_all.py runs/digits --groups distillation \
+      --students runs/digits-dmd-S1,runs/digits-dmd-S2,runs/digits-dmd-S4,runs/digits-consistency-S4
+      # the students of `ddim distill runs/digits --steps 1` (2, 4; --method consistency --steps 4)
   python scripts/eval_all.py --baseline-from a.json b.json c.json --about "why"
       # the baseline from the figures of >= 3 quickstart trainings (different seeds, other CPUs)
   python scripts/eval_all.py --baseline-from a.json b.json c.json --keep-runs-except 'S200|null-text' --about ..
@@ -29,7 +34,13 @@ A baseline figure is the mean of its trainings' values (geometric for ratio figu
 tolerance is 3 standard deviations of them (of their logarithms for ratio figures), at least the
 figure's floor: what one measurement's own noise allows (the n = 500 sampling rates carry about
 +-0.016 of seed noise; a max over 40 images more), so that a retrain on another CPU passes
-unless something regressed. Issues' goals stay as hard limits.
+unless something regressed. Issues' goals stay as hard limits. A baseline made from runs of some
+groups (e.g. `--groups distillation`) keeps the current baseline's figures of the others.
+
+A student's figures (`distill.dmd-S1....`): confident and PCA-FD of 500 samples from seeds 0..499,
+`fd_to_teacher` (that PCA-FD over the teacher's at 50 DDIM steps on the same seeds, measured in the
+same run), in class with `--class k` (50 per class) and, with the null label, confident and class
+balance. Their baseline comes from students distilled with different training seeds.
 """
 
 from __future__ import annotations
@@ -45,7 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASELINE = Path(__file__).with_name("gate_baseline.json")
-GROUPS = ("sampling", "inversion", "edits", "restoration")
+GROUPS = ("sampling", "inversion", "edits", "restoration", "distillation")
+TEACHER_REFERENCE = "sampling/default/S50"  # what a student's fd_to_teacher divides by
 
 # Each figure's floor, by its last name part: (better, kind, amount). "slack" is an absolute change,
 # "factor" a ratio; a baseline widens it to 3 standard deviations of its trainings' values.
@@ -63,6 +75,7 @@ FLOORS = {
     "psnr": ("higher", "slack", 0.5),
     "read": ("higher", "slack", 0.05),
     "obs_rmse": ("lower", "slack", 1e-6),  # noiseless observations are kept to float rounding
+    "fd_to_teacher": ("lower", "factor", 1.35),  # the student's PCA-FD's own noise; the teacher's is shared
 }
 SPREAD = 3.0  # standard deviations of the trainings' values a figure may move
 MIN_RUNS = 3
@@ -92,17 +105,20 @@ PART_SECONDS = {
     "inversion/bilinear": 47,
     "edits": 75,
     "restoration": 101,
+    "distillation": 15,  # four students at 1-4 steps: loading them is most of it
 }
 
 
 def parts_of(groups: list[str]) -> list[str]:
     """The gate's units of work for these groups: each sampling setting, inversion's two kinds of
-    digits, and each other group whole."""
+    digits, and each other group whole; distillation needs the teacher's 50-step figures too."""
     subparts = {
         "sampling": list(SAMPLING_PARTS),
         "inversion": ["inversion/nearest", "inversion/bilinear"],
+        "distillation": [TEACHER_REFERENCE, "distillation"],
     }
-    return [part for group in groups for part in subparts.get(group, [group])]
+    parts = [part for group in groups for part in subparts.get(group, [group])]
+    return list(dict.fromkeys(parts))  # the teacher's reference once
 
 
 def lanes(groups: list[str], jobs: int) -> list[list[str]]:
@@ -114,9 +130,10 @@ def lanes(groups: list[str], jobs: int) -> list[list[str]]:
     return split
 
 
-def measure_in_parallel(run: Path, groups: list[str], jobs: int) -> dict[str, float]:
+def measure_in_parallel(run: Path, groups: list[str], jobs: int, students: list[Path] = ()) -> dict[str, float]:
     """:func:`measure` with the parts shared among ``jobs`` processes that split the cores evenly
     (each set before torch loads, so that none waits on another's threads)."""
+    _check_groups(groups, students)
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -125,11 +142,11 @@ def measure_in_parallel(run: Path, groups: list[str], jobs: int) -> dict[str, fl
     threads = max(1, cores // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_use_threads, initargs=(threads,)) as pool:
-        futures = [pool.submit(measure_parts, run, lane) for lane in lanes(groups, jobs)]
+        futures = [pool.submit(measure_parts, run, lane, print, students) for lane in lanes(groups, jobs)]
         figures = {}
         for future in futures:
             figures.update(future.result())
-    return {name: figures[name] for name in sorted(figures, key=_figure_order)}
+    return _of_groups(figures, groups)
 
 
 def _use_threads(threads: int) -> None:
@@ -139,9 +156,13 @@ def _use_threads(threads: int) -> None:
 
 
 def _group_of(figure: str) -> str:
-    return {"sample": "sampling", "invert": "inversion", "edit": "edits", "restore": "restoration"}[
-        figure.split(".")[0]
-    ]
+    return {
+        "sample": "sampling",
+        "invert": "inversion",
+        "edit": "edits",
+        "restore": "restoration",
+        "distill": "distillation",
+    }[figure.split(".")[0]]
 
 
 def _figure_order(figure: str) -> tuple[int, int]:
@@ -151,14 +172,31 @@ def _figure_order(figure: str) -> tuple[int, int]:
     return GROUPS.index(_group_of(figure)), setting
 
 
-def measure(run: Path, groups: list[str], echo=print) -> dict[str, float]:
-    """Every figure of the chosen groups, by name (e.g. ``sample.default.S50.confident``)."""
+def measure(run: Path, groups: list[str], echo=print, students: list[Path] = ()) -> dict[str, float]:
+    """Every figure of the chosen groups, by name (e.g. ``sample.default.S50.confident``);
+    ``students``: the distillation group's run directories."""
+    _check_groups(groups, students)
+    return _of_groups(measure_parts(run, parts_of(groups), echo, students), groups)
+
+
+def _check_groups(groups: list[str], students) -> None:
     if unknown := [g for g in groups if g not in GROUPS]:
         raise ValueError(f"unknown group {unknown[0]!r}; choose from {', '.join(GROUPS)}")
-    return measure_parts(run, parts_of(groups), echo)
+    if "distillation" in groups and not students:
+        raise ValueError("the distillation group needs the students' run directories (--students)")
 
 
-def measure_parts(run: Path, parts: list[str], echo=print) -> dict[str, float]:
+def _of_groups(figures: dict[str, float], groups: list[str]) -> dict[str, float]:
+    """The figures of ``groups`` in the table's order, each student's fd_to_teacher added (the
+    teacher's 50-step figures are measured for it even when the sampling group is not asked for)."""
+    reference = figures.get("sample.default.S50.pca_fd")
+    for name in [n for n in figures if n.startswith("distill.") and n.endswith(".default.pca_fd")]:
+        figures[name.replace(".pca_fd", ".fd_to_teacher")] = figures[name] / reference
+    chosen = [name for name in figures if _group_of(name) in groups]
+    return {name: figures[name] for name in sorted(chosen, key=_figure_order)}
+
+
+def measure_parts(run: Path, parts: list[str], echo=print, students: list[Path] = ()) -> dict[str, float]:
     """The figures of these parts (see :func:`parts_of`)."""
     from eval_digits import DigitJudge, sample_checkpoint, to_digit_scale
     from eval_edits import METHODS, edit_scores
@@ -196,9 +234,57 @@ def measure_parts(run: Path, parts: list[str], echo=print) -> dict[str, float]:
                     for key in ("psnr", "read") + (() if noisy else ("obs_rmse",)):
                         if row[key] is not None:
                             figures[f"restore.{row['task']}.{_slug(row['setting'])}.{key}"] = row[key]
+        elif part == "distillation":
+            figures.update(student_figures(run, students, judge))
         else:
             raise ValueError(f"unknown part {part!r}; the parts are {', '.join(parts_of(list(GROUPS)))}")
         echo(f"measured {part} in {time.perf_counter() - start:.0f} s", flush=True)
+    return figures
+
+
+def student_figures(run: Path, students: list[Path], judge) -> dict[str, float]:
+    """Each student of ``run``'s teacher at its own step count, sampled as `ddim sample` samples it:
+    500 seeds (0..499) as they come, 50 per class with `--class k`, 500 with the null label."""
+    import numpy as np
+    from eval_digits import to_digit_scale
+    from eval_distill import sample_rows
+
+    from ddim_cli.models import SamplerSpec, load_model, resolve_checkpoint, student_for_steps
+
+    teacher = load_model(resolve_checkpoint(run)[0]).checkpoint.resolve()  # the file the gate measures
+    figures: dict[str, float] = {}
+    for path in students:
+        loaded = load_model(resolve_checkpoint(Path(path))[0])
+        distilled = loaded.config.distill
+        if distilled is None:
+            raise ValueError(f"{path} is not a distilled student")
+        if Path(distilled.teacher).resolve() != teacher:
+            raise ValueError(f"{path} was distilled from {distilled.teacher}, not from {teacher}")
+        name = f"distill.{distilled.method}-S{distilled.steps}"
+        if f"{name}.default.pca_fd" in figures:
+            raise ValueError(f"two students are {name[len('distill.') :]}: give one of each method and step count")
+        chosen = student_for_steps(loaded, distilled.steps)
+        clip = chosen.config.sample.clip_x0
+        spec = SamplerSpec(distilled.sampler, distilled.steps, 0.0, distilled.spacing, clip_x0=clip)
+        classes = [k for k in range(10) for _ in range(50)]
+        for mode, keys in (
+            ("default", ("confident", "pca_fd")),
+            ("per-class", ("in_class",)),
+            ("unconditional", ("confident", "balance_tv")),
+        ):
+            images, _ = sample_rows(
+                chosen,
+                spec,
+                n=500,
+                seed=0,
+                classes=classes if mode == "per-class" else None,
+                guidance=0.0,  # distilled in
+                rescale=0.0,
+                unconditional=mode == "unconditional",
+            )
+            asked = np.array(classes) if mode == "per-class" else None
+            scores = judge.score(to_digit_scale(images), asked)
+            figures |= {f"{name}.{mode}.{key}": scores[key] for key in keys}
     return figures
 
 
@@ -218,7 +304,14 @@ class Verdict:
 def judge_figures(baseline: dict, measured: dict[str, float], groups: list[str]) -> list[Verdict]:
     """Each baseline figure of the groups that ran against its measurement, then any new figure."""
     prefixes = tuple(
-        {"sampling": "sample.", "inversion": "invert.", "edits": "edit.", "restoration": "restore."}[g] for g in groups
+        {
+            "sampling": "sample.",
+            "inversion": "invert.",
+            "edits": "edit.",
+            "restoration": "restore.",
+            "distillation": "distill.",
+        }[g]
+        for g in groups
     )
     verdicts = []
     for name, spec in baseline["figures"].items():
@@ -277,6 +370,13 @@ def baseline_from_runs(
     return {"about": about, "figures": figures}
 
 
+def _about_by_group(baseline: dict, figures: dict) -> dict[str, str]:
+    """What the baseline's runs were, for each group of ``figures`` (an old baseline: one story)."""
+    about = baseline.get("about", "")
+    groups = {_group_of(name) for name in figures}
+    return {group: about if isinstance(about, str) else about.get(group, "") for group in groups}
+
+
 def print_table(verdicts: list[Verdict]) -> None:
     print(f"{'figure':<64} {'baseline':>10} {'measured':>10} {'allowed':>10}  status")
     for v in verdicts:
@@ -287,7 +387,11 @@ def print_table(verdicts: list[Verdict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, nargs="?", help="a trained quickstart run directory or checkpoint")
-    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
+    parser.add_argument(
+        "--groups",
+        help=f"comma-separated subset of {','.join(GROUPS)} (default: all; distillation only with --students)",
+    )
+    parser.add_argument("--students", default="", help="comma-separated run directories of students distilled from RUN")
     parser.add_argument(
         "--jobs", type=int, default=2, help="processes that measure groups side by side (1: all in this one)"
     )
@@ -324,18 +428,30 @@ def main(argv: list[str] | None = None) -> int:
             new = baseline_from_runs(runs, args.about, limits, earlier)
         except ValueError as error:
             parser.error(str(error))
+        measured_groups = {_group_of(name) for name in new["figures"]}
+        others = {n: spec for n, spec in baseline["figures"].items() if _group_of(n) not in measured_groups}
+        if others:  # the runs measured some groups: the others keep their figures and their story
+            about = {**_about_by_group(baseline, others), **{group: args.about for group in measured_groups}}
+            new = {"about": about, "figures": {**others, **new["figures"]}}
         args.baseline.write_text(json.dumps(new, indent=1) + "\n")
         kept = f" and the earlier runs of {len(set(earlier) & set(new['figures']))} figures" if earlier else ""
         print(f"wrote {args.baseline}: {len(new['figures'])} figures from {len(runs)} runs{kept}")
         return 0
     if args.run is None:
         parser.error("give a trained run to measure (or --baseline-from)")
-    groups = args.groups.split(",")
-    if unknown := [g for g in groups if g not in GROUPS]:
-        parser.error(f"unknown group {unknown[0]!r}; choose from {', '.join(GROUPS)}")
-
-    start = time.perf_counter()
-    measured = measure(args.run, groups) if args.jobs < 2 else measure_in_parallel(args.run, groups, args.jobs)
+    students = [Path(s) for s in args.students.split(",") if s]
+    groups = args.groups.split(",") if args.groups else [g for g in GROUPS if g != "distillation" or students]
+    try:
+        _check_groups(groups, students)
+        if students and "distillation" not in groups:
+            raise ValueError("--students are measured by the distillation group; add it to --groups")
+        start = time.perf_counter()
+        if args.jobs < 2:
+            measured = measure(args.run, groups, students=students)
+        else:
+            measured = measure_in_parallel(args.run, groups, args.jobs, students)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"measured {len(measured)} figures in {time.perf_counter() - start:.0f} s ({args.jobs} process(es))")
     if args.json:
         args.json.write_text(json.dumps(measured, indent=1) + "\n")

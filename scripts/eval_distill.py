@@ -42,14 +42,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_digits import DigitJudge, to_digit_scale  # noqa: E402
 
 
-def sample_rows(loaded, spec, *, n: int, seed: int, classes: list[int] | None, guidance: float, rescale: float):
-    """Images as `ddim sample` makes them (each seed draws its x_T, then its class)."""
+def sample_rows(
+    loaded, spec, *, n: int, seed: int, classes: list[int] | None, guidance: float, rescale: float, unconditional=False
+):
+    """Images as `ddim sample` makes them (each seed draws its x_T, then its class; ``unconditional``:
+    the null label, as `--unconditional`)."""
     from ddim_cli.jobs.sample import generate
     from ddim_cli.models import class_labels, noise_model
     from ddim_cli.seeding import seeded_noise
 
     x_T, generators = seeded_noise(loaded.image_shape, list(range(seed, seed + n)))
-    labels = class_labels(loaded, generators, classes=classes)
+    labels = class_labels(loaded, generators, classes=classes, unconditional=unconditional)
     w = guidance if labels is not None else 0.0
     make_eps = noise_model(loaded, guidance=w, guidance_rescale=rescale, precision="fp32")
     images, seconds = generate(loaded, make_eps, spec, x_T, generators, labels=labels, batch_size=250)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -388,3 +389,45 @@ def test_dmd_fake_updates_can_share_one_drawn_batch(teacher, tmp_path, monkeypat
         distill = yaml.safe_load(ok("distill", teacher, "--steps", steps, "--dry-run").output)["distill"]
         assert [distill[key] for key in keys] == ["dmd", round_steps, 16, "cosine", 0, regression]
         assert (distill["fake_updates"], distill["fake_lr"]) == (fake_updates, pytest.approx(fake_lr))
+
+
+def test_the_quality_gate_scores_each_student_at_its_own_steps_and_only_against_its_own_teacher(teacher, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_all
+    from eval_digits import DigitJudge
+
+    run = tmp_path / "cd"
+    distilled(teacher, run, "--method", "consistency")
+    judge = DigitJudge.cached()
+    figures = eval_all.student_figures(teacher, [run], judge)
+    assert list(figures) == [
+        "distill.consistency-S2.default.confident",
+        "distill.consistency-S2.default.pca_fd",
+        "distill.consistency-S2.per-class.in_class",
+        "distill.consistency-S2.unconditional.confident",
+        "distill.consistency-S2.unconditional.balance_tv",
+    ]
+    assert (
+        all(0 <= figures[n] <= 1 for n in figures if not n.endswith("pca_fd"))
+        and figures["distill.consistency-S2.default.pca_fd"] > 0
+    )
+    # the figures are the judge's scores of the images `ddim sample` writes for seeds 0..499
+    ok("sample", run, "--n", 500, "--npz", tmp_path / "s.npz", "--out", tmp_path / "s.png")
+    with np.load(tmp_path / "s.npz") as data:
+        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    from eval_digits import to_digit_scale
+
+    from_cli = judge.score(to_digit_scale(images))
+    assert from_cli["confident"] == pytest.approx(figures["distill.consistency-S2.default.confident"], abs=0.01)
+    assert from_cli["pca_fd"] == pytest.approx(figures["distill.consistency-S2.default.pca_fd"], rel=0.02)  # uint8
+
+    with pytest.raises(ValueError, match="is not a distilled student"):
+        eval_all.student_figures(teacher, [teacher], judge)
+    with pytest.raises(ValueError, match="two students are consistency-S2"):
+        eval_all.student_figures(teacher, [run, run], judge)
+    shutil.copytree(teacher, tmp_path / "another")
+    with pytest.raises(ValueError, match="was distilled from .* not from"):
+        eval_all.student_figures(tmp_path / "another", [run], judge)

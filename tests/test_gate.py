@@ -158,3 +158,58 @@ def test_the_gate_parts_cover_every_group_once_and_split_evenly_over_two_process
     assert eval_all.lanes(["edits"], 2) == [["edits"]]
     with pytest.raises(ValueError, match="unknown group 'sample'"):
         eval_all.measure(Path("nowhere"), ["sample"])
+
+
+def test_the_distillation_group_measures_the_teachers_reference_once_and_divides_by_it():
+    assert eval_all.parts_of(["distillation"]) == ["sampling/default/S50", "distillation"]
+    assert eval_all.parts_of(["sampling", "distillation"]).count("sampling/default/S50") == 1
+    measured = {
+        "sample.default.S50.pca_fd": 15.0,
+        "sample.default.S50.confident": 0.97,
+        "distill.dmd-S1.default.pca_fd": 16.5,
+        "distill.dmd-S1.default.confident": 0.98,
+        "distill.dmd-S4.default.pca_fd": 12.0,
+    }
+    only_students = eval_all._of_groups(dict(measured), ["distillation"])
+    assert only_students == {
+        "distill.dmd-S1.default.pca_fd": 16.5,
+        "distill.dmd-S1.default.confident": 0.98,
+        "distill.dmd-S4.default.pca_fd": 12.0,
+        "distill.dmd-S1.default.fd_to_teacher": pytest.approx(1.1),
+        "distill.dmd-S4.default.fd_to_teacher": pytest.approx(0.8),
+    }
+    assert "sample.default.S50.pca_fd" in eval_all._of_groups(dict(measured), ["sampling", "distillation"])
+    with pytest.raises(ValueError, match="needs the students' run directories"):
+        eval_all.measure(Path("nowhere"), ["distillation"])
+
+
+def test_students_without_the_distillation_group_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as refused:
+        eval_all.main(["nowhere", "--groups", "sampling", "--students", "runs/x"])
+    assert refused.value.code == 2
+    assert "add it to --groups" in capsys.readouterr().err
+
+
+def test_a_baseline_of_the_students_alone_keeps_every_other_figure_and_its_story(tmp_path):
+    import json
+
+    earlier = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
+    (tmp_path / "baseline.json").write_text(json.dumps(earlier))
+    students = []
+    for i, ratio in enumerate((1.1, 1.0, 0.95)):
+        students.append(tmp_path / f"students{i}.json")
+        students[-1].write_text(json.dumps({"distill.dmd-S1.default.fd_to_teacher": ratio}))
+    argv = ["--baseline", str(tmp_path / "baseline.json"), "--baseline-from", *map(str, students)]
+    assert eval_all.main([*argv, "--about", "three student seeds"]) == 0
+    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    assert {n: s for n, s in baseline["figures"].items() if not n.startswith("distill.")} == earlier["figures"]
+    assert baseline["figures"]["distill.dmd-S1.default.fd_to_teacher"]["runs"] == [1.1, 1.0, 0.95]
+    assert baseline["about"] == {
+        "sampling": "three seeds",
+        "inversion": "three seeds",
+        "restoration": "three seeds",
+        "distillation": "three student seeds",
+    }
+    students_again = [*argv, "--about", "again"]  # a second time: each group keeps its own story
+    assert eval_all.main(students_again) == 0
+    assert json.loads((tmp_path / "baseline.json").read_text())["about"]["sampling"] == "three seeds"
