@@ -190,10 +190,13 @@ def _of_groups(figures: dict[str, float], groups: list[str]) -> dict[str, float]
     """The figures of ``groups`` in the table's order, each student's fd_to_teacher added (the
     teacher's 50-step figures are measured for it even when the sampling group is not asked for)."""
     reference = figures.get("sample.default.S50.pca_fd")
-    for name in [n for n in figures if n.startswith("distill.") and n.endswith(".default.pca_fd")]:
-        figures[name.replace(".pca_fd", ".fd_to_teacher")] = figures[name] / reference
-    chosen = [name for name in figures if _group_of(name) in groups]
-    return {name: figures[name] for name in sorted(chosen, key=_figure_order)}
+    with_ratios = {}
+    for name, value in figures.items():
+        with_ratios[name] = value
+        if name.startswith("distill.") and name.endswith(".default.pca_fd"):  # beside it in the table
+            with_ratios[name.replace(".pca_fd", ".fd_to_teacher")] = value / reference
+    chosen = [name for name in with_ratios if _group_of(name) in groups]
+    return {name: with_ratios[name] for name in sorted(chosen, key=_figure_order)}
 
 
 def measure_parts(run: Path, parts: list[str], echo=print, students: list[Path] = ()) -> dict[str, float]:

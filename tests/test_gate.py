@@ -173,11 +173,16 @@ def test_the_distillation_group_measures_the_teachers_reference_once_and_divides
     only_students = eval_all._of_groups(dict(measured), ["distillation"])
     assert only_students == {
         "distill.dmd-S1.default.pca_fd": 16.5,
+        "distill.dmd-S1.default.fd_to_teacher": pytest.approx(1.1),
         "distill.dmd-S1.default.confident": 0.98,
         "distill.dmd-S4.default.pca_fd": 12.0,
-        "distill.dmd-S1.default.fd_to_teacher": pytest.approx(1.1),
         "distill.dmd-S4.default.fd_to_teacher": pytest.approx(0.8),
     }
+    assert list(only_students)[:3] == [  # each student's figures together, the ratio after its PCA-FD
+        "distill.dmd-S1.default.pca_fd",
+        "distill.dmd-S1.default.fd_to_teacher",
+        "distill.dmd-S1.default.confident",
+    ]
     assert "sample.default.S50.pca_fd" in eval_all._of_groups(dict(measured), ["sampling", "distillation"])
     with pytest.raises(ValueError, match="needs the students' run directories"):
         eval_all.measure(Path("nowhere"), ["distillation"])
@@ -213,3 +218,13 @@ def test_a_baseline_of_the_students_alone_keeps_every_other_figure_and_its_story
     students_again = [*argv, "--about", "again"]  # a second time: each group keeps its own story
     assert eval_all.main(students_again) == 0
     assert json.loads((tmp_path / "baseline.json").read_text())["about"]["sampling"] == "three seeds"
+
+
+def test_the_committed_baseline_holds_the_distillation_goals_as_limits():
+    import json
+
+    figures = json.loads(eval_all.BASELINE.read_text())["figures"]
+    assert figures["distill.dmd-S1.default.confident"]["limit"] == 0.97  # issue 36's 1-step goals
+    assert figures["distill.dmd-S1.per-class.in_class"]["limit"] == 0.98
+    assert figures["distill.dmd-S4.default.fd_to_teacher"]["limit"] == 1.0  # README: 4 calls beat the teacher's 100
+    assert all(len(spec["runs"]) >= eval_all.MIN_RUNS for spec in figures.values())
