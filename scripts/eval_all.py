@@ -13,7 +13,8 @@ It takes 253 s on 2 idle cores of an AMD EPYC with AVX2, the slowest CPU it has 
 its two processes; 440 s before the expensive settings measured fewer images: 200-step sampling
 100 samples, null-text inversion 10 and 20 digits, null-text edits 40, RePaint 50), and took 177-201
 s on an AMD EPYC and 280-291 s on an Intel Xeon, both with AVX-512, with that larger work
-(2026-12-05): too slow for CI. Run it after any change to
+(2026-12-05): too slow for CI; four students add about 20 s (the teacher's 50-step reference they are
+divided by is the sampling group's). Run it after any change to
 training, the U-Net, a sampler, a default or a config, on a freshly trained `bash
 scripts/quickstart.sh`, and put what it printed in your note. The quickstart figures of README,
 docs/ and BENCHMARKS.md come from its runs.

@@ -116,23 +116,32 @@ def test_the_committed_baseline_holds_the_issue_goals_as_limits():
         assert allowed <= spec["value"] if spec["better"] == "higher" else allowed >= spec["value"], name
 
 
-def test_a_new_baseline_counts_the_earlier_runs_of_the_figures_measured_as_before(tmp_path):
+def baseline_and_new_runs(tmp_path, runs: list[dict]) -> tuple[dict, list[Path]]:
+    """A baseline of TRAININGS written to tmp_path/baseline.json, and ``runs`` written as --json files."""
     import json
 
     earlier = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
     (tmp_path / "baseline.json").write_text(json.dumps(earlier))
-    retrains = []
-    for i, confident in enumerate((0.95, 0.96, 0.94)):
-        retrains.append(tmp_path / f"run{i}.json")
-        retrains[-1].write_text(
-            json.dumps(
-                {
-                    "sample.default.S50.confident": confident,
-                    "invert.bilinear-exact-s=10.max_mse": 3e-5,
-                    "restore.sr4.x.psnr": 20.0 + i,  # measured differently now: its earlier runs must not count
-                }
-            )
-        )
+    paths = [tmp_path / f"run{i}.json" for i in range(len(runs))]
+    for path, figures in zip(paths, runs, strict=True):
+        path.write_text(json.dumps(figures))
+    return earlier, paths
+
+
+def test_a_new_baseline_counts_the_earlier_runs_of_the_figures_measured_as_before(tmp_path):
+    import json
+
+    _, retrains = baseline_and_new_runs(
+        tmp_path,
+        [
+            {
+                "sample.default.S50.confident": confident,
+                "invert.bilinear-exact-s=10.max_mse": 3e-5,
+                "restore.sr4.x.psnr": 20.0 + i,  # measured differently now: its earlier runs must not count
+            }
+            for i, confident in enumerate((0.95, 0.96, 0.94))
+        ],
+    )
     argv = ["--baseline", str(tmp_path / "baseline.json"), "--baseline-from", *map(str, retrains), "--about", "six"]
     assert eval_all.main([*argv, "--keep-runs-except", r"\.psnr$"]) == 0
     figures = json.loads((tmp_path / "baseline.json").read_text())["figures"]
@@ -198,12 +207,9 @@ def test_students_without_the_distillation_group_are_a_usage_error(capsys):
 def test_a_baseline_of_the_students_alone_keeps_every_other_figure_and_its_story(tmp_path):
     import json
 
-    earlier = eval_all.baseline_from_runs(TRAININGS, "three seeds", {"invert.bilinear-exact-s=10.max_mse": 1e-3})
-    (tmp_path / "baseline.json").write_text(json.dumps(earlier))
-    students = []
-    for i, ratio in enumerate((1.1, 1.0, 0.95)):
-        students.append(tmp_path / f"students{i}.json")
-        students[-1].write_text(json.dumps({"distill.dmd-S1.default.fd_to_teacher": ratio}))
+    earlier, students = baseline_and_new_runs(
+        tmp_path, [{"distill.dmd-S1.default.fd_to_teacher": ratio} for ratio in (1.1, 1.0, 0.95)]
+    )
     argv = ["--baseline", str(tmp_path / "baseline.json"), "--baseline-from", *map(str, students)]
     assert eval_all.main([*argv, "--about", "three student seeds"]) == 0
     baseline = json.loads((tmp_path / "baseline.json").read_text())
