@@ -156,14 +156,17 @@ def _use_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # ddim_cli keeps a user's OMP_NUM_THREADS
 
 
+GROUP_OF_PREFIX = {  # a figure's name starts with its group's prefix
+    "sample": "sampling",
+    "invert": "inversion",
+    "edit": "edits",
+    "restore": "restoration",
+    "distill": "distillation",
+}
+
+
 def _group_of(figure: str) -> str:
-    return {
-        "sample": "sampling",
-        "invert": "inversion",
-        "edit": "edits",
-        "restore": "restoration",
-        "distill": "distillation",
-    }[figure.split(".")[0]]
+    return GROUP_OF_PREFIX[figure.split(".")[0]]
 
 
 def _figure_order(figure: str) -> tuple[int, int]:
@@ -246,6 +249,35 @@ def measure_parts(run: Path, parts: list[str], echo=print, students: list[Path] 
     return figures
 
 
+def students_of(run: Path, students: list[Path]) -> list[tuple[str, object, object]]:
+    """(figure prefix, the student loaded at its own step count, its sampler) for each student of
+    ``run``'s teacher; ValueError, in one line, for anything else (checked before measuring)."""
+    from ddim_cli.checkpoint import CheckpointError
+    from ddim_cli.models import SamplerSpec, load_model, resolve_checkpoint, student_for_steps
+
+    try:
+        teacher = load_model(resolve_checkpoint(run)[0]).checkpoint.resolve()  # the file the gate measures
+        loaded_students = [load_model(resolve_checkpoint(Path(path))[0]) for path in students]
+    except CheckpointError as error:
+        raise ValueError(str(error)) from error
+    chosen = []
+    for path, loaded in zip(students, loaded_students, strict=True):
+        distilled = loaded.config.distill
+        if distilled is None:
+            raise ValueError(f"{path} is not a distilled student")
+        if Path(distilled.teacher).resolve() != teacher:
+            raise ValueError(f"{path} was distilled from {distilled.teacher}, not from {teacher}")
+        name = f"distill.{distilled.method}-S{distilled.steps}"
+        if name in [prefix for prefix, *_ in chosen]:
+            raise ValueError(f"two students are {name[len('distill.') :]}: give one of each method and step count")
+        student = student_for_steps(loaded, distilled.steps)
+        clip = student.config.sample.clip_x0
+        chosen.append(
+            (name, student, SamplerSpec(distilled.sampler, distilled.steps, 0.0, distilled.spacing, clip_x0=clip))
+        )
+    return chosen
+
+
 def student_figures(run: Path, students: list[Path], judge) -> dict[str, float]:
     """Each student of ``run``'s teacher at its own step count, sampled as `ddim sample` samples it:
     500 seeds (0..499) as they come, 50 per class with `--class k`, 500 with the null label."""
@@ -253,23 +285,8 @@ def student_figures(run: Path, students: list[Path], judge) -> dict[str, float]:
     from eval_digits import to_digit_scale
     from eval_distill import sample_rows
 
-    from ddim_cli.models import SamplerSpec, load_model, resolve_checkpoint, student_for_steps
-
-    teacher = load_model(resolve_checkpoint(run)[0]).checkpoint.resolve()  # the file the gate measures
     figures: dict[str, float] = {}
-    for path in students:
-        loaded = load_model(resolve_checkpoint(Path(path))[0])
-        distilled = loaded.config.distill
-        if distilled is None:
-            raise ValueError(f"{path} is not a distilled student")
-        if Path(distilled.teacher).resolve() != teacher:
-            raise ValueError(f"{path} was distilled from {distilled.teacher}, not from {teacher}")
-        name = f"distill.{distilled.method}-S{distilled.steps}"
-        if f"{name}.default.pca_fd" in figures:
-            raise ValueError(f"two students are {name[len('distill.') :]}: give one of each method and step count")
-        chosen = student_for_steps(loaded, distilled.steps)
-        clip = chosen.config.sample.clip_x0
-        spec = SamplerSpec(distilled.sampler, distilled.steps, 0.0, distilled.spacing, clip_x0=clip)
+    for name, chosen, spec in students_of(run, students):
         classes = [k for k in range(10) for _ in range(50)]
         for mode, keys in (
             ("default", ("confident", "pca_fd")),
@@ -307,19 +324,9 @@ class Verdict:
 
 def judge_figures(baseline: dict, measured: dict[str, float], groups: list[str]) -> list[Verdict]:
     """Each baseline figure of the groups that ran against its measurement, then any new figure."""
-    prefixes = tuple(
-        {
-            "sampling": "sample.",
-            "inversion": "invert.",
-            "edits": "edit.",
-            "restoration": "restore.",
-            "distillation": "distill.",
-        }[g]
-        for g in groups
-    )
     verdicts = []
     for name, spec in baseline["figures"].items():
-        if not name.startswith(prefixes):
+        if _group_of(name) not in groups:
             continue
         allowed = allowed_value(spec)
         value = measured.get(name)
@@ -449,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_groups(groups, students)
         if students and "distillation" not in groups:
             raise ValueError("--students are measured by the distillation group; add it to --groups")
+        students_of(args.run, students)  # a wrong run or student refused now, not after minutes of measuring
         start = time.perf_counter()
         if args.jobs < 2:
             measured = measure(args.run, groups, students=students)

@@ -202,6 +202,10 @@ def test_students_without_the_distillation_group_are_a_usage_error(capsys):
         eval_all.main(["nowhere", "--groups", "sampling", "--students", "runs/x"])
     assert refused.value.code == 2
     assert "add it to --groups" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # before any measuring
+        eval_all.main(["nowhere", "--students", "runs/x"])
+    assert refused.value.code == 2
+    assert "error: checkpoint nowhere does not exist" in capsys.readouterr().err
 
 
 def test_a_baseline_of_the_students_alone_keeps_every_other_figure_and_its_story(tmp_path):
