@@ -69,9 +69,9 @@ def student_config(
             # well as by count): 3 updates at 3x its rate, on ten sets of 500 at 1 step against 4 at 2x
             # PCA-FD -1.0, +0.1, -0.3 from three seeds, at 2 steps against 4 at 1x -0.4, -0.4 from two,
             # in 0.9x the time; at 4 steps +0.6, worse; 4 at 3x and 2 at 4x worse at 1 (BENCHMARKS.md)
-            config.distill.fake_updates, config.distill.fake_lr = 3, 9e-4  # 3x the 3e-4 above
+            config.distill.fake_updates, config.distill.fake_lr = 3, 3 * config.distill.lr
         else:  # 4 steps: 4 updates at 2x its rate against 4 at 1x, PCA-FD -0.2, -0.1, -0.3 from three seeds
-            config.distill.fake_lr = 6e-4  # in the same time (3 at 3x: +0.6); measured at 4 steps only
+            config.distill.fake_lr = 2 * config.distill.lr  # in the same time (3 at 3x: +0.6); measured at 4 only
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
         apply_override(config, override)
