@@ -286,8 +286,8 @@ def student_figures(run: Path, students: list[Path], judge) -> dict[str, float]:
     from eval_distill import sample_rows
 
     figures: dict[str, float] = {}
+    classes = [k for k in range(10) for _ in range(50)]
     for name, chosen, spec in students_of(run, students):
-        classes = [k for k in range(10) for _ in range(50)]
         for mode, keys in (
             ("default", ("confident", "pca_fd")),
             ("per-class", ("in_class",)),
