@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_groups(groups, students)
         if students and "distillation" not in groups:
             raise ValueError("--students are measured by the distillation group; add it to --groups")
-        students_of(args.run, students)  # a wrong run or student refused now, not after minutes of measuring
+        students_of(args.run, students)  # a wrong run (even with no students) or student refused now, not later
         start = time.perf_counter()
         if args.jobs < 2:
             measured = measure(args.run, groups, students=students)
