@@ -24,6 +24,7 @@ import io
 import os
 import pickle
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 # What torch.load(weights_only=True) raises for files that are not plain tensors (or not pickles).
 UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
+# What its unpickler also raises, from deep inside, on a damaged pickle (a flipped or missing byte:
+# "pop from empty list", "unpack requires a buffer of 4 bytes", a storage key not found...).
+_DAMAGED_PICKLE_ERRORS = (KeyError, IndexError, TypeError, AssertionError, struct.error)
 _UNPICKLER_REASON = "WeightsUnpickler error:"
 
 
@@ -54,7 +58,10 @@ def load_tensors_only(source: Path | str | io.BytesIO) -> Any:
     :data:`UNPICKLE_ERRORS`, which :func:`unpickle_reason` puts in one line."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except _DAMAGED_PICKLE_ERRORS as error:
+            raise pickle.UnpicklingError(f"not a pickle, or a damaged one ({type(error).__name__}: {error})") from None
 
 
 def unpickle_reason(error: BaseException) -> str:

@@ -199,6 +199,23 @@ def test_conversion_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"hi\n", b"J\x00", b"\x80\x02q\x00.", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R."],
+    ids=["text (KeyError)", "short int (struct.error)", "empty memo (IndexError)", "bad call (TypeError)"],
+)
+def test_a_file_that_is_no_pickle_is_a_one_line_error(tmp_path, content):
+    # torch's unpickler raises these from deep inside on text or damaged bytes; they once came out
+    # as "internal error (KeyError: 105); this is a bug".
+    (tmp_path / "model.ckpt").write_bytes(content)
+    bad = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "model.ckpt"), "--preset", "cifar10", "--out", str(tmp_path / "o.safetensors")]
+    )
+    assert bad.exit_code == 1 and "not a pickle, or a damaged one" in bad.output
+    assert "internal error" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 # --- the same sampler as diffusers' DDIMScheduler -------------------------------------------------
 def diffusers_ddim(unet, x_T, T, S, eta, clip, noise_seed):
     scheduler = DDIMScheduler(
