@@ -12,6 +12,7 @@ torch's usual cache (``~/.cache/torch/hub/checkpoints``), or read from ``--incep
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,10 +105,27 @@ def save_statistics(stats: Statistics, path: Path) -> None:
 
 def load_statistics(path: Path) -> Statistics | None:
     """The statistics in ``path`` if it is a statistics ``.npz`` (keys mu, sigma), else None."""
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" in data and "sigma" in data:
-            return {key: data[key] for key in data.files}
-    return None
+    stats = _read_npz(path, ("mu", "sigma"), optional=("count",))
+    if stats is None:
+        return None
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not np.isfinite(sigma).all():
+        raise FIDError(f"{path}: mu must be (D,) and sigma (D, D), finite; got {mu.shape} and {sigma.shape}")
+    return stats
+
+
+def _read_npz(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+    """The arrays ``keys`` (and those of ``optional`` present) of the ``.npz`` at ``path``, never
+    unpickled; None when it lacks one of ``keys``. A file that is no readable .npz: one FIDError."""
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy as one array, anything else as a pickle
+        raise FIDError(f"{path} is not an .npz archive (np.savez writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not all(key in archive.files for key in keys):
+                return None
+            return {key: archive[key] for key in (*keys, *optional) if key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # object arrays, a damaged archive
+        raise FIDError(f"cannot read {path}: {error}") from None
 
 
 def source_batches(source: str | Path, batch_size: int, *, data_root: Path | None = None, download: bool = False):
@@ -118,10 +136,10 @@ def source_batches(source: str | Path, batch_size: int, *, data_root: Path | Non
     if path.is_dir():
         return _folder_batches(path, batch_size)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_0" not in data:
-                raise FIDError(f"{path} has neither arr_0 (images) nor mu/sigma (statistics)")
-            images = data["arr_0"]
+        arrays = _read_npz(path, ("arr_0",))
+        if arrays is None:
+            raise FIDError(f"{path} has neither arr_0 (images) nor mu/sigma (statistics)")
+        images = arrays["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise FIDError(
                 f"{path}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} {images.shape}"

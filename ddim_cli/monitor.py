@@ -111,7 +111,7 @@ class TrainingFID:
                 return False
         if self.reference is None:
             cache = self.run_dir / f"fid-reference-{self.features_name}.npz"
-            self.reference = load_statistics(cache) if cache.exists() else None
+            self.reference = _cached_statistics(cache)
             if self.reference is None:
                 self.reference = statistics(self._training_batches(), self.extractor)
                 save_statistics(self.reference, cache)
@@ -129,6 +129,18 @@ class TrainingFID:
         images = sample_ema(ema, self.config, ab, seeds, device)
         batches = (to_uint8(images[i : i + FID_BATCH]) for i in range(0, len(images), FID_BATCH))
         return frechet_distance(statistics(batches, self.extractor), self.reference)
+
+
+def _cached_statistics(cache: Path) -> dict[str, np.ndarray] | None:
+    """The run's cached FID reference statistics; None when missing or unreadable (a run must not
+    stop for a damaged cache: the statistics are computed again and the cache rewritten)."""
+    if not cache.exists():
+        return None
+    try:
+        return load_statistics(cache)
+    except FIDError as error:
+        warnings.warn(f"{error}; computing the FID reference statistics again", stacklevel=2)
+        return None
 
 
 def plot_metrics(

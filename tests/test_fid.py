@@ -74,6 +74,11 @@ def test_sources_folder_npz_and_statistics_files(tmp_path):
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no images"),
         (lambda p: np.savez(p / "x.npz", other=np.zeros(3)) or p / "x.npz", "neither arr_0"),
         (lambda p: np.savez(p / "f.npz", np.zeros((2, 4, 4, 3))) or p / "f.npz", "must be uint8"),
+        # Files that once came out as internal errors: text, a .npy under an .npz name, object arrays.
+        (lambda p: (p / "t.npz").write_text("text") and p / "t.npz", "is not an .npz archive"),
+        (lambda p: np.save(p / "a.npy", np.zeros(3)) or (p / "a.npy").rename(p / "a.npz"), "is not an .npz archive"),
+        (lambda p: np.savez(p / "o.npz", np.array([{}], dtype=object)) or p / "o.npz", "Object arrays cannot be"),
+        (lambda p: np.savez(p / "s.npz", mu=np.zeros(3), sigma=np.zeros(3)) or p / "s.npz", r"sigma \(D, D\)"),
     ],
 )
 def test_bad_sources_are_one_line_errors(tmp_path, make, message):

@@ -318,6 +318,18 @@ def test_fid_during_training_is_logged_plotted_and_its_reference_cached(tmp_path
     assert fids[-1]["fid"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_damaged_fid_reference_cache_is_computed_again_on_resume(tmp_path):
+    config = tiny_config(train={"fid_every": 3, "fid_samples": 8, "steps": 3})
+    train(config, tmp_path / "run", device="cpu", progress=False, fid_extractor=small_extractor)
+    cache = tmp_path / "run" / "fid-reference-small_extractor.npz"
+    cache.write_bytes(cache.read_bytes()[:100])  # a damaged disk, or a copy cut short
+    longer = tiny_config(train={"fid_every": 3, "fid_samples": 8, "steps": 6})
+    with pytest.warns(UserWarning, match="fid-reference-small_extractor.npz.*computing the FID reference"):
+        train(longer, tmp_path / "run", resume=True, device="cpu", progress=False, fid_extractor=small_extractor)
+    assert [m["step"] for m in metrics(tmp_path / "run") if "fid" in m] == [3, 6]
+    assert int(np.load(cache)["count"]) == 1797
+
+
 def test_fid_without_inception_weights_warns_once_and_training_goes_on(tmp_path, monkeypatch):
     import ddim_cli.fid as fid
 
