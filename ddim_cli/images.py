@@ -99,6 +99,12 @@ def save_latents(latents: torch.Tensor, path: Path) -> None:
 def load_latents(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """A float32 ``.npy`` of shape (N, *shape), as written by ``--save-latents`` or ``ddim invert``."""
     try:
+        with open(path, "rb") as handle:
+            if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                # np.load would try it as a pickle and talk about allow_pickle; an .npz lands here too
+                raise ImageFileError(
+                    f"latents {path} are not a .npy array (ddim sample --save-latents and ddim invert write one)"
+                )
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise ImageFileError(f"cannot read latents {path}: {error}") from None

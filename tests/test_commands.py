@@ -197,6 +197,13 @@ def test_latents_round_trip_through_files(run_dir, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
     bad = ddim("sample", run_dir, "--latents", tmp_path / "bad.npy")
     assert bad.exit_code == 1 and "(N, 1, 8, 8)" in bad.output
+    # Not .npy files: numpy would try them as pickles ("if you trust the file ... allow_pickle"),
+    # and an .npz once came out as an internal error.
+    np.savez(tmp_path / "z.npz", z)
+    (tmp_path / "text.npy").write_text("not an array")
+    for wrong in ("z.npz", "text.npy"):
+        bad = ddim("sample", run_dir, "--latents", tmp_path / wrong)
+        assert bad.exit_code == 1 and "are not a .npy array" in bad.output and "internal error" not in bad.output
 
 
 def test_class_and_guidance(conditional_run, run_dir, tmp_path):
