@@ -143,6 +143,20 @@ def _cached_statistics(cache: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
+def read_metrics(metrics_file: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, without any line that is not a whole JSON record
+    with a step: a kill or a full disk can cut the last one short, and the run must still resume."""
+    records = []
+    for line in metrics_file.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def plot_metrics(
     metrics_file: Path, out: Path, skip: Callable[[str], bool] = lambda key: key == "images_per_s"
 ) -> None:
@@ -152,7 +166,7 @@ def plot_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_file)
     keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "step" and not skip(k)]
     if not keys:
         return

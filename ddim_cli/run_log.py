@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ddim_cli.errors import TrainingError
-from ddim_cli.monitor import TensorBoardLog
+from ddim_cli.monitor import TensorBoardLog, read_metrics
 
 
 class RunLog:
@@ -45,8 +45,8 @@ class RunLog:
         """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
         path = self.run_dir / "metrics.jsonl"
         if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(path) if record["step"] <= after]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 class LossWindow:

@@ -1,6 +1,7 @@
 """Fault injection: crashes, damaged checkpoints, full disks, busy runs and unwritable outputs."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -105,6 +106,18 @@ def test_a_damaged_training_state_is_one_line(fresh_copy):
         truncate(path, keep=0.97)
     line = one_line_error(ddim("train", "--resume", fresh_copy, "--no-progress"))
     assert "step-0000006.safetensors" in line and "damaged" in line
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(fresh_copy, finished_run):
+    # A kill (or a full disk) in the middle of appending a line to metrics.jsonl, here the line of
+    # step 7 of a run resumed from step 6: the resume drops the torn line and logs steps 7 and 8.
+    with open(fresh_copy / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "loss": 0.1')
+    result = run(tiny(steps=8), fresh_copy, resume=True)
+    assert result.step == 8
+    lines = (fresh_copy / "metrics.jsonl").read_text().splitlines()
+    before = (finished_run / "metrics.jsonl").read_text().splitlines()
+    assert lines[: len(before)] == before and [json.loads(line)["step"] for line in lines[len(before) :]] == [7, 8]
 
 
 def test_legacy_checkpoints_still_resume_and_a_truncated_state_pt_falls_back(fresh_copy):
