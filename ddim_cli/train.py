@@ -77,6 +77,11 @@ def train(
     Everything that can fail on the user's input (run directory, dataset) is checked before
     anything in ``run_dir`` is written or removed.
     """
+    if config.distill is not None:  # training on would overwrite a student with the denoising loss
+        raise TrainingError(
+            f"the config has a distill: section (a student of {config.distill.teacher}); ddim train trains "
+            "teachers: continue a distillation run with ddim distill --resume RUN_DIR"
+        )
     stop, shard, device_, dataset = run_loop.open_run(
         config, run_dir, resume=resume, overwrite=overwrite, device=device
     )

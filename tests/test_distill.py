@@ -326,6 +326,28 @@ def test_a_stop_signal_to_the_whole_group_with_workers_stops_distillation_and_re
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_a_run_resumes_only_with_its_own_command(teacher, tmp_path):
+    # ddim train --resume on a student once went on training it with the denoising loss (and wrote
+    # the --set into its config.yaml); ddim distill --resume on a teacher's run was an internal error.
+    import shutil
+
+    student, teacher_copy = tmp_path / "student", tmp_path / "teacher"
+    distilled(teacher, student)
+    shutil.copytree(teacher, teacher_copy)
+
+    def files(run):
+        return {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file() and path.name != ".lock"}
+
+    for command, run, message in [
+        ("train", student, "ddim train trains teachers: continue a distillation run with ddim distill --resume"),
+        ("distill", teacher_copy, "continue a training run with ddim train --resume"),
+    ]:
+        before = files(run)
+        line = one_line_error(ddim(command, "--resume", run, "--set", "train.steps=100"), 1)
+        assert message in line
+        assert files(run) == before
+
+
 def test_resume_if_exists_starts_a_distillation_then_continues_it(teacher, tmp_path):
     args = ["--method", "consistency", "--run-dir", tmp_path / "run", "--resume-if-exists"]
     distilled(teacher, tmp_path / "run", *args[:2], *args[-1:], "--set", "distill.round_steps=2")

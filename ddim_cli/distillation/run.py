@@ -18,6 +18,7 @@ from ddim_cli.config import Config
 from ddim_cli.distillation.dmd import DistributionMatching
 from ddim_cli.distillation.methods import ConsistencyDistillation, ProgressiveDistillation
 from ddim_cli.distillation.objective import Distillation
+from ddim_cli.errors import TrainingError
 from ddim_cli.models import STUDENTS, kept_students
 
 OBJECTIVES: dict[str, type[Distillation]] = {
@@ -47,6 +48,11 @@ def distill(
     """Distil ``config.distill.teacher`` into ``run_dir`` with ``config.distill.method``; ``config``
     comes from :func:`~ddim_cli.distillation.students.student_config` (or the run's config.yaml on
     resume)."""
+    if config.distill is None:
+        raise TrainingError(
+            "the config has no distill: section (a training run's): continue a training run with "
+            "ddim train --resume RUN_DIR, or distil its model with ddim distill RUN_DIR"
+        )
     stop, shard, device_, dataset = run_loop.open_run(
         config, run_dir, resume=resume, overwrite=overwrite, device=device
     )
