@@ -48,7 +48,8 @@ _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
 # What its unpickler also raises, from deep inside, on a damaged pickle (a flipped or missing byte:
 # "pop from empty list", "unpack requires a buffer of 4 bytes", a storage key not found...).
-_DAMAGED_PICKLE_ERRORS = (KeyError, IndexError, TypeError, AssertionError, struct.error)
+# torch.load also reads .safetensors files now, and raises their error for a damaged one.
+_DAMAGED_PICKLE_ERRORS = (KeyError, IndexError, TypeError, AssertionError, struct.error, SafetensorError)
 _UNPICKLER_REASON = "WeightsUnpickler error:"
 
 
@@ -61,7 +62,9 @@ def load_tensors_only(source: Path | str | io.BytesIO) -> Any:
         try:
             return torch.load(source, map_location="cpu", weights_only=True)
         except _DAMAGED_PICKLE_ERRORS as error:
-            raise pickle.UnpicklingError(f"not a pickle, or a damaged one ({type(error).__name__}: {error})") from None
+            raise pickle.UnpicklingError(
+                f"not a torch.save file, or a damaged one ({type(error).__name__}: {error})"
+            ) from None
 
 
 def unpickle_reason(error: BaseException) -> str:

@@ -161,7 +161,7 @@ def _from_diffusers(directory: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     config_path = unet_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{directory} has no config.json (nor unet/config.json): not a diffusers UNet2DModel")
-    unet = json.loads(config_path.read_text())
+    unet = _read_json(config_path)
     config = _config_from_diffusers(unet, _scheduler_config(directory, unet_dir), name=directory.name)
     weights_file = next(
         (
@@ -185,8 +185,18 @@ def _scheduler_config(directory: Path, unet_dir: Path) -> dict[str, Any] | None:
         unet_dir.parent / "scheduler" / "scheduler_config.json",
     ):
         if path.is_file():
-            return json.loads(path.read_text())
+            return _read_json(path)
     return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConversionError(f"cannot read {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | None, name: str) -> Config:

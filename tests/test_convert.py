@@ -200,6 +200,18 @@ def test_conversion_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("config_json", "message"),
+    [("{bad json", "cannot read .*config.json: Expecting property name"), ("[1]", "holds a JSON list, not an object")],
+)
+def test_a_diffusers_folder_with_a_broken_config_json_is_a_one_line_error(tmp_path, config_json, message):
+    random_diffusers_unet().save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(config_json)
+    with pytest.raises(ConversionError, match=message):
+        convert(tmp_path / "unet", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(
     "content",
     [b"hi\n", b"J\x00", b"\x80\x02q\x00.", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R."],
     ids=["text (KeyError)", "short int (struct.error)", "empty memo (IndexError)", "bad call (TypeError)"],
@@ -211,7 +223,7 @@ def test_a_file_that_is_no_pickle_is_a_one_line_error(tmp_path, content):
     bad = CliRunner().invoke(
         app, ["convert", str(tmp_path / "model.ckpt"), "--preset", "cifar10", "--out", str(tmp_path / "o.safetensors")]
     )
-    assert bad.exit_code == 1 and "not a pickle, or a damaged one" in bad.output
+    assert bad.exit_code == 1 and "not a torch.save file, or a damaged one" in bad.output
     assert "internal error" not in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "o.safetensors").exists()
 

@@ -195,6 +195,10 @@ def test_local_inception_weights_work_offline(tmp_path, monkeypatch):
     (tmp_path / "evil.pth").write_bytes(b"not a tensor file")
     with pytest.raises(fid.FIDError, match="not an Inception state dict"):
         fid.inception_extractor(tmp_path / "evil.pth")
+    # torch.load reads .safetensors too; a damaged one was an internal error (SafetensorError).
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00")
+    with pytest.raises(fid.FIDError, match="not an Inception state dict.*SafetensorError"):
+        fid.inception_extractor(tmp_path / "cut.safetensors")
 
 
 def test_no_network_for_the_weights_is_a_clear_error(monkeypatch):
