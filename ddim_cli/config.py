@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -462,9 +463,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return value
     if kind is float:
         if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every user means the number
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every user means the number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf and .nan, or 1e999; no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if isinstance(value, bool) or value is None or isinstance(value, list | dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,8 +26,8 @@ def classifier_free_guidance(
     strokes grow brighter and thicker from 50 to 200 DDIM steps), which the rescale undoes.
     """
     scale, rescale = float(scale), float(rescale)
-    if not scale >= 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    if not 0 <= scale < math.inf:  # also rejects NaN
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {scale}")
     if not 0 <= rescale <= 1:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     labels = labels.long()

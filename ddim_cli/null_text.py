@@ -23,6 +23,7 @@ classes and ``unet.label_emb.weight[num_classes]`` for the null label.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,12 +74,12 @@ def null_text_inversion(
     """
     check_prediction(prediction)
     guidance = float(guidance)
-    if not guidance > 0:
-        raise ValueError(f"null-text inversion needs guidance w > 0, got {guidance}")
+    if not 0 < guidance < math.inf:
+        raise ValueError(f"null-text inversion needs a finite guidance w > 0, got {guidance}")
     if not (isinstance(inner_steps, int) and inner_steps >= 0):
         raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
     batch = x_0.shape[0]
     if cond_embedding.dim() != 2 or cond_embedding.shape[0] != batch:
         raise ValueError(f"cond_embedding must be (N, D) for N={batch} images, got {tuple(cond_embedding.shape)}")

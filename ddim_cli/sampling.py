@@ -439,8 +439,8 @@ def _ddim_coefficients(
     ab_t: torch.Tensor, ab_prev: torch.Tensor, eta: float
 ) -> list[tuple[float, float, float, float]]:
     eta = float(eta)
-    if not eta >= 0:  # also rejects NaN
-        raise ValueError(f"eta must be a number >= 0, got {eta}")
+    if not 0 <= eta < math.inf:  # also rejects NaN
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     sigma_at_eta_1 = torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Eq. 16
     sigma = eta * sigma_at_eta_1
     direction_var = 1 - ab_prev - sigma**2

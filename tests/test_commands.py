@@ -213,6 +213,8 @@ def test_class_and_guidance(conditional_run, run_dir, tmp_path):
         ((conditional_run, "--unconditional", "--guidance", 1), 1, "--unconditional samples with the null label"),
         ((conditional_run, "--unconditional", "--class", 2), 1, "exclude each other"),
         ((conditional_run, "--class", "3,x"), 2, "--class takes comma-separated numbers"),
+        # inf once wrote black images (NaN) and said nothing
+        ((conditional_run, "--guidance", "inf"), 2, "guidance scale must be a finite number >= 0, got inf"),
         ((run_dir, "--class", 1), 1, "needs a class-conditional model"),
         ((run_dir, "--class", 1, "--guidance", 1), 1, "needs a class-conditional model"),
         ((run_dir, "--guidance", 1), 1, "this model is unconditional"),
@@ -302,7 +304,8 @@ def test_training_grids_and_compare_follow_the_default_rule(guided_run, tmp_path
     ("args", "code", "message"),
     [
         (("--steps", 51), 2, "from 1 to 50"),
-        (("--eta", -0.5), 2, "eta must be a number >= 0"),
+        (("--eta", -0.5), 2, "eta must be a finite number >= 0"),
+        (("--eta", "inf"), 2, "eta must be a finite number >= 0, got inf"),  # sigma = inf: NaN images
         (("--skip", "fast"), 2, "unknown spacing"),
         (("--sampler", "ddpm", "--eta", 1), 2, "--eta applies to --sampler ddim only"),
         (("--n", 0), 2, ""),

@@ -131,6 +131,9 @@ def test_overrides_are_typed_by_the_field(tmp_path):
         ("train.steps.x=4", "train.steps is not a section"),
         ("nonsense", "must look like section.key=value"),
         ("train.lr=1e-3x", "train.lr: expected a number, got '1e-3x'"),
+        ("sample.eta=.inf", "sample.eta: expected a finite number, got inf"),
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("sample.guidance=1e999", "sample.guidance: expected a finite number, got inf"),
         ("train.compile=yes please", "train.compile: expected one of auto, true, false, got 'yes please'"),
     ],
 )

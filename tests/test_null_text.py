@@ -1,6 +1,8 @@
 """Null-text inversion on a small random U-Net: it beats guided inversion, and sampling with the
 fitted embeddings reproduces its reconstruction."""
 
+import math
+
 import pytest
 import torch
 
@@ -80,7 +82,13 @@ def test_exact_pivot_reconstructs_closer(setup):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"guidance": 0.0}, "guidance w > 0"), ({"inner_steps": -1}, "inner_steps"), ({"lr": 0.0}, "lr")],
+    [
+        ({"guidance": 0.0}, "guidance w > 0"),
+        ({"guidance": math.inf}, "finite guidance w > 0, got inf"),
+        ({"inner_steps": -1}, "inner_steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
+    ],
 )
 def test_bad_options_raise(setup, kwargs, message):
     unet, model, x0, labels = setup
