@@ -223,6 +223,16 @@ def test_edit_sdedit_is_seeded_and_strength_sets_the_distance(conditional_run, t
             "--strength must lie in (0, 1]",
         ),
         ("conditional_run", ("--to-class", 1, "--method", "sdedit", "--strength", 1.5), 2, "(0, 1]"),
+        # the other method's options were once ignored without a word
+        ("conditional_run", ("--to-class", 1, "--method", "sdedit", "--exact"), 2, "--exact/--no-exact applies to"),
+        (
+            "conditional_run",
+            ("--to-class", 1, "--method", "sdedit", "--from-class", 2, "--no-exact"),
+            2,
+            "--exact/--no-exact and --from-class apply to --method ddib only",
+        ),
+        ("conditional_run", ("--to-class", 1, "--strength", 0.5), 2, "--strength applies to --method sdedit only"),
+        ("conditional_run", ("--to-class", 1, "--seed", 3), 2, "--seed applies to --method sdedit only"),
     ],
 )
 def test_edit_bad_input_is_a_one_line_error(request, tmp_path, fixture, args, code, message):

@@ -55,15 +55,17 @@ def edit(
         ),
     ] = EditMethod.ddib,
     strength: Annotated[
-        float, typer.Option("--strength", help="sdedit: how far to noise, in (0, 1]; 1 is a fresh sample.")
-    ] = 0.6,
+        float | None,
+        typer.Option("--strength", help="sdedit: how far to noise, in (0, 1]; 1 is a fresh sample (default: 0.6)."),
+    ] = None,
     guidance: SampleGuidanceOpt = None,
     guidance_rescale: GuidanceRescaleOpt = None,
     steps: StepsOpt = None,
     skip: SkipOpt = None,
     exact_inversion: Annotated[
-        bool, typer.Option("--exact/--no-exact", help="ddib: exact (fixed-point) inversion of the source.")
-    ] = True,
+        bool | None,
+        typer.Option("--exact/--no-exact", help="ddib: exact (fixed-point) inversion of the source (default: exact)."),
+    ] = None,
     null_text: Annotated[
         bool,
         typer.Option(
@@ -71,7 +73,9 @@ def edit(
             help="ddib: null-text inversion under --from-class at --guidance, decoding with its null embeddings.",
         ),
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="sdedit: image i is noised with seed + i.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="sdedit: image i is noised with seed + i (default: 0).")
+    ] = None,
     out: out_folder_option("edit") = None,
     npz: npz_option("the edits, in input order") = None,
     batch_size: BatchOpt = 64,
@@ -95,6 +99,8 @@ def edit(
     from ddim_cli.seeding import seeded_noise
 
     checkpoint, images_in = checkpoint_and_images(paths, "edit")
+    _check_method_options(method, strength=strength, seed=seed, exact=exact_inversion, from_class=from_class)
+    strength, seed, exact_inversion = 0.6 if strength is None else strength, seed or 0, exact_inversion is not False
     if method == EditMethod.sdedit and not 0 < strength <= 1:
         fail(f"--strength must lie in (0, 1], got {strength:g}", code=2)
     if null_text and (method != EditMethod.ddib or from_class is None or guidance == 0):
@@ -144,3 +150,18 @@ def edit(
         + f"; mean MSE to source {sum(distances) / count:.4g}"
     )
     typer.echo("wrote " + ", ".join(written))
+
+
+def _check_method_options(method: EditMethod, **given) -> None:
+    """An option of the other method is a mistake to point out (sdedit has no inversion to make
+    exact and no source class; DDIB draws no noise and has no strength), not a value to ignore."""
+    names = {"strength": "--strength", "seed": "--seed", "exact": "--exact/--no-exact", "from_class": "--from-class"}
+    sdedit_only = ("strength", "seed")
+    wrong = [
+        names[key]
+        for key, value in given.items()
+        if value is not None and (key in sdedit_only) != (method == EditMethod.sdedit)
+    ]
+    if wrong:
+        other = "sdedit" if method == EditMethod.ddib else "ddib"
+        fail(f"{' and '.join(wrong)} appl{'ies' if len(wrong) == 1 else 'y'} to --method {other} only", code=2)
