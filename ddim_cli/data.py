@@ -47,6 +47,16 @@ def build_dataset(config: DataConfig) -> ImageDataset:
     return dataset
 
 
+def as_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (Pillow's I;16 modes: 16-bit PNG and TIFF) scaled to 8 bits, v / 257 rounded;
+    Pillow's own ``convert("L")`` or ``("RGB")`` clips it at 255 and turns almost every pixel white.
+    Other modes are returned as they are."""
+    if not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.float64)  # 0 .. 65535 whatever the byte order
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")
+
+
 def image_transform(image_size: int, channels: int, mode: str = "bicubic") -> ImageTransform:
     """PIL image -> tensor in [-1, 1]: convert mode, resize the short side (``mode``: nearest,
     bilinear or bicubic), center-crop."""
@@ -70,7 +80,7 @@ class ImageTransform:
         self.size, self.channels, self.resample = image_size, channels, self.FILTERS[mode]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("L" if self.channels == 1 else "RGB")
+        image = as_8bit(image).convert("L" if self.channels == 1 else "RGB")
         width, height = image.size
         short, long = min(width, height), max(width, height)
         new_long = int(self.size * long / short)  # the short side becomes ``size``, the long one truncates

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ddim_cli.checkpoint import UNPICKLE_ERRORS, load_tensors_only, unpickle_reason
+from ddim_cli.data import as_8bit
 from ddim_cli.distributed import Shard
 from ddim_cli.outputs import written_whole
 
@@ -157,7 +158,7 @@ def _folder_batches(folder: Path, batch_size: int) -> Iterator[np.ndarray]:
     def read(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
+                return np.asarray(as_8bit(image).convert("RGB"))
         except (UnidentifiedImageError, OSError) as error:
             raise FIDError(f"cannot read image {path}: {error}") from None
 

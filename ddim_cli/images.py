@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from ddim_cli.data import image_transform
+from ddim_cli.data import as_8bit, image_transform
 from ddim_cli.outputs import written_whole
 
 
@@ -195,7 +195,7 @@ def load_mask(path: Path, image_size: int, input_size: tuple[int, int] | None = 
     images (``input_size``, (width, height)), in which case it gets their resize, nearest-neighbour."""
     try:
         with Image.open(path) as image:
-            gray = image.convert("L")
+            gray = as_8bit(image).convert("L")
     except FileNotFoundError:
         raise ImageFileError(f"mask {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:

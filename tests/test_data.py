@@ -231,3 +231,24 @@ def test_the_data_stream_holds_what_fits_and_checks_labels_once(tmp_path, monkey
         child.rmdir()
     with pytest.raises(TrainingError, match="a class-conditional model needs labelled data"):
         data_batches(build_dataset(config.data), config, 0, 0, 1, cpu)  # before any batch is drawn
+
+
+def test_16_bit_grayscale_reads_as_its_8_bit_twin_not_white(tmp_path):
+    # Pillow opens a 16-bit PNG as I;16, and its convert("L") clips at 255: every pixel above
+    # 255/65535 of full scale turned white, in training folders, inputs, masks and FID folders.
+    from ddim_cli.fid import source_batches
+    from ddim_cli.images import load_mask
+
+    eight = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    (tmp_path / "8").mkdir(), (tmp_path / "16").mkdir()
+    Image.fromarray(eight).save(tmp_path / "8" / "a.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16" / "a.png")  # 0..65535, the same levels
+    with Image.open(tmp_path / "16" / "a.png") as sixteen:
+        assert sixteen.mode == "I;16"
+    for channels in (1, 3):
+        transform = image_transform(16, channels)
+        with Image.open(tmp_path / "8" / "a.png") as a, Image.open(tmp_path / "16" / "a.png") as b:
+            assert torch.equal(transform(a), transform(b))
+    folders = [next(source_batches(tmp_path / name, 4)) for name in ("8", "16")]
+    assert np.array_equal(*folders) and folders[0].std() > 50
+    assert torch.equal(load_mask(tmp_path / "8" / "a.png", 16), load_mask(tmp_path / "16" / "a.png", 16))
