@@ -110,7 +110,7 @@ def load_statistics(path: Path) -> Statistics | None:
     if stats is None:
         return None
     mu, sigma = stats["mu"], stats["sigma"]
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not np.isfinite(sigma).all():
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f"{path}: mu must be (D,) and sigma (D, D), finite; got {mu.shape} and {sigma.shape}")
     return stats
 
