@@ -209,6 +209,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:  # a binary file, or a text file in another encoding
+        raise ConfigError(f"config {path} is not UTF-8 text: {error.reason} at byte {error.start}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -95,6 +95,12 @@ def test_bad_configs_give_one_line_errors_naming_the_key(tmp_path, text, message
     assert "\n" not in str(error.value)
 
 
+def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"\xff\xfe\x00train:")  # once an internal error (UnicodeDecodeError)
+    with pytest.raises(ConfigError, match=r"c\.yaml is not UTF-8 text: invalid start byte at byte 0"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "train:\n  steps: 3\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: malformed YAML"):
