@@ -8,7 +8,9 @@ Two sources of the same network (Ho et al.'s DDPM U-Net):
   config file, since the file does not record it;
 * a ``diffusers`` ``UNet2DModel`` directory of the DDPM family (``google/ddpm-cifar10-32``, ...):
   ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``), renamed key by key,
-  with the noise schedule from ``scheduler_config.json`` when one is found.
+  with the noise schedule from ``scheduler_config.json`` when one is found. A folder that ``ddim
+  export`` wrote also holds the whole ddim-cli config (``ddim-cli.yaml``): it comes back as it was,
+  with what diffusers' configs cannot say (patches, the sampling defaults, a student's method).
 
 ``.bin``/``.ckpt``/``.pth`` files are read with ``torch.load(weights_only=True)``: tensors only,
 never code.
@@ -26,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ddim_cli.checkpoint import UNPICKLE_ERRORS, describe_mismatch, load_tensors_only, unpickle_reason, write_weights
-from ddim_cli.config import Config, ConfigError, config_from_dict
+from ddim_cli.config import Config, ConfigError, config_from_dict, load_config
 from ddim_cli.unet import UNet
 
 _LSUN = {
@@ -48,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lsun-church": _LSUN,
     "lsun-cat": _LSUN,
 }
+EXPORTED_CONFIG = "ddim-cli.yaml"  # written by ddim export beside unet/ and scheduler/
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
@@ -162,7 +165,9 @@ def _from_diffusers(directory: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     if not config_path.is_file():
         raise ConversionError(f"{directory} has no config.json (nor unet/config.json): not a diffusers UNet2DModel")
     unet = _read_json(config_path)
-    config = _config_from_diffusers(unet, _scheduler_config(directory, unet_dir), name=directory.name)
+    config = _exported_config(directory, unet_dir, unet) or _config_from_diffusers(
+        unet, _scheduler_config(directory, unet_dir), name=directory.name
+    )
     weights_file = next(
         (
             unet_dir / name
@@ -187,6 +192,28 @@ def _scheduler_config(directory: Path, unet_dir: Path) -> dict[str, Any] | None:
         if path.is_file():
             return _read_json(path)
     return None
+
+
+def _exported_config(directory: Path, unet_dir: Path, unet: dict[str, Any]) -> Config | None:
+    """The config ``ddim export`` saved beside the U-Net, if there is one and it describes that U-Net
+    (a U-Net changed since, e.g. in diffusers, is refused rather than loaded under the wrong config)."""
+    from ddim_cli.export import unet_config  # export imports this module
+
+    path = next((d / EXPORTED_CONFIG for d in (directory, unet_dir.parent) if (d / EXPORTED_CONFIG).is_file()), None)
+    if path is None:
+        return None
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        raise ConversionError(f"{path}: {error}") from None
+    expected = {key: value for key, value in unet_config(config).items() if key != "_diffusers_version"}
+    differing = sorted(key for key, value in expected.items() if unet.get(key) != value)
+    if differing:
+        raise ConversionError(
+            f"{path} describes another U-Net than {unet_dir / 'config.json'} (they differ in {', '.join(differing)}); "
+            f"remove {path.name} to convert from the diffusers configs alone"
+        )
+    return config
 
 
 def _read_json(path: Path) -> dict[str, Any]:

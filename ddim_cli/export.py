@@ -14,6 +14,9 @@ stepping the scheduler on unshuffled latents and shuffling the result is exact; 
 shows those lines (it has no ``model_index.json``, which would make ``DDIMPipeline`` run it on
 the wrong shape). Every export is loaded back with diffusers and compared with our U-Net before
 it is written (:func:`check_with_diffusers`); what diffusers cannot load is refused.
+``OUT/ddim-cli.yaml`` keeps the whole config, so ``ddim convert OUT`` gives back the checkpoint's
+model (patching, sampling defaults and a student's method included), not only what diffusers'
+configs can say.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors.torch import save
 
 from ddim_cli.checkpoint import write_durably
 from ddim_cli.config import Config
-from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, rename_diffusers
+from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, EXPORTED_CONFIG, rename_diffusers
 from ddim_cli.parameterization import BOUNDARY_SCALE
 from ddim_cli.unet import UNet
 
@@ -74,6 +77,7 @@ def export_diffusers(config: Config, weights: dict[str, torch.Tensor], out: Path
         ),
         Path("scheduler") / "scheduler_config.json": _json(scheduler_config(config)),
         Path("README.md"): exported_readme(config).encode(),
+        Path(EXPORTED_CONFIG): config.to_yaml().encode(),  # for `ddim convert OUT`: the model as it was
     }
     # A patched U-Net needs the unshuffle/shuffle around DDIMPipeline's loop, and no pipeline of
     # diffusers steps an LCMScheduler over a UNet2DModel: README.md shows the loop for both.

@@ -290,7 +290,8 @@ def kept_students(run_dir: Path) -> dict[int, Path]:
 def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedModel:
     """For a distilled student, the one that samples with ``steps`` (None: the run's own count): a
     progressive run keeps one student per round (``students/S<N>.safetensors``; a run's in-progress
-    checkpoint is never sampled); a consistency student serves the step counts on its grid. A
+    checkpoint, in its ``checkpoints/``, is never sampled; a student file anywhere else samples as
+    itself); a consistency student serves the step counts on its grid. A
     CheckpointError names the step counts the run can serve. A teacher is returned as it is."""
     distilled = loaded.config.distill
     if distilled is None:
@@ -303,8 +304,14 @@ def student_for_steps(loaded: LoadedModel, steps: int | None = None) -> LoadedMo
             consistency_times(loaded.config.diffusion.num_timesteps, distilled.grid_size, steps)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
-    if loaded.checkpoint.parent.name == STUDENTS and (steps == distilled.steps or distilled.sampler == "consistency"):
-        return loaded  # a kept student, given as a file
+    folder = loaded.checkpoint.parent.name
+    if folder != "checkpoints" and (steps == distilled.steps or distilled.sampler == "consistency"):
+        return loaded  # a kept student given as a file: in students/, or copied or converted elsewhere
+    if folder not in ("checkpoints", STUDENTS):  # no run around it to hold students of other step counts
+        raise CheckpointError(
+            f"{loaded.checkpoint} is a {distilled.steps}-step {distilled.method} student; "
+            f"sample it with --steps {distilled.steps}"
+        )
     served = kept_students(loaded.run_dir)
     if distilled.sampler == "consistency" and served:
         return load_model(served[max(served)], use_ema=True, device=next(loaded.model.parameters()).device)

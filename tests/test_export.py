@@ -161,6 +161,21 @@ def test_a_patched_model_exports_and_diffusers_reproduces_it(tmp_path):
     ours = ddim_sample_of(run, latents, tmp_path, "--steps", 5, "--class", 4, "--guidance", 0)
     theirs = diffusers_steps(tmp_path / "out", latents, 5, labels=torch.full((3,), 4), patch=2)
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
+    # ddim convert reads the export back as the model it was (diffusers' configs cannot say "patched":
+    # from them alone it was "data.channels: must be 1 or 3, got 4").
+    cli_ok("convert", tmp_path / "out", "--out", tmp_path / "back.safetensors")
+    original, back = load_model(resolve_checkpoint(run)[0][0]), load_model(tmp_path / "back.safetensors")
+    assert back.config.to_dict() == original.config.to_dict()
+    assert all(torch.equal(v, original.model.state_dict()[k]) for k, v in back.model.state_dict().items())
+
+
+def test_an_export_whose_unet_changed_since_is_not_converted_under_its_old_config(run_dir, tmp_path):
+    cli_ok("export", run_dir, "--out", tmp_path / "out")
+    unet = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+    (tmp_path / "out" / "unet" / "config.json").write_text(json.dumps({**unet, "norm_num_groups": 16}))
+    result = cli("convert", tmp_path / "out", "--out", tmp_path / "back.safetensors")
+    assert result.exit_code == 1 and "ddim-cli.yaml describes another U-Net than" in result.output, result.output
+    assert "differ in norm_num_groups" in result.output and not (tmp_path / "back.safetensors").exists()
 
 
 def test_the_exported_readme_samples_as_ddim_sample_does_guidance_included(tmp_path):
@@ -214,6 +229,12 @@ def test_a_progressive_student_exports_and_reproduces_ddim_sample(tmp_path):
     ours = ddim_sample_of(student, latents, tmp_path, "--class", 6)
     theirs = diffusers_steps(tmp_path / "out", latents, 2, labels=torch.full((3,), 6))
     assert np.abs(to_uint8(theirs).astype(int) - ours.astype(int)).max() <= 1
+    # Converted back it is a student file outside any run: it samples as itself, and only in its steps
+    # (a student file outside students/ once said "'.' has kept no student yet").
+    cli_ok("convert", tmp_path / "out", "--out", tmp_path / "back.safetensors")
+    assert np.array_equal(ddim_sample_of(tmp_path / "back.safetensors", latents, tmp_path, "--class", 6), ours)
+    result = cli("sample", tmp_path / "back.safetensors", "--steps", 4)
+    assert result.exit_code == 1 and "is a 2-step progressive student; sample it with --steps 2" in result.output
 
 
 @pytest.mark.parametrize("method", ["consistency", "dmd"])
@@ -244,3 +265,19 @@ def test_a_consistency_or_dmd_student_exports_as_an_lcm_scheduler_that_reproduce
         ok("sample", student, "--n", 4, "--steps", steps, "--npz", tmp_path / "s.npz", "--out", tmp_path / "g.png")
         ours = np.load(tmp_path / "s.npz")["arr_0"]
         assert np.abs(to_uint8(scope["images"]).astype(int) - ours.astype(int)).max() <= 1, steps
+    cli_ok("convert", tmp_path / "out", "--out", tmp_path / "back.safetensors")  # the same student again
+    for steps in (1, 2):
+        for name, source in (("a", student), ("b", tmp_path / "back.safetensors")):
+            ok(
+                "sample",
+                source,
+                "--n",
+                4,
+                "--steps",
+                steps,
+                "--npz",
+                tmp_path / f"{name}.npz",
+                "--out",
+                tmp_path / "g.png",
+            )
+        assert np.array_equal(np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]), steps
