@@ -26,7 +26,8 @@ def convert(
         Path,
         typer.Argument(
             help="Original DDPM weights (.ckpt/.pth/.safetensors state dict, as used by the DDIM code) "
-            "or a diffusers UNet2DModel directory (config.json + weights, or a pipeline with unet/).",
+            "or a diffusers UNet2DModel directory (config.json + weights, or a pipeline with unet/); "
+            "a ddim export folder comes back as the model it was.",
             show_default=False,
         ),
     ],
