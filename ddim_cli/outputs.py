@@ -16,16 +16,22 @@ class OutputError(RuntimeError):
     """An output path that cannot be written, described in one line."""
 
 
-def check_output(path: Path, *, directory: bool = False, inputs: Iterable[Path] = (), option: str = "") -> None:
+def check_output(
+    path: Path, *, directory: bool = False, inputs: Iterable[Path] = (), option: str = "", suffix: str | None = None
+) -> None:
     """Raise :class:`OutputError` unless ``path`` (a file, or with ``directory`` a folder) can be
-    written: it is not one of ``inputs``, it is not a directory where a file is wanted (or the
-    reverse), and a file can be created in its nearest existing folder (tried, then removed: this
-    also catches read-only file systems, whoever runs the tool). ``option`` names it in the message."""
+    written: it ends in ``suffix`` if one is given (what reads it back goes by the name: ``ddim fid``
+    takes only an .npz for one, a viewer a .png), it is not one of ``inputs``, it is not a directory
+    where a file is wanted (or the reverse), and a file can be created in its nearest existing folder
+    (tried, then removed: this also catches read-only file systems, whoever runs the tool).
+    ``option`` names it in the message."""
     path = Path(path)
     name = f"{option} {path}" if option else str(path)
     for source in inputs:
         if Path(source).exists() and path.exists() and os.path.samefile(source, path):
             raise OutputError(f"{name} is also an input; writing it would destroy the input")
+    if suffix is not None and path.suffix != suffix:
+        raise OutputError(f"{name} must end in {suffix}, the format it is written in")
     if directory and path.exists() and not path.is_dir():
         raise OutputError(f"{name} exists and is not a directory")
     if not directory and path.is_dir():

@@ -226,9 +226,13 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(fresh_copy, cap
     "option, value, message",
     [
         ("--out", "file/grid.png", "is not a directory"),
-        ("--npz", "dir", "is a directory; give a file name"),
+        ("--npz", "dir.npz", "is a directory; give a file name"),
         ("--out-dir", "file", "exists and is not a directory"),
         ("--npz", "CHECKPOINT", "is also an input"),
+        # fid reads an .npz only by its name, and a grid named .jpg held a PNG
+        ("--npz", "samples", "--npz {} must end in .npz, the format it is written in"),
+        ("--out", "grid.jpg", "must end in .png"),
+        ("--save-latents", "z.npz", "must end in .npy"),
     ],
 )
 def test_unwritable_outputs_fail_before_any_sampling(finished_run, tmp_path, monkeypatch, option, value, message):
@@ -239,11 +243,13 @@ def test_unwritable_outputs_fail_before_any_sampling(finished_run, tmp_path, mon
 
     monkeypatch.setattr(generate, "generate", never)
     (tmp_path / "file").write_text("x")
-    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir.npz").mkdir()
     checkpoint = list_checkpoints(finished_run / "checkpoints")[-1]
     target = checkpoint if value == "CHECKPOINT" else tmp_path / value
     line = one_line_error(ddim("sample", checkpoint, option, target, "--n", 50000, "--no-progress"))
-    assert message in line
+    assert message.format(target) in line
+    if "must end in" in message:
+        assert not target.exists()
 
 
 # --- kill -9 at random moments ----------------------------------------------------------------------

@@ -267,7 +267,9 @@ def npz_option(what: str, shape: str = "N, H, W, C"):
     """``--npz FILE``: ``what`` also as one uint8 array, for FID tools and other programs."""
     return Annotated[
         Path | None,
-        typer.Option("--npz", help=f"Also write arr_0 = uint8 ({shape}) of {what}.", rich_help_panel=OUTPUT_PANEL),
+        typer.Option(
+            "--npz", help=f"Also write this .npz: arr_0 = uint8 ({shape}) of {what}.", rich_help_panel=OUTPUT_PANEL
+        ),
     ]
 
 

@@ -92,7 +92,7 @@ def sample(
     guidance_rescale: GuidanceRescaleOpt = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Grid PNG (default: in the run's samples/).", rich_help_panel=OUTPUT_PANEL),
+        typer.Option("--out", help="The grid, a .png (default: in the run's samples/).", rich_help_panel=OUTPUT_PANEL),
     ] = None,
     out_dir: Annotated[
         Path | None,
