@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lsun-church": _LSUN,
     "lsun-cat": _LSUN,
 }
+DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write, as save_pretrained does (informational)
 EXPORTED_CONFIG = "ddim-cli.yaml"  # written by ddim export beside unet/ and scheduler/
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
@@ -197,8 +198,6 @@ def _scheduler_config(directory: Path, unet_dir: Path) -> dict[str, Any] | None:
 def _exported_config(directory: Path, unet_dir: Path, unet: dict[str, Any]) -> Config | None:
     """The config ``ddim export`` saved beside the U-Net, if there is one and it describes that U-Net
     (a U-Net changed since, e.g. in diffusers, is refused rather than loaded under the wrong config)."""
-    from ddim_cli.export import unet_config  # export imports this module
-
     path = next((d / EXPORTED_CONFIG for d in (directory, unet_dir.parent) if (d / EXPORTED_CONFIG).is_file()), None)
     if path is None:
         return None
@@ -309,6 +308,45 @@ def _config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any] | Non
         return config_from_dict(raw)
     except ConfigError as error:
         raise ConversionError(f"unsupported UNet2DModel: {error}") from None
+
+
+def unet_config(config: Config) -> dict[str, Any]:
+    """The ``UNet2DModel`` config of our U-Net (single-head attention: ``attention_head_dim`` None
+    makes each attention block's head as wide as its channels)."""
+    m = config.model
+    size, in_channels = config.data.image_size // m.patch_size, config.data.channels * m.patch_size**2
+    channels = [m.ch * mult for mult in m.ch_mult]
+    attended = [size // 2**level in m.attn_resolutions for level in range(len(channels))]
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": size,
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": 1,
+        "flip_sin_to_cos": False,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attended],
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended)],
+        "block_out_channels": channels,
+        "layers_per_block": m.num_res_blocks,
+        "mid_block_scale_factor": 1,
+        "downsample_padding": 0,
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+        "dropout": m.dropout,
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "norm_num_groups": 32,
+        "attn_norm_num_groups": None,
+        "norm_eps": 1e-6,
+        "resnet_time_scale_shift": "default",
+        "add_attention": True,
+        "class_embed_type": None,
+        "num_class_embeds": None if m.num_classes is None else m.num_classes + 1,
+    }
 
 
 def _diffusion_from_scheduler(scheduler: dict[str, Any] | None) -> dict[str, Any]:

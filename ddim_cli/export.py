@@ -33,11 +33,17 @@ from safetensors.torch import save
 
 from ddim_cli.checkpoint import write_durably
 from ddim_cli.config import Config
-from ddim_cli.convert import DIFFUSERS_PREDICTIONS, DIFFUSERS_SCHEDULES, EXPORTED_CONFIG, rename_diffusers
+from ddim_cli.convert import (
+    DIFFUSERS_PREDICTIONS,
+    DIFFUSERS_SCHEDULES,
+    DIFFUSERS_VERSION,
+    EXPORTED_CONFIG,
+    rename_diffusers,
+    unet_config,
+)
 from ddim_cli.parameterization import BOUNDARY_SCALE
 from ddim_cli.unet import UNet
 
-DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs, as save_pretrained does (informational)
 # Our spacing -> diffusers' timestep_spacing (ours "uniform" is diffusers' "leading" with steps_offset 0).
 _SPACINGS = {"uniform": "leading", "linspace": "linspace", "trailing": "trailing"}
 _RESNET = {
@@ -277,45 +283,6 @@ def _served_counts(config: Config) -> list[int]:
             continue
         served.append(count)
     return served
-
-
-def unet_config(config: Config) -> dict[str, Any]:
-    """The ``UNet2DModel`` config of our U-Net (single-head attention: ``attention_head_dim`` None
-    makes each attention block's head as wide as its channels)."""
-    m = config.model
-    size, in_channels = config.data.image_size // m.patch_size, config.data.channels * m.patch_size**2
-    channels = [m.ch * mult for mult in m.ch_mult]
-    attended = [size // 2**level in m.attn_resolutions for level in range(len(channels))]
-    return {
-        "_class_name": "UNet2DModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": size,
-        "in_channels": in_channels,
-        "out_channels": in_channels,
-        "center_input_sample": False,
-        "time_embedding_type": "positional",
-        "freq_shift": 1,
-        "flip_sin_to_cos": False,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attended],
-        "mid_block_type": "UNetMidBlock2D",
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended)],
-        "block_out_channels": channels,
-        "layers_per_block": m.num_res_blocks,
-        "mid_block_scale_factor": 1,
-        "downsample_padding": 0,
-        "downsample_type": "conv",
-        "upsample_type": "conv",
-        "dropout": m.dropout,
-        "act_fn": "silu",
-        "attention_head_dim": None,
-        "norm_num_groups": 32,
-        "attn_norm_num_groups": None,
-        "norm_eps": 1e-6,
-        "resnet_time_scale_shift": "default",
-        "add_attention": True,
-        "class_embed_type": None,
-        "num_class_embeds": None if m.num_classes is None else m.num_classes + 1,
-    }
 
 
 def scheduler_class(config: Config) -> str:

@@ -51,7 +51,7 @@ def convert(
     from ddim_cli.convert import convert as run_conversion
 
     with user_errors():
-        check_outputs([("--out", out)], inputs=[source])
+        check_outputs([("--out", out, ".safetensors")], inputs=[source])
     try:
         config = load_config(config_path) if config_path is not None else None
         written = run_conversion(source, out, preset=preset.value if preset else None, config=config)

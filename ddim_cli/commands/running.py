@@ -25,20 +25,20 @@ def torch_device(choice: Device) -> str:
     return "cuda" if choice is Device.cuda or (choice is Device.auto and torch.cuda.is_available()) else "cpu"
 
 
-# The files whose options always name one format, and the suffix their names must end in.
-# (--out is a file only for sample, its grid; every other command's --out is a folder.)
-OUTPUT_SUFFIXES = {"--out": ".png", "--npz": ".npz", "--save-stats": ".npz", "--save-latents": ".npy"}
+# The file options that name one format wherever they appear, and the suffix their names must end in.
+OUTPUT_SUFFIXES = {"--npz": ".npz", "--save-stats": ".npz", "--save-latents": ".npy"}
 
 
 def check_outputs(files=(), directories=(), inputs=()) -> None:
     """Every ``(option, path)`` a command will write, checked before its work (None: not asked for);
-    a file option of :data:`OUTPUT_SUFFIXES` must end in its suffix."""
+    a file must end in the suffix of its option in :data:`OUTPUT_SUFFIXES`, or in a third item
+    ``(option, path, suffix)``."""
     from ddim_cli.outputs import check_output
 
     inputs = [p for p in inputs if p is not None]
-    for option, path in files:
+    for option, path, *suffix in files:
         if path is not None:
-            check_output(path, inputs=inputs, option=option, suffix=OUTPUT_SUFFIXES.get(option))
+            check_output(path, inputs=inputs, option=option, suffix=(suffix or [OUTPUT_SUFFIXES.get(option)])[0])
     for option, path in directories:
         if path is not None:
             check_output(path, directory=True, inputs=inputs, option=option)

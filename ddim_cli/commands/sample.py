@@ -134,7 +134,7 @@ def sample(
     if null_embeddings is not None:
         _check_null_text_options(latents, sampler, eta, unconditional)
         clip_x0 = False if clip_x0 is None else clip_x0
-    files = [("--out", out), ("--npz", npz), ("--save-latents", save_latents)]
+    files = [("--out", out, ".png"), ("--npz", npz), ("--save-latents", save_latents)]
     outputs = {
         "files": files,
         "directories": [("--out-dir", out_dir)],
