@@ -287,6 +287,13 @@ def test_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path):
     assert "distill.teacher_steps: must lie between distill.steps (4) and diffusion.num_timesteps (50)" in line
     line = one_line_error(ddim("distill", teacher, "--set", "distill.nonsense=1", "--run-dir", run), 2)
     assert "unknown key 'distill.nonsense'" in line
+    # --set of what --method, --steps and SOURCE decide once kept the recipe of the others
+    for override, message in [
+        ("distill.method=progressive", "--set distill.method: give --method instead"),
+        ("distill.steps=4", "--set distill.steps: give --steps instead"),
+        ("distill.teacher=elsewhere.safetensors", "--set distill.teacher: the teacher is SOURCE"),
+    ]:
+        assert message in one_line_error(ddim("distill", teacher, "--steps", 2, "--set", override, "--run-dir", run), 2)
     unconditional = make_run(tmp_path / "uncond", prediction="v")
     line = one_line_error(ddim("distill", unconditional, "--set", "distill.guidance=1", "--run-dir", run), 2)
     assert "distill.guidance: needs a class-conditional teacher" in line

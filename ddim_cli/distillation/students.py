@@ -24,6 +24,14 @@ def best_method(steps: int) -> str:
     return "dmd" if steps <= 4 else "consistency"
 
 
+# What the command's own options decide, with the recipe that goes with them.
+_SET_BY_OPTIONS = {
+    "distill.method": "give --method instead (it also chooses that method's recipe)",
+    "distill.steps": "give --steps instead (it also chooses the recipe for that step count)",
+    "distill.teacher": "the teacher is SOURCE",
+}
+
+
 def student_config(
     teacher: Config, teacher_path: Path, *, method: str | None = None, steps: int = 4, overrides=()
 ) -> Config:
@@ -74,6 +82,9 @@ def student_config(
             config.distill.fake_lr = 2 * config.distill.lr  # in the same time (3 at 3x: +0.6); measured at 4 only
     config.name = f"{teacher.name}-{method}-S{steps}"
     for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in _SET_BY_OPTIONS:  # set afterwards, it would keep the other method's or step count's recipe
+            raise ConfigError(f"--set {key}: {_SET_BY_OPTIONS[key]}")
         apply_override(config, override)
     validate(config)
     if config.distill.method == "progressive":
