@@ -226,6 +226,35 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(raw, overrides)
 
 
+# What a resumed run's overrides may not change: the network, its noise schedule and target, the
+# image shape, and what a student is distilled from and into. The weights were trained for these.
+_FIXED_ON_RESUME = {
+    "model": None,  # every key
+    "diffusion": None,
+    "data": ("image_size", "channels"),
+    "distill": ("method", "teacher", "steps", "teacher_steps", "grid_points"),
+}
+
+
+def resume_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run's own config (its ``config.yaml``) with ``overrides``, which may change how the run
+    goes on (``train.steps``, logging, data loading...) but not what its weights are: setting a key
+    of ``_FIXED_ON_RESUME`` to another value is a ConfigError (its own value, as a requeued job's
+    command repeats it, is fine)."""
+    saved, config = load_config(path), load_config(path, overrides)
+    for section, keys in _FIXED_ON_RESUME.items():
+        before, after = getattr(saved, section), getattr(config, section)
+        if before is None or after is None:
+            continue
+        for key in keys or [f.name for f in dataclasses.fields(before)]:
+            if getattr(before, key) != getattr(after, key):
+                raise ConfigError(
+                    f"{section}.{key} cannot change when a run is resumed ({getattr(before, key)!r} -> "
+                    f"{getattr(after, key)!r}): its weights were trained for the first; start a new run to change it"
+                )
+    return config
+
+
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build and validate a :class:`Config` from nested dicts (e.g. the copy inside a checkpoint)."""
     config = _build(Config, raw, "")

@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ddim_cli.cli import app
-from ddim_cli.config import Config, ConfigError, config_from_dict, load_config
+from ddim_cli.config import Config, ConfigError, config_from_dict, load_config, resume_config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -172,3 +173,17 @@ def test_cli_needs_exactly_one_of_config_and_resume(tmp_path):
     assert CliRunner().invoke(app, ["train"]).exit_code == 2
     both = CliRunner().invoke(app, ["train", str(write(tmp_path, "")), "--resume", str(tmp_path)])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_a_resumed_run_keeps_what_its_weights_were_trained_for(tmp_path):
+    path = write(tmp_path, "model:\n  prediction: v\n  num_classes: 10\ntrain:\n  steps: 10\n")
+    config = resume_config(path, ["train.steps=20", "train.lr=1e-4", "model.prediction=v", "data.num_workers=0"])
+    assert config.train.steps == 20 and config.model.prediction == "v"  # its own value, as a requeue repeats it
+    for override, message in [
+        ("model.prediction=eps", "model.prediction cannot change when a run is resumed ('v' -> 'eps')"),
+        ("model.ch=96", "model.ch cannot change"),
+        ("diffusion.schedule=sigmoid", "diffusion.schedule cannot change"),
+        ("data.image_size=32", "data.image_size cannot change"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            resume_config(path, ["train.steps=20", override])

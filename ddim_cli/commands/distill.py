@@ -86,7 +86,7 @@ def distill(
     class-conditional student learns the teacher guided at its sample.guidance: one call per step
     gives the guided image. Multi-GPU: `torchrun --nproc_per_node N -m ddim_cli -- distill ...`.
     """
-    from ddim_cli.config import load_config
+    from ddim_cli.config import resume_config
     from ddim_cli.distillation import distill as run_distillation
     from ddim_cli.distillation import student_config
     from ddim_cli.models import load_model, resolve_checkpoint
@@ -95,11 +95,13 @@ def distill(
         fail("give the teacher SOURCE to start a distillation, or --resume RUN_DIR to continue one (not both)", code=2)
     if resume_if_exists and resume is not None:
         fail("--resume-if-exists goes with SOURCE (and --run-dir), not with --resume", code=2)
+    if overwrite and resume is not None:
+        fail("--overwrite starts a run afresh and --resume continues one: give one of them", code=2)
     overrides = with_run_options(overrides, time_limit, threads)
     with user_errors():  # bad input (config keys, step counts, an eps teacher) is one line, nothing written
         if resume is not None or (resume_if_exists and _is_distillation_run(source)):
             directory = resume if resume is not None else run_dir or source  # the distillation run itself
-            config = load_config(directory / "config.yaml", overrides)
+            config = resume_config(directory / "config.yaml", overrides)
             resume = directory
         else:
             teacher = load_model(resolve_checkpoint(source)[0])
@@ -108,7 +110,7 @@ def distill(
             )
             directory = run_dir or Path("runs") / config.name
             if resume_if_exists and (directory / "config.yaml").is_file():
-                config, resume = load_config(directory / "config.yaml", overrides), directory
+                config, resume = resume_config(directory / "config.yaml", overrides), directory
         if dry_run:
             typer.echo(config.to_yaml(), nl=False)
             return

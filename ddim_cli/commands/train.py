@@ -45,7 +45,7 @@ def train(
     progress: ProgressOpt = True,
 ) -> None:
     """Train a diffusion model from a YAML config (multi-GPU: launch with torchrun)."""
-    from ddim_cli.config import ConfigError, load_config
+    from ddim_cli.config import ConfigError, load_config, resume_config
     from ddim_cli.run_loop import holds_run
     from ddim_cli.train import train as run_training
 
@@ -53,15 +53,17 @@ def train(
         fail("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)", code=2)
     if resume_if_exists and resume is not None:
         fail("--resume-if-exists goes with CONFIG (and --run-dir), not with --resume", code=2)
+    if overwrite and resume is not None:
+        fail("--overwrite starts a run afresh and --resume continues one: give one of them", code=2)
     overrides = with_run_options(overrides, time_limit, threads)
     source = resume / "config.yaml" if resume is not None else config_path
     try:
-        config = load_config(source, overrides)
+        config = load_config(source, overrides) if resume is None else resume_config(source, overrides)
         if resume_if_exists:
             existing = run_dir or Path("runs") / config.name
             if holds_run(existing) and (existing / "config.yaml").is_file():
                 resume = existing  # the run's own config, with this command's overrides
-                config = load_config(existing / "config.yaml", overrides)
+                config = resume_config(existing / "config.yaml", overrides)
     except ConfigError as error:
         fail(str(error), code=2)
     if dry_run:
