@@ -58,6 +58,8 @@ def student_sampler(
         raise ValueError(f"a {distilled.method} student samples with its own sampler ({own}); drop --sampler")
     if eta and own == "ddim":
         raise ValueError("a progressive student learned deterministic DDIM steps; drop --eta")
+    if eta:  # its chain draws fresh noise between steps by its own rule
+        raise ValueError(f"a {distilled.method} student samples with the {own} chain, which takes no eta; drop --eta")
     if skip not in (None, distilled.spacing):
         raise ValueError(f"a distilled student samples on the {distilled.spacing} grid it learned; drop --skip")
     spec = SamplerSpec(

@@ -187,6 +187,8 @@ def test_consistency_distillation_samples_in_one_step_or_a_few(teacher, tmp_path
     assert "consistency S=1" in ok("sample", run, "--n", 3, "--steps", 1, "--out", tmp_path / "b.png").output
     line = one_line_error(ddim("sample", run, "--n", 3, "--steps", 3, "--out", tmp_path / "c.png"), 1)
     assert "samples with 1, 2, 4, 8 steps, not 3" in line
+    line = one_line_error(ddim("sample", run, "--n", 3, "--eta", 1, "--out", tmp_path / "c.png"), 2)
+    assert "samples with the consistency chain, which takes no eta; drop --eta" in line  # once ignored
 
 
 def test_without_method_distill_picks_the_method_measured_best_for_the_step_count(teacher):
