@@ -149,10 +149,13 @@ def teacher_and_student_specs(
     return specs, roles
 
 
+DEFAULT_ETAS = (0.0, 0.5, 1.0)  # deterministic DDIM, halfway, and DDPM-like (the paper's Table 1)
+
+
 def plan_comparison(
     loaded: LoadedModel,
     steps: list[int],
-    etas: list[float],
+    etas: list[float] | None = None,
     *,
     teacher: LoadedModel | None = None,
     skip: str | None = None,
@@ -162,9 +165,16 @@ def plan_comparison(
 ) -> tuple[list[SamplerSpec], list[str] | None]:
     """The rows ``ddim compare`` samples, checked against the schedule, and whose each row is (None:
     all the model's). A model: :func:`comparison_specs` (``skip`` and ``clip_x0`` default to its
-    config's; the DDPM reference over all its training steps). A distilled student with its
-    ``teacher``: :func:`teacher_and_student_specs` at the counts of ``steps`` it serves."""
+    config's; the DDPM reference over all its training steps; ``etas`` None: :data:`DEFAULT_ETAS`).
+    A distilled student with its ``teacher``: :func:`teacher_and_student_specs` at the counts of
+    ``steps`` it serves; ``etas`` and ``skip`` are refused there (a ValueError), not ignored."""
     if teacher is not None:
+        for option, given in (("--eta", etas), ("--skip", skip)):
+            if given is not None:
+                raise ValueError(
+                    f"{option}: a student is compared on its own grid, with its teacher's deterministic DDIM "
+                    f"(eta 0) beside it; drop {option}"
+                )
         counts = student_step_counts(loaded, steps)
         specs, roles = teacher_and_student_specs(loaded, teacher, counts, dpm_solver=dpm_solver, clip_x0=clip_x0)
     else:
@@ -172,7 +182,7 @@ def plan_comparison(
         specs, roles = (
             comparison_specs(
                 steps,
-                etas,
+                list(DEFAULT_ETAS if etas is None else etas),
                 skip=cfg.sample.skip if skip is None else skip,
                 clip_x0=cfg.sample.clip_x0 if clip_x0 is None else clip_x0,
                 ddpm_reference=cfg.diffusion.num_timesteps if ddpm_reference else None,

@@ -89,6 +89,9 @@ def test_progressive_distillation_writes_a_run_with_every_rounds_student(teacher
     assert "has students for 4, 2 steps, not 8" in line
     assert "--guidance does not apply" in one_line_error(ddim("sample", run, "--guidance", 1), 1)
     assert "drop --sampler" in one_line_error(ddim("sample", run, "--sampler", "dpm++2m"), 2)
+    for option, value in (("--eta", "0,1"), ("--skip", "quad")):  # compare once ignored both for a student
+        line = one_line_error(ddim("compare", run, option, value, "--n", 2, "--out", tmp_path / "x"), 2)
+        assert "a student is compared on its own grid" in line and f"drop {option}" in line
     table = ok("compare", run, "--n", 2, "--no-dpm-solver", "--out", tmp_path / "cmp").output
     rows = [
         line.split(" | ")[:3]

@@ -52,8 +52,9 @@ def compare(
         str, typer.Option("--steps", help="Comma-separated DDIM step counts.", rich_help_panel=SAMPLER_PANEL)
     ] = "10,20,50,100",
     eta: Annotated[
-        str, typer.Option("--eta", help="Comma-separated DDIM etas.", rich_help_panel=SAMPLER_PANEL)
-    ] = "0,0.5,1",
+        str | None,
+        typer.Option("--eta", help="Comma-separated DDIM etas (default: 0,0.5,1).", rich_help_panel=SAMPLER_PANEL),
+    ] = None,
     skip: SkipOpt = None,
     ddpm_reference: Annotated[
         bool,
@@ -109,7 +110,8 @@ def compare(
     from ddim_cli.models import noise_model
     from ddim_cli.seeding import seeded_noise
 
-    step_counts, etas = number_list(steps, int, "--steps"), number_list(eta, float, "--eta")
+    step_counts = number_list(steps, int, "--steps")
+    etas = None if eta is None else number_list(eta, float, "--eta")
     if fid and reference is None:
         fail("--fid needs --reference (a folder, an .npz of images or statistics, or cifar10/mnist)", code=2)
     outputs = {"files": [("--save-stats", save_stats)], "directories": [("--out", out)], "inputs": [checkpoint]}
