@@ -226,11 +226,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(raw, overrides)
 
 
-# What a resumed run's overrides may not change: the network, its noise schedule and target, the
-# image shape, and what a student is distilled from and into. The weights were trained for these.
+# What a resumed run's overrides may not change: the network (its dropout aside, a training
+# setting), its noise schedule and target, the image shape, and what a student is distilled from
+# and into. The weights were trained for these.
 _FIXED_ON_RESUME = {
-    "model": None,  # every key
-    "diffusion": None,
+    "model": tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"),
+    "diffusion": tuple(f.name for f in dataclasses.fields(DiffusionConfig)),
     "data": ("image_size", "channels"),
     "distill": ("method", "teacher", "steps", "teacher_steps", "grid_points"),
 }
@@ -246,7 +247,7 @@ def resume_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         before, after = getattr(saved, section), getattr(config, section)
         if before is None or after is None:
             continue
-        for key in keys or [f.name for f in dataclasses.fields(before)]:
+        for key in keys:
             if getattr(before, key) != getattr(after, key):
                 raise ConfigError(
                     f"{section}.{key} cannot change when a run is resumed ({getattr(before, key)!r} -> "

@@ -177,8 +177,9 @@ def test_cli_needs_exactly_one_of_config_and_resume(tmp_path):
 
 def test_a_resumed_run_keeps_what_its_weights_were_trained_for(tmp_path):
     path = write(tmp_path, "model:\n  prediction: v\n  num_classes: 10\ntrain:\n  steps: 10\n")
-    config = resume_config(path, ["train.steps=20", "train.lr=1e-4", "model.prediction=v", "data.num_workers=0"])
-    assert config.train.steps == 20 and config.model.prediction == "v"  # its own value, as a requeue repeats it
+    changes = ["train.steps=20", "train.lr=1e-4", "model.prediction=v", "data.num_workers=0", "model.dropout=0.3"]
+    config = resume_config(path, changes)  # model.prediction=v: its own value, as a requeue repeats it
+    assert config.train.steps == 20 and config.model.prediction == "v" and config.model.dropout == 0.3
     for override, message in [
         ("model.prediction=eps", "model.prediction cannot change when a run is resumed ('v' -> 'eps')"),
         ("model.ch=96", "model.ch cannot change"),

@@ -122,8 +122,8 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(fresh_copy,
 
 def test_a_resume_that_would_change_the_model_or_also_overwrite_is_refused_and_writes_nothing(fresh_copy):
     before = {path: path.read_bytes() for path in sorted(fresh_copy.rglob("*")) if path.is_file()}
-    line = one_line_error(ddim("train", "--resume", fresh_copy, "--set", "model.dropout=0.3"), 2)
-    assert "model.dropout cannot change when a run is resumed" in line
+    line = one_line_error(ddim("train", "--resume", fresh_copy, "--set", "model.num_res_blocks=3"), 2)
+    assert "model.num_res_blocks cannot change when a run is resumed (1 -> 3)" in line
     line = one_line_error(ddim("train", "--resume", fresh_copy, "--overwrite"), 2)
     assert "give one of them" in line  # --overwrite was once ignored beside --resume
     after = {path: path.read_bytes() for path in sorted(fresh_copy.rglob("*")) if path.is_file()}
