@@ -242,7 +242,8 @@ def resume_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     goes on (``train.steps``, logging, data loading...) but not what its weights are: setting a key
     of ``_FIXED_ON_RESUME`` to another value is a ConfigError (its own value, as a requeued job's
     command repeats it, is fine)."""
-    saved, config = load_config(path), load_config(path, overrides)
+    saved = load_config(path)
+    config = config_from_dict(saved.to_dict(), overrides)
     for section, keys in _FIXED_ON_RESUME.items():
         before, after = getattr(saved, section), getattr(config, section)
         if before is None or after is None:

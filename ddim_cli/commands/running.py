@@ -36,9 +36,10 @@ def check_outputs(files=(), directories=(), inputs=()) -> None:
     from ddim_cli.outputs import check_output
 
     inputs = [p for p in inputs if p is not None]
-    for option, path, *suffix in files:
+    for option, path, *given in files:
         if path is not None:
-            check_output(path, inputs=inputs, option=option, suffix=(suffix or [OUTPUT_SUFFIXES.get(option)])[0])
+            suffix = given[0] if given else OUTPUT_SUFFIXES.get(option)
+            check_output(path, inputs=inputs, option=option, suffix=suffix)
     for option, path in directories:
         if path is not None:
             check_output(path, directory=True, inputs=inputs, option=option)
